@@ -1,0 +1,191 @@
+"""The FastAPI application: routes, API-key check, body limit, and the engine's life cycle.
+
+`build_app` takes everything as arguments (no module state), so tests can run several servers in
+one process. Request bodies are read and validated here rather than by FastAPI, which keeps every
+failure, including a body too large or not JSON, in OpenAI's error shape with status 400 or 413.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request, Response
+from pydantic import BaseModel, ValidationError
+
+from engine.config import EngineArgs
+from engine.stats import StepStats
+from server.chat import create_chat_completion
+from server.completions import create_completion
+from server.errors import APIError, bad_request, from_validation_error, install_error_handlers
+from server.metrics import Metrics
+from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from server.state import ServerConfig, ServerState
+
+logger = logging.getLogger("needle.server")
+M = TypeVar("M", bound=BaseModel)
+EngineFactory = Callable[[Callable[[StepStats], None]], Any]
+OPEN_PATHS = ("/health", "/metrics")
+
+
+def needle_version() -> str:
+    try:
+        return version("needle-serve")
+    except PackageNotFoundError:
+        return "0.1.0+source"
+
+
+def default_engine_factory(args: EngineArgs) -> EngineFactory:
+    def build(listener: Callable[[StepStats], None]) -> Any:
+        from engine import AsyncEngine  # torch and the model load only when a server really starts
+
+        return AsyncEngine(args, stats_listener=listener)
+
+    return build
+
+
+async def read_json(request: Request, model: type[M], limit: int) -> M:
+    """Read at most `limit` bytes (413 beyond), parse JSON (400 if not an object), validate (400)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    try:
+        raw = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise bad_request(f"the request body is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        parsed = model.model_validate(raw)
+    except ValidationError as err:
+        raise from_validation_error(err) from err
+    if parsed.model_extra:
+        logger.debug("ignoring unknown request fields: %s", sorted(parsed.model_extra))
+    return parsed
+
+
+class APIKeyMiddleware:
+    """Plain ASGI (not BaseHTTPMiddleware) so streaming and disconnect detection pass through untouched."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                err = APIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
+                               headers={"WWW-Authenticate": "Bearer"})
+                await err.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: EngineFactory | None = None,
+              on_load_failure: Callable[[], None] | None = None) -> FastAPI:
+    state = ServerState(config=config, engine_args=engine_args)
+    factory = engine_factory or default_engine_factory(engine_args)
+
+    def on_step(stats: StepStats) -> None:
+        if state.metrics is not None:
+            state.metrics.on_step(stats)
+
+    async def load() -> None:
+        try:
+            engine = await asyncio.to_thread(factory, on_step)
+            state.metrics = Metrics(config.served_model_name or engine.model_name)
+            engine.start()
+        except Exception as err:
+            state.load_error = f"{type(err).__name__}: {err}"
+            logger.exception("the engine failed to load")
+            if on_load_failure is not None:
+                on_load_failure()
+            return
+        state.engine = engine
+        info = engine.describe()
+        logger.info("needle ready: model %s (served as %s), dtype %s, device %s, KV capacity %s tokens, "
+                    "attention %s; listening on %s", info.get("model"), state.model_name, info.get("dtype"),
+                    info.get("device"), info.get("kv_capacity_tokens"), info.get("attention"), config.url)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(load())
+        yield
+        loader.cancel()
+        if state.engine is not None:
+            state.engine.shutdown()
+
+    app = FastAPI(title="needle", version=needle_version(), lifespan=lifespan)
+    app.state.needle = state
+    install_error_handlers(app)
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    limit = config.max_request_bytes
+
+    @app.get("/health")
+    async def health() -> Response:
+        state.ready()
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def get_version() -> dict:
+        return {"version": needle_version()}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        engine = state.ready()
+        return {"object": "list", "data": [{
+            "id": state.model_name, "object": "model", "created": 0, "owned_by": "needle",
+            "root": engine.model_name, "max_model_len": engine.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body = await read_json(request, CompletionRequest, limit)
+        return await create_completion(state, body, request.receive)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        body = await read_json(request, ChatCompletionRequest, limit)
+        return await create_chat_completion(state, body, request.receive)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        body = await read_json(request, TokenizeRequest, limit)
+        engine = state.ready()
+        state.check_model(body.model)
+        body.check()
+        if body.messages is not None:
+            text = state.chat_prompt(body.messages, body.add_generation_prompt)
+            tokens = state.encode(text, bool(body.add_special_tokens))
+        else:
+            tokens = state.encode(body.prompt or "", body.add_special_tokens is not False)
+        return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        body = await read_json(request, DetokenizeRequest, limit)
+        state.ready()
+        state.check_model(body.model)
+        state.check_token_ids(body.tokens, "tokens")
+        return {"prompt": state.tokenizer.decode(body.tokens)}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        text = state.metrics.exposition() if state.metrics is not None else b""
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+

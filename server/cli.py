@@ -1,0 +1,93 @@
+"""`needle serve` (the OpenAI-compatible server) and `needle calibrate` (head profiling).
+
+Engine flags come from `EngineArgs.add_cli_args`, so the CLI and the Python API cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from engine.config import EngineArgs, parse_bytes
+
+_LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="needle", description="Long-context LLM inference server with sparse attention and an "
+        "OpenAI-compatible HTTP API.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = commands.add_parser(
+        "serve", help="Start the OpenAI-compatible HTTP server.",
+        description="Start the OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /tokenize, /detokenize, /health, /version, /metrics).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("model_positional", nargs="?", metavar="MODEL",
+                       help="Model to serve (same as --model).")
+    serve.add_argument("--model", default=None, help="Model to serve: a Hugging Face model directory or a "
+                       ".gguf file; omitted: the bundled SmolLM2-135M-Instruct.")
+    server = serve.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="Address to bind (0.0.0.0 for all interfaces).")
+    server.add_argument("--port", type=int, default=8000, help="TCP port.")
+    server.add_argument("--api-key", default=None,
+                        help="Require 'Authorization: Bearer KEY' on every endpoint but /health and "
+                        "/metrics. Falls back to $NEEDLE_API_KEY; with neither, no key is required.")
+    server.add_argument("--served-model-name", default=None,
+                        help="Model name clients send and see; unset: the model's own name.")
+    server.add_argument("--max-queued-requests", type=int, default=256,
+                        help="Requests beyond --max-num-seqs that may wait for a batch slot; more get 503 "
+                        "with Retry-After.")
+    server.add_argument("--max-request-bytes", type=parse_bytes, default="16MiB",
+                        help="Largest request body accepted, e.g. 16MiB; larger bodies get 413.")
+    server.add_argument("--log-level", default="info", choices=_LOG_LEVELS, help="needle's log level.")
+    server.add_argument("--uvicorn-log-level", default="warning", choices=_LOG_LEVELS,
+                        help="uvicorn's log level (access logs appear at info).")
+    EngineArgs.add_cli_args(serve.add_argument_group("engine"), skip=("model",))
+    commands.add_parser("calibrate", add_help=False,
+                        help="Profile attention heads into retrieval / streaming (see `needle calibrate "
+                        "--help`).")
+    return parser
+
+
+def serve(ns: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import build_app
+    from server.state import ServerConfig
+
+    if ns.model_positional and ns.model and ns.model_positional != ns.model:
+        raise SystemExit(f"needle serve: MODEL {ns.model_positional!r} and --model {ns.model!r} disagree")
+    ns.model = ns.model or ns.model_positional
+    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(host=ns.host, port=ns.port, api_key=ns.api_key or os.environ.get("NEEDLE_API_KEY"),
+                          served_model_name=ns.served_model_name, max_queued_requests=ns.max_queued_requests,
+                          max_request_bytes=ns.max_request_bytes)
+    failed = []
+
+    def on_load_failure() -> None:
+        failed.append(True)
+        server.should_exit = True
+
+    app = build_app(config, EngineArgs.from_cli_args(ns), on_load_failure=on_load_failure)
+    logging.getLogger("needle.server").info("loading the model; /health answers 503 until it is ready")
+    server = uvicorn.Server(uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
+                                           timeout_graceful_shutdown=5))
+    server.run()
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["calibrate"]:
+        from attention.calibrate import main as calibrate
+
+        return calibrate(argv[1:]) or 0
+    ns = build_parser().parse_args(argv)
+    return serve(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

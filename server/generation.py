@@ -1,0 +1,171 @@
+"""One API request on the engine: one engine request per prompt, their outputs merged into one stream.
+
+An API request may carry several prompts (completions' `prompt` list); each becomes engine request
+`<id>-<k>` and its choices are numbered `k * n + i`. Whoever stops reading early (a client that went
+away, an error) closes the stream, and every engine request that has not finished is aborted so its
+KV pages go back to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from engine.outputs import CompletionOutput
+from engine.sampling_params import SamplingParams
+from server.errors import APIError, bad_request
+from server.metrics import Metrics, RequestTimer
+
+T = TypeVar("T")
+
+
+@dataclass
+class ChoiceDelta:
+    """What one choice gained in one engine step."""
+
+    index: int  # the API choice index
+    output: CompletionOutput  # text / token_ids / logprobs hold only the new part
+
+
+@dataclass
+class ChoiceResult:
+    """A whole choice, for non-streaming responses."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def add(self, out: CompletionOutput) -> None:
+        self.text += out.text
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs or []
+        self.finish_reason = out.finish_reason or self.finish_reason
+        self.stop_reason = out.stop_reason if out.stop_reason is not None else self.stop_reason
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+@dataclass
+class Generation:
+    """Runs the engine requests of one API request and yields their choice deltas in arrival order."""
+
+    engine: Any
+    metrics: Metrics
+    request_id: str
+    prompts: list[list[int]]
+    params: SamplingParams
+    background: set[asyncio.Task]  # keeps abort tasks alive after the request handler is gone
+    release: Callable[[], None]  # gives back the admission slot; idempotent
+    usage: Usage = field(default_factory=Usage)
+    _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    _unfinished: set[str] = field(default_factory=set)
+
+    async def deltas(self) -> AsyncIterator[ChoiceDelta]:
+        arrival = time.monotonic()
+        self.usage.prompt_tokens = sum(len(p) for p in self.prompts)
+        pumps = [asyncio.create_task(self._pump(k, prompt, arrival)) for k, prompt in enumerate(self.prompts)]
+        live = len(pumps)
+        try:
+            while live:
+                item = await self._queue.get()
+                if item is None:
+                    live -= 1
+                elif isinstance(item, BaseException):
+                    raise _as_api_error(item)
+                else:
+                    yield item
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            for rid in self._unfinished:
+                self._spawn(self.engine.abort(rid))
+
+    async def _pump(self, k: int, prompt: list[int], arrival: float) -> None:
+        rid = f"{self.request_id}-{k}"
+        timer = RequestTimer(self.metrics, arrival)
+        generated, reasons = 0, []
+        self._unfinished.add(rid)
+        try:
+            async for out in self.engine.generate(prompt, self.params, rid):
+                new_tokens = sum(len(c.token_ids) for c in out.outputs)
+                if new_tokens:
+                    timer.on_tokens()
+                generated += new_tokens
+                reasons += [c.finish_reason for c in out.outputs if c.finish_reason]
+                for choice in out.outputs:
+                    self._queue.put_nowait(ChoiceDelta(k * self.params.n + choice.index, choice))
+                if out.finished:
+                    self._unfinished.discard(rid)
+                    timer.on_finish(len(out.prompt_token_ids), generated, reasons, out.metrics)
+        except Exception as err:  # handed to the reader, who turns it into one error response
+            self._queue.put_nowait(err)
+            return
+        self.usage.completion_tokens += generated
+        self._queue.put_nowait(None)
+
+    async def run(self, receive: Any) -> list[ChoiceResult]:
+        """Non-streaming: run to the end unless the client leaves first, then free the slot."""
+        try:
+            return await until_disconnected(receive, self.collect())
+        finally:
+            self.release()
+
+    async def collect(self) -> list[ChoiceResult]:
+        """Run to the end; the choices in index order."""
+        results = [ChoiceResult() for _ in range(len(self.prompts) * self.params.n)]
+        async with contextlib.aclosing(self.deltas()) as deltas:
+            async for delta in deltas:
+                results[delta.index].add(delta.output)
+        return results
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+
+def _as_api_error(err: BaseException) -> APIError:
+    """The engine raises ValueError for requests it refuses; anything else is an engine fault (500)."""
+    if isinstance(err, APIError):
+        return err
+    if isinstance(err, ValueError):
+        return bad_request(str(err))
+    return APIError(500, f"the engine failed this request: {type(err).__name__}: {err}")
+
+
+async def until_disconnected(receive: Any, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (non-streaming responses).
+
+    Once the body is read, the next ASGI message is `http.disconnect`, so a waiter on `receive`
+    wakes exactly when the client goes away.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task not in done:
+            task.cancel()
+            raise APIError(499, "client closed the request")
+        return task.result()
+    finally:
+        watcher.cancel()
+        task.cancel()
+
+
+async def _wait_disconnect(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,152 @@
+"""Prometheus metrics under vLLM's names with the `needle:` prefix, so existing dashboards port over.
+
+Engine-side numbers arrive as `StepStats` from the engine thread after every step (`on_step`);
+request latencies are measured here in the server from the moments `engine.generate()` yields
+(`RequestTimer`). Each `Metrics` owns its own `CollectorRegistry`: several servers in one process
+(tests) never share or collide on collectors.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from engine.stats import StepStats
+
+# A `_created` twin of every counter and histogram doubles the scrape and no dashboard reads it (vLLM
+# turns them off too). The switch is process-wide in prometheus_client, so it is thrown once here.
+disable_created_metrics()
+
+# Long prompts make first tokens slow: TTFT and e2e buckets reach into minutes.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                    20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1280.0, 2560.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+                0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+_TOKEN_BUCKETS = tuple(2**i for i in range(0, 21))  # 1 .. 1M tokens
+_RECALL_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+class Metrics:
+    """All collectors of one server, labelled with its served model name."""
+
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        r, label = self.registry, ["model_name"]
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"needle:{name}", doc, label, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"needle:{name}", doc, label, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"needle:{name}", doc, label, buckets=buckets, registry=r).labels(model_name)
+
+        self.num_requests_running = gauge("num_requests_running", "Requests in the running batch.")
+        self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "Fraction of KV-cache pages in use (0-1).")
+        self.prompt_tokens = counter("prompt_tokens_total", "Prefill tokens computed.")
+        self.generation_tokens = counter("generation_tokens_total", "Tokens generated.")
+        self.num_preemptions = counter("num_preemptions_total", "Sequences preempted for lack of pages.")
+        self.prefix_cache_queries = counter("prefix_cache_queries_total",
+                                            "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("prefix_cache_hits_total",
+                                         "Prompt tokens found in the prefix cache.")
+        self._success = Counter("needle:request_success_total", "Finished choices by finish reason.",
+                                ["model_name", "finished_reason"], registry=r)
+        self.request_success = {reason: self._success.labels(model_name, reason) for reason in FINISH_REASONS}
+        self.time_to_first_token = histogram("time_to_first_token_seconds",
+                                             "Arrival to first generated token.", _LATENCY_BUCKETS)
+        self.inter_token_latency = histogram("inter_token_latency_seconds",
+                                             "Time between successive outputs of a request.", _ITL_BUCKETS)
+        self.e2e_request_latency = histogram("e2e_request_latency_seconds",
+                                             "Arrival to last token.", _LATENCY_BUCKETS)
+        self.request_queue_time = histogram("request_queue_time_seconds",
+                                            "Arrival to first scheduled.", _LATENCY_BUCKETS)
+        self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt length of finished requests.",
+                                               _TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram("request_generation_tokens",
+                                                   "Tokens generated per finished request.", _TOKEN_BUCKETS)
+        self.iteration_tokens = histogram("iteration_tokens_total", "Tokens processed per engine step.",
+                                          _TOKEN_BUCKETS)
+        # Sparse attention.
+        self.sparse_recall = histogram("sparse_attention_recall",
+                                       "Attention mass a sparse step kept, measured on sampled steps.",
+                                       _RECALL_BUCKETS)
+        self.sparse_tokens_read = histogram("sparse_tokens_read",
+                                            "KV tokens one sparse head read in a decode step.",
+                                            _TOKEN_BUCKETS)
+        self.sparse_dense_fallbacks = counter("sparse_dense_fallbacks_total",
+                                              "Sparse decode steps that ran dense (context within budget).")
+        # Speculative decoding.
+        self.spec_num_drafts = counter("spec_decode_num_drafts_total", "Draft proposals verified.")
+        self.spec_num_draft_tokens = counter("spec_decode_num_draft_tokens_total", "Draft tokens proposed.")
+        self.spec_num_accepted_tokens = counter("spec_decode_num_accepted_tokens_total",
+                                                "Draft tokens accepted.")
+
+    def on_step(self, stats: StepStats) -> None:
+        """Engine listener; runs on the engine thread (prometheus_client collectors are thread-safe)."""
+        self.num_requests_running.set(stats.num_running)
+        self.num_requests_waiting.set(stats.num_waiting)
+        self.kv_cache_usage_perc.set(stats.kv_cache_usage)
+        self.prompt_tokens.inc(stats.num_prompt_tokens)
+        self.generation_tokens.inc(stats.num_generation_tokens)
+        self.num_preemptions.inc(stats.num_preemptions)
+        self.prefix_cache_queries.inc(stats.prefix_cache_queries)
+        self.prefix_cache_hits.inc(stats.prefix_cache_hits)
+        step_tokens = stats.num_prompt_tokens + stats.num_generation_tokens
+        if step_tokens:
+            self.iteration_tokens.observe(step_tokens)
+        for recall in stats.sparse_recall_samples:
+            self.sparse_recall.observe(recall)
+        for tokens in stats.sparse_tokens_read:
+            self.sparse_tokens_read.observe(tokens)
+        self.sparse_dense_fallbacks.inc(stats.sparse_dense_fallbacks)
+        self.spec_num_drafts.inc(stats.spec_num_drafts)
+        self.spec_num_draft_tokens.inc(stats.spec_num_draft_tokens)
+        self.spec_num_accepted_tokens.inc(stats.spec_num_accepted_tokens)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """Latencies of one engine request (one prompt), measured from the moments its outputs arrive."""
+
+    def __init__(self, metrics: Metrics, arrival: float):
+        self.metrics = metrics
+        self.arrival = arrival
+        self.last: float | None = None
+
+    def on_tokens(self) -> None:
+        """Call when an output with new tokens arrives."""
+        now = time.monotonic()
+        if self.last is None:
+            self.metrics.time_to_first_token.observe(now - self.arrival)
+        else:
+            self.metrics.inter_token_latency.observe(now - self.last)
+        self.last = now
+
+    def on_finish(self, prompt_tokens: int, generation_tokens: int, finish_reasons: list[str],
+                  engine_times: dict[str, float]) -> None:
+        m = self.metrics
+        m.e2e_request_latency.observe(time.monotonic() - self.arrival)
+        m.request_prompt_tokens.observe(prompt_tokens)
+        m.request_generation_tokens.observe(generation_tokens)
+        arrival, scheduled = engine_times.get("arrival_time"), engine_times.get("first_scheduled_time")
+        if arrival is not None and scheduled is not None:
+            m.request_queue_time.observe(max(0.0, scheduled - arrival))
+        for reason in finish_reasons:
+            if reason in m.request_success:
+                m.request_success[reason].inc()

@@ -1,0 +1,123 @@
+"""What every handler needs: the engine once loaded, the metrics, the server settings, admission control.
+
+The engine loads in a worker thread after the server is already listening, so `/health` can answer 503
+meanwhile; every other endpoint asks `ready()` and answers 503 until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import EngineArgs
+from engine.sampling_params import SamplingParams
+from server.errors import APIError, bad_request, context_length_error
+from server.generation import Generation
+from server.metrics import Metrics
+from server.protocol import ChatMessage, model_not_found, new_id
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    max_queued_requests: int = 256  # requests beyond --max-num-seqs that may wait for a batch slot
+    max_request_bytes: int = 16 * 2**20
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    engine_args: EngineArgs
+    engine: Any = None
+    metrics: Metrics | None = None
+    load_error: str | None = None
+    in_flight: int = 0
+    background: set[asyncio.Task] = field(default_factory=set)
+
+    # Lifecycle.
+
+    @property
+    def healthy(self) -> bool:
+        return self.engine is not None and bool(getattr(self.engine, "healthy", True))
+
+    def ready(self) -> Any:
+        """The engine, or a 503 while it loads or after it has failed."""
+        if self.engine is None:
+            reason = self.load_error or "the model is still loading"
+            raise APIError(503, f"server not ready: {reason}", headers={"Retry-After": "5"})
+        if not self.healthy:
+            raise APIError(503, "the engine has stopped; the server cannot serve requests")
+        return self.engine
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_name or self.ready().model_name
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise model_not_found(name)
+
+    def admit(self) -> Callable[[], None]:
+        """Take a slot for one request and return its (idempotent) release; 503 when batch and queue are full.
+
+        A release function rather than a context manager: a streamed response outlives its handler.
+        """
+        limit = self.engine_args.max_num_seqs + self.config.max_queued_requests
+        if self.in_flight >= limit:
+            raise APIError(503, f"server busy: {self.in_flight} requests in flight (limit {limit})",
+                           code="server_busy", headers={"Retry-After": "1"})
+        self.in_flight += 1
+        held = [True]
+
+        def release() -> None:
+            if held.pop() if held else False:
+                self.in_flight -= 1
+
+        return release
+
+    def generation(self, kind: str, prompts: list[list[int]], params: SamplingParams) -> Generation:
+        """Admit one API request (503 when full) and prepare its engine requests."""
+        return Generation(self.ready(), self.metrics, new_id(kind), prompts, params, self.background,
+                          release=self.admit())
+
+    # Tokens.
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.ready().tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        try:
+            return self.tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as err:  # a template may reject a role order; that is the client's input
+            raise bad_request(f"cannot apply the chat template: {err}", param="messages") from err
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = len(self.tokenizer)
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param=param)
+
+    def check_context(self, prompt: list[int], max_tokens: int | None) -> None:
+        limit = self.ready().max_model_len
+        if not prompt:
+            raise bad_request("the prompt is empty", param="prompt")
+        if len(prompt) + (max_tokens or 1) > limit:
+            raise context_length_error(limit, len(prompt), max_tokens or 0)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
