@@ -182,7 +182,7 @@ def test_compose_wires_prometheus_and_grafana_to_needle():
     assert "8000:8000" in needle["ports"]
     scrape = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
     targets = [t for job in scrape["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
-    assert targets == ["needle:8000"]
+    assert set(targets) == {"needle:8000"}
     mounts = dict(v.split(":")[:2] for v in services["grafana"]["volumes"] if v.startswith("."))
     provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/needle.yaml").read_text())
     dashboards_dir = provider["providers"][0]["options"]["path"]
@@ -231,7 +231,11 @@ SERVICE_MONITOR_SCHEMA = {
                     "type": "object", "additionalProperties": False, "required": ["port"],
                     "properties": {"port": {"type": "string"}, "path": {"type": "string"},
                                    "interval": {"type": "string", "pattern": r"^[0-9]+(ms|s|m|h)$"},
-                                   "scrapeTimeout": {"type": "string"}}}},
+                                   "scrapeTimeout": {"type": "string"},
+                                   "relabelings": {"type": "array", "items": {
+                                       "type": "object", "additionalProperties": False,
+                                       "properties": {"targetLabel": {"type": "string"},
+                                                      "replacement": {"type": "string"}}}}}}},
             },
         },
     },
@@ -266,7 +270,11 @@ def test_kubernetes_manifests_fit_together():
     assert service_ports["http"]["targetPort"] in port_names
     monitor = r["ServiceMonitor"]["spec"]
     assert monitor["selector"]["matchLabels"].items() <= r["Service"]["metadata"]["labels"].items()
-    assert all(e["port"] in service_ports and e["path"] == "/metrics" for e in monitor["endpoints"])
+    assert all(e["port"] in service_ports for e in monitor["endpoints"])
+    # The operator's jobs are named as in prometheus.yml, so that alerts.yml works unchanged.
+    jobs = {e["relabelings"][0]["replacement"]: e["path"] for e in monitor["endpoints"]}
+    scrape = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())["scrape_configs"]
+    assert jobs == {job["job_name"]: job["metrics_path"] for job in scrape}
     # GPU, probes on /health with room for the model to load, /dev/shm in memory, the model volume.
     assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
