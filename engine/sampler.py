@@ -1,0 +1,83 @@
+"""Turns last-position logits into tokens, one row per sequence, each with its own settings and RNG.
+
+A per-sequence torch.Generator makes seeded sampling independent of what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scheduler.sequence import Sequence
+
+
+def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    p = seq.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and seq.num_output:
+        out = torch.tensor(seq.output_ids, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(out, minlength=logits.shape[-1]).to(logits.dtype)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Top-k, then top-p (nucleus), then min-p, each masking to -inf; logits come temperature-scaled."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def top_logprobs(raw_logits: torch.Tensor, token: int, n: int) -> dict[int, float]:
+    logprobs = raw_logits.log_softmax(-1)
+    out = {token: logprobs[token].item()}
+    if n > 0:
+        vals, ids = torch.topk(logprobs, n)
+        out.update(zip(ids.tolist(), vals.tolist(), strict=True))
+    return out
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: tuple[int, ...]):
+        self.eos_token_ids = eos_token_ids
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """logits: [S, V] float32 for the S sequences that emit a token this step."""
+        if all(_plain_greedy(s) for s in seqs):
+            return logits.argmax(-1).tolist()
+        return [self.sample_one(logits[i].clone(), s) for i, s in enumerate(seqs)]
+
+    def sample_one(self, logits: torch.Tensor, seq: Sequence) -> int:
+        p = seq.params
+        raw = logits.clone() if p.logprobs is not None else None
+        for token_id, bias in p.logit_bias.items():
+            logits[token_id] += bias
+        logits = apply_penalties(logits, seq)
+        if seq.num_output < p.min_tokens:
+            banned = [*p.stop_token_ids, *([] if p.ignore_eos else self.eos_token_ids)]
+            logits[banned] = float("-inf")
+        if p.greedy:
+            token = int(logits.argmax())
+        else:
+            logits = filter_logits(logits / p.temperature, p.top_k, p.top_p, p.min_p)
+            token = int(torch.multinomial(logits.softmax(-1), 1, generator=seq.generator))
+        if raw is not None:
+            seq.logprobs.append(top_logprobs(raw, token, p.logprobs))
+        return token
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    p = seq.params
+    return (p.greedy and p.logprobs is None and not p.logit_bias and p.repetition_penalty == 1.0
+            and not p.presence_penalty and not p.frequency_penalty and seq.num_output >= p.min_tokens)

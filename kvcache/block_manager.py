@@ -1,0 +1,131 @@
+"""Page allocator with reference counts and a prefix cache (hash chain of full pages).
+
+A page whose reference count drops to zero goes back to the free list but keeps its hash, so a
+later prompt with the same prefix can revive it until the page is handed out again.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvcache.prefix_hash import chain_hash
+
+
+@dataclass
+class Page:
+    page_id: int
+    ref_count: int = 0
+    hash: int | None = None
+
+
+@dataclass
+class SeqPages:
+    """What the allocator knows of one sequence: its pages and how many of them are hashed."""
+
+    block_table: list[int] = field(default_factory=list)
+    num_hashed: int = 0
+    last_hash: int | None = None
+
+
+class BlockManager:
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
+        self.page_size = page_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pages = [Page(i) for i in range(num_pages)]
+        self.free: deque[int] = deque(range(num_pages))
+        self.hash_to_page: dict[int, int] = {}
+
+    @property
+    def num_pages(self) -> int:
+        return len(self.pages)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free / self.num_pages
+
+    def pages_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], int | None]:
+        """Cached pages covering a prefix of token_ids, never the whole sequence (the last token must run)."""
+        if not self.enable_prefix_caching:
+            return [], None
+        hits, h = [], None
+        for start in range(0, len(token_ids) - 1 - self.page_size + 1, self.page_size):
+            h = chain_hash(h, token_ids[start:start + self.page_size])
+            page_id = self.hash_to_page.get(h)
+            if page_id is None:
+                break
+            hits.append(page_id)
+        return hits, (h if hits else None)
+
+    def allocate(self, seq: SeqPages, token_ids: list[int], token_budget: int) -> int | None:
+        """Give a new sequence its cached prefix pages plus fresh pages for up to token_budget more tokens.
+
+        Returns the number of tokens served from the cache, or None (nothing changed) when the pool
+        is short of pages.
+        """
+        assert not seq.block_table
+        hits, last_hash = self.match_prefix(token_ids)
+        cached = len(hits) * self.page_size
+        covered = min(len(token_ids), cached + token_budget)
+        fresh = max(self.pages_needed(covered) - len(hits), 0)
+        revived = sum(1 for p in hits if self.pages[p].ref_count == 0)
+        if fresh + revived > self.num_free:
+            return None
+        for page_id in hits:
+            page = self.pages[page_id]
+            if page.ref_count == 0:
+                self.free.remove(page_id)
+            page.ref_count += 1
+        seq.block_table = hits + [self._take_fresh() for _ in range(fresh)]
+        seq.num_hashed, seq.last_hash = len(hits), last_hash
+        return cached
+
+    def can_grow(self, seq: SeqPages, num_tokens: int) -> bool:
+        return self.pages_needed(num_tokens) - len(seq.block_table) <= self.num_free
+
+    def grow(self, seq: SeqPages, num_tokens: int) -> None:
+        """Make room for num_tokens tokens in total (call can_grow first)."""
+        while len(seq.block_table) < self.pages_needed(num_tokens):
+            seq.block_table.append(self._take_fresh())
+
+    def commit_full_pages(self, seq: SeqPages, token_ids: list[int], num_computed: int) -> None:
+        """Publish the hashes of pages whose KV is now fully written, so later prompts can share them."""
+        if not self.enable_prefix_caching:
+            return
+        while (seq.num_hashed + 1) * self.page_size <= num_computed:
+            start = seq.num_hashed * self.page_size
+            h = chain_hash(seq.last_hash, token_ids[start:start + self.page_size])
+            page = self.pages[seq.block_table[seq.num_hashed]]
+            if page.hash is None and h not in self.hash_to_page:
+                page.hash = h
+                self.hash_to_page[h] = page.page_id
+            seq.num_hashed += 1
+            seq.last_hash = h
+
+    def release(self, seq: SeqPages) -> None:
+        """Drop the sequence's references; pages at zero return to the free list (newest last)."""
+        for page_id in reversed(seq.block_table):
+            page = self.pages[page_id]
+            page.ref_count -= 1
+            assert page.ref_count >= 0, f"page {page_id} freed twice"
+            if page.ref_count == 0:
+                self.free.append(page_id)
+        seq.block_table, seq.num_hashed, seq.last_hash = [], 0, None
+
+    def _take_fresh(self) -> int:
+        page_id = self.free.popleft()
+        page = self.pages[page_id]
+        assert page.ref_count == 0
+        if page.hash is not None:
+            if self.hash_to_page.get(page.hash) == page_id:
+                del self.hash_to_page[page.hash]
+            page.hash = None
+        page.ref_count = 1
+        return page_id
