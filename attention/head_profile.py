@@ -1,0 +1,94 @@
+"""Which KV heads are retrieval heads and which are streaming heads, per layer.
+
+A profile is a small JSON file written by `needle calibrate`: a score per (layer, KV head) (higher =
+the head looks further back for the needle) and the resulting streaming flags. The split can be redrawn
+at load time from the scores with --streaming-ratio, ranking heads across all layers (as LServe does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HeadProfile:
+    model: str
+    scores: list[list[float]]  # [num_layers][num_kv_heads]
+    streaming: list[list[bool]]  # [num_layers][num_kv_heads]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.scores)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.scores[0]) if self.scores else 0
+
+    @classmethod
+    def all_retrieval(cls, model: str, num_layers: int, num_kv_heads: int) -> HeadProfile:
+        return cls(model, [[1.0] * num_kv_heads for _ in range(num_layers)],
+                   [[False] * num_kv_heads for _ in range(num_layers)])
+
+    @classmethod
+    def from_scores(cls, model: str, scores: list[list[float]], streaming_ratio: float) -> HeadProfile:
+        """The round(ratio * heads) lowest-scoring heads, ranked over all layers, become streaming heads."""
+        if not 0.0 <= streaming_ratio <= 1.0:
+            raise ValueError(f"streaming ratio must lie in [0, 1], got {streaming_ratio}")
+        flat = [(s, layer, head) for layer, row in enumerate(scores) for head, s in enumerate(row)]
+        num_streaming = round(streaming_ratio * len(flat))
+        streaming = [[False] * len(row) for row in scores]
+        for _, layer, head in sorted(flat, key=lambda t: t[0])[:num_streaming]:
+            streaming[layer][head] = True
+        return cls(model, [list(map(float, row)) for row in scores], streaming)
+
+    def with_streaming_ratio(self, ratio: float) -> HeadProfile:
+        return HeadProfile.from_scores(self.model, self.scores, ratio)
+
+    @property
+    def streaming_ratio(self) -> float:
+        flags = [f for row in self.streaming for f in row]
+        return sum(flags) / max(1, len(flags))
+
+    def save(self, path: str | Path) -> None:
+        data = {"model": self.model, "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
+                "streaming_ratio": self.streaming_ratio, "scores": self.scores, "streaming": self.streaming}
+        Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> HeadProfile:
+        data = json.loads(Path(path).read_text())
+        profile = cls(data["model"], data["scores"], [[bool(f) for f in row] for row in data["streaming"]])
+        if any(len(row) != profile.num_kv_heads for row in profile.scores + profile.streaming) or \
+                len(profile.streaming) != profile.num_layers:
+            raise ValueError(f"{path}: scores and streaming flags must both be [num_layers][num_kv_heads]")
+        return profile
+
+
+def bundled_profile_path(model_name: str) -> Path:
+    """Where the shipped profile of a model lives (attention/profiles/<name>.json)."""
+    return Path(str(resources.files("attention") / "profiles" / f"{model_name}.json"))
+
+
+def resolve_profile(path: str | None, model_name: str, num_layers: int, num_kv_heads: int,
+                    streaming_ratio: float | None) -> HeadProfile:
+    """The profile to run with: `path`, else the bundled one, else all-retrieval (with a warning);
+    then the streaming ratio override, if any."""
+    candidate = Path(path) if path else bundled_profile_path(model_name)
+    if candidate.is_file():
+        profile = HeadProfile.load(candidate)
+        if (profile.num_layers, profile.num_kv_heads) != (num_layers, num_kv_heads):
+            raise ValueError(f"head profile {candidate} is for {profile.num_layers} layers x "
+                             f"{profile.num_kv_heads} KV heads, the model has {num_layers} x {num_kv_heads}")
+    elif path:
+        raise FileNotFoundError(f"head profile {path} does not exist")
+    else:
+        log.warning("no head profile for %s (run `needle calibrate`); every head is a retrieval head",
+                    model_name)
+        profile = HeadProfile.all_retrieval(model_name, num_layers, num_kv_heads)
+    return profile if streaming_ratio is None else profile.with_streaming_ratio(streaming_ratio)

@@ -1,0 +1,13 @@
+"""Page-selection policies for retrieval heads, by name (`--sparse-policy`). A new policy is one file
+plus one line here."""
+
+from attention.policies.base import SelectionRequest, SparsePolicy
+from attention.policies.hierarchical import HierarchicalPolicy
+from attention.policies.hip import HipPolicy
+from attention.policies.quest import QuestPolicy
+
+POLICIES: dict[str, type[SparsePolicy]] = {
+    p.name: p for p in (HierarchicalPolicy, QuestPolicy, HipPolicy)
+}
+
+__all__ = ["POLICIES", "SelectionRequest", "SparsePolicy"]

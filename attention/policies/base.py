@@ -1,0 +1,85 @@
+"""The page-selection interface for retrieval heads, and the tensor helpers its policies share.
+
+A policy sees one layer's decode queries of a batch and picks, per selector head, the `k` selection
+units (runs of `unit_tokens` consecutive positions) it expects to hold most of the attention mass.
+The backend decides which units are eligible (inside the context, not the always-kept sink and
+recent units) and turns units into KV slots; a policy only ranks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from kvcache.pool import KVPool
+
+
+@dataclass
+class SelectionRequest:
+    """One layer's selection problem for a batch of B decoding sequences.
+
+    Selector heads: with per-query-head selection H = Hq and G = 1; with a selection shared by a GQA
+    group, H = Hkv and G = Hq // Hkv query heads vote together.
+    """
+
+    pool: KVPool
+    layer: int
+    q: torch.Tensor  # [B, H, G, D] RoPE'd queries of this step
+    kv_heads: torch.Tensor  # [H] int64: the KV head each selector head reads
+    block_tables: torch.Tensor  # [B, P] pages of each sequence
+    context_lens: torch.Tensor  # [B] int64
+    allowed: torch.Tensor  # [B, U] bool: units the policy may choose
+    k: int  # units to choose per selector head
+
+
+class SparsePolicy(ABC):
+    """Ranks selection units of `unit_tokens` tokens for each selector head (default: one logical page)."""
+
+    name: str
+
+    def __init__(self, sparse_page_size: int, summary_block: int):
+        self.unit_tokens = summary_block
+
+    @abstractmethod
+    def select(self, req: SelectionRequest) -> torch.Tensor:
+        """-> [B, H, k] int64 unit indices, best first; -1 where fewer than k units are allowed."""
+
+
+def token_slots(block_tables: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Flat KV slots of token positions; positions [B, ...] index into row b of block_tables."""
+    b = block_tables.shape[0]
+    pages = block_tables.long().gather(1, (positions // page_size).reshape(b, -1)).view_as(positions)
+    return pages * page_size + positions % page_size
+
+
+def gather_heads(cache: torch.Tensor, slots: torch.Tensor, kv_heads: torch.Tensor) -> torch.Tensor:
+    """cache [pages, page_size, Hkv, D] of one layer; slots [B, H, N] read from KV head kv_heads[h]
+    -> [B, H, N, D]. Only the named rows are read, which is what makes sparse decode cheap."""
+    hkv, d = cache.shape[-2], cache.shape[-1]
+    flat = slots * hkv + kv_heads.view(1, -1, 1)
+    return cache.reshape(-1, d)[flat]
+
+
+def logical_page_bounds(req: SelectionRequest) -> torch.Tensor:
+    """Quest's upper bound of q.k per logical page: sum_c max(q_c * kmin_c, q_c * kmax_c), taken as the
+    max over the G query heads of a selector head -> [B, H, P * pages_per_block] (unwritten pages: junk,
+    the caller masks them with `allowed`)."""
+    pool = req.pool
+    assert pool.kmin is not None and pool.kmax is not None, "the pool keeps no key summaries"
+    b, p = req.block_tables.shape
+    hkv, d = pool.spec.num_kv_heads, pool.spec.head_dim
+    pages = req.block_tables.long()
+    kmax = pool.kmax[req.layer][pages].view(b, -1, hkv, d)[:, :, req.kv_heads].permute(0, 2, 3, 1)
+    kmin = pool.kmin[req.layer][pages].view(b, -1, hkv, d)[:, :, req.kv_heads].permute(0, 2, 3, 1)
+    bound = req.q.clamp(min=0) @ kmax + req.q.clamp(max=0) @ kmin  # [B, H, G, L]
+    return bound.amax(dim=2)
+
+
+def top_units(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """Best k allowed units of scores [B, H, U] -> [B, H, k], -1 where fewer than k are allowed."""
+    scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+    vals, idx = scores.topk(min(k, scores.shape[-1]), dim=-1)
+    idx = idx.masked_fill(vals == float("-inf"), -1)
+    return torch.nn.functional.pad(idx, (0, k - idx.shape[-1]), value=-1)

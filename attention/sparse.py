@@ -1,0 +1,373 @@
+"""Sparse attention: streaming heads read sinks + a local window, retrieval heads read top-k pages.
+
+Per layer and KV head, the head profile says streaming or retrieval. Decode, per sequence:
+  * streaming heads attend to the first `sink_tokens` and the last `local_tokens` positions;
+  * retrieval heads attend to the sink units, the newest units and the `k` units the policy ranks best
+    (k fills the sequence's token budget); a selection is kept for `selector_interval` steps.
+Prefill (also chunked): streaming heads attend to sinks + the last `prefill_local_tokens` before each
+query (a Lambda-shaped mask); retrieval heads attend densely, as in LServe.
+Dense, exactly as the dense backend computes it: the first `dense_layers` layers, sequences in "dense"
+mode, and sequences whose context fits their budget.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from attention.base import AttentionBackend, AttentionMetadata
+from attention.dense import DenseBackend
+from attention.head_profile import HeadProfile, resolve_profile
+from attention.policies import POLICIES, SelectionRequest, SparsePolicy
+from attention.policies.base import gather_heads, token_slots
+from engine.config import EngineArgs
+from engine.stats import StepStats
+from kvcache.pool import KVPool
+from kvcache.summaries import update_summaries
+
+log = logging.getLogger(__name__)
+
+CPU_TOKEN_BUDGET = 1024  # fits an 8K model: 1/8 of the context
+CUDA_TOKEN_BUDGET = 4096
+
+
+@dataclass
+class _Decode:
+    """Per-step layout of the sequences that decode sparsely; shared by every sparse layer."""
+
+    index: list[int]  # positions in the step's batch
+    seq_ids: list[int]
+    rows: torch.Tensor  # [B] query row of each sequence
+    ctx: torch.Tensor  # [B] int64 context lengths
+    block_tables: torch.Tensor  # [B, P]
+    stream_pos: torch.Tensor  # [B, Ns] positions read by streaming heads (clamped inside the context)
+    stream_valid: torch.Tensor  # [B, Ns]
+    sink_units: torch.Tensor  # [S] unit indices always read by retrieval heads
+    recent_units: torch.Tensor  # [B, R] newest units (clamped), always read
+    recent_valid: torch.Tensor  # [B, R]
+    allowed: torch.Tensor  # [B, U] units a policy may choose
+    k: torch.Tensor  # [B] chosen units per selector head (from each sequence's budget)
+    reselect: list[bool]  # recompute the selection this step (else reuse the kept one)
+
+
+@dataclass
+class _Step:
+    dense: list[int]  # batch positions attended densely (fallback or dense mode)
+    prefill: list[int]  # batch positions prefilling sparsely
+    decode: _Decode | None
+    sample_recall: bool
+    recall: dict[int, list[float]] = field(default_factory=dict)  # seq_id -> per-layer recall
+    tokens_read: dict[int, float] = field(default_factory=dict)  # seq_id -> keys read, summed over heads
+
+
+class SparseBackend(AttentionBackend):
+    """One instance serves all layers; per-sequence selection state is keyed by seq_id."""
+
+    name = "sparse"
+
+    def __init__(self, pool: KVPool, args: EngineArgs, profile: HeadProfile, num_q_heads: int,
+                 num_kv_heads: int, per_query_head: bool = False):
+        if pool.kmin is None:
+            raise ValueError("sparse attention needs a KV pool created with_summaries=True")
+        self.pool = pool
+        self.dense = DenseBackend(pool)
+        self.profile = profile
+        self.num_q_heads, self.num_kv_heads = num_q_heads, num_kv_heads
+        self.group = num_q_heads // num_kv_heads
+        self.head_dim = pool.spec.head_dim
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.per_query_head = per_query_head
+        policy = POLICIES[args.sparse_policy]
+        self.policy: SparsePolicy = policy(args.sparse_page_size, pool.spec.summary_block)
+        self.unit = self.policy.unit_tokens
+        default_budget = CUDA_TOKEN_BUDGET if pool.device.type == "cuda" else CPU_TOKEN_BUDGET
+        self.token_budget = args.sparse_token_budget or default_budget
+        self.dense_layers = args.dense_layers
+        self.sink_tokens, self.local_tokens = args.sink_tokens, args.local_tokens
+        self.prefill_local_tokens = args.prefill_local_tokens
+        self.selector_interval = max(1, args.selector_interval)
+        self.recall_sample = args.sparse_recall_sample
+        self.num_sink_units = -(-self.sink_tokens // self.unit)
+        self.num_recent_units = 1 + -(-args.sparse_page_size // self.unit)  # newest partial + one page
+        self._rng = random.Random(args.seed)
+        dev = pool.device
+        self._streaming = [torch.tensor([h for h, s in enumerate(row) if s], dtype=torch.long, device=dev)
+                           for row in profile.streaming]
+        self._retrieval = [torch.tensor([h for h, s in enumerate(row) if not s], dtype=torch.long, device=dev)
+                           for row in profile.streaming]
+        self._selection: dict[int, dict[int, torch.Tensor]] = {}  # seq_id -> layer -> [H, k] units
+        self._age: dict[int, tuple[int, int]] = {}  # seq_id -> (decode steps since selection, its budget)
+        self._step: _Step | None = None
+        self._stats = StepStats()
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def release(self, seq_id: int) -> None:
+        self._selection.pop(seq_id, None)
+        self._age.pop(seq_id, None)
+
+    def budget_of(self, meta: AttentionMetadata, i: int) -> int:
+        """The sequence's token budget, rounded down to whole units (never below the always-kept ones)."""
+        budget = meta.token_budgets[i] if meta.token_budgets and meta.token_budgets[i] else self.token_budget
+        floor = (self.num_sink_units + self.num_recent_units) * self.unit
+        return max(floor, budget // self.unit * self.unit)
+
+    def begin_step(self, meta: AttentionMetadata) -> None:
+        self._flush_step_stats()
+        dense, prefill, decode = [], [], []
+        for i in range(meta.num_seqs):
+            sparse_mode = not meta.modes or meta.modes[i] != "dense"
+            if not sparse_mode or meta.context_lens[i] <= self.budget_of(meta, i):
+                dense.append(i)
+                if sparse_mode:
+                    self._stats.sparse_dense_fallbacks += 1
+            elif meta.query_lens[i] == 1:
+                decode.append(i)
+            else:
+                prefill.append(i)
+        sample = bool(decode) and self._rng.random() < self.recall_sample
+        self._step = _Step(dense, prefill, self._plan_decode(meta, decode) if decode else None, sample)
+
+    def _plan_decode(self, meta: AttentionMetadata, index: list[int]) -> _Decode:
+        dev = self.pool.device
+        starts = meta.query_start_loc.tolist()
+        ctx = torch.tensor([meta.context_lens[i] for i in index], dtype=torch.long, device=dev)
+        sink = torch.arange(self.sink_tokens, device=dev).expand(len(index), -1)
+        local = ctx[:, None] - self.local_tokens + torch.arange(self.local_tokens, device=dev)
+        stream_pos = torch.cat([sink, local], dim=1)
+        stream_valid = torch.cat([sink < ctx[:, None], local >= max(self.sink_tokens, 0)], dim=1)
+        last = (ctx - 1) // self.unit
+        recent = last[:, None] - torch.arange(self.num_recent_units, device=dev)
+        num_units = int(last.max()) + 1
+        units = torch.arange(num_units, device=dev)
+        allowed = (units >= self.num_sink_units) & (units[None, :] < recent[:, -1:])
+        budgets = [self.budget_of(meta, i) for i in index]
+        fixed = self.num_sink_units + self.num_recent_units
+        k = torch.tensor([b // self.unit - fixed for b in budgets], dtype=torch.long, device=dev)
+        reselect = []
+        for i, budget in zip(index, budgets, strict=True):
+            age, kept_budget = self._age.get(meta.seq_ids[i], (self.selector_interval, budget))
+            fresh = age >= self.selector_interval or kept_budget != budget
+            reselect.append(fresh)
+            self._age[meta.seq_ids[i]] = (1 if fresh else age + 1, budget)
+        return _Decode(
+            index=index, seq_ids=[meta.seq_ids[i] for i in index],
+            rows=torch.tensor([starts[i] for i in index], dtype=torch.long, device=dev), ctx=ctx,
+            block_tables=meta.block_tables[index],
+            stream_pos=stream_pos.clamp(min=0).minimum(ctx[:, None] - 1),
+            stream_valid=stream_valid, sink_units=torch.arange(self.num_sink_units, device=dev),
+            recent_units=recent.clamp(min=0),
+            recent_valid=(recent >= self.num_sink_units), allowed=allowed, k=k, reselect=reselect)
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        step = self._step
+        if step is None:
+            raise RuntimeError("begin_step() must run before forward()")
+        if layer < self.dense_layers or len(step.dense) == meta.num_seqs:
+            out = self.dense.forward(layer, q, k, v, meta)
+            update_summaries(self.pool, layer, meta.slot_mapping)
+            return out
+        self.pool.write(layer, k, v, meta.slot_mapping)
+        update_summaries(self.pool, layer, meta.slot_mapping)
+        out = torch.empty_like(q)
+        if step.dense:  # the dense backend rewrites these rows' K/V: same values, a small price for reuse
+            rows = _rows_of(meta, step.dense)
+            out[rows] = self.dense.forward(layer, q[rows], k[rows], v[rows], _sub_meta(meta, step.dense))
+        for i in step.prefill:
+            rows = slice(int(meta.query_start_loc[i]), int(meta.query_start_loc[i + 1]))
+            out[rows] = self._prefill(layer, q[rows], meta, i)
+        if step.decode is not None:
+            out[step.decode.rows] = self._decode(layer, q[step.decode.rows], step.decode, step)
+        return out
+
+    # ---- decode ----------------------------------------------------------------------------------
+
+    def _decode(self, layer: int, q: torch.Tensor, plan: _Decode, step: _Step) -> torch.Tensor:
+        b = q.shape[0]
+        qg = q.view(b, self.num_kv_heads, self.group, self.head_dim)
+        out = torch.empty_like(qg)
+        lse = torch.empty(b, self.num_kv_heads, self.group, dtype=q.dtype, device=q.device)
+        read = torch.zeros(b, dtype=torch.long, device=q.device)
+        streaming, retrieval = self._streaming[layer], self._retrieval[layer]
+        if streaming.numel():
+            hs = streaming.numel()
+            pos = plan.stream_pos[:, None, :].expand(b, hs, -1)
+            valid = plan.stream_valid[:, None, :].expand(b, hs, -1)
+            o, s = self._attend(layer, qg[:, streaming], pos, valid, streaming, plan.block_tables)
+            out[:, streaming], lse[:, streaming] = o, s
+            read += valid.sum(dim=(1, 2)) * self.group
+        if retrieval.numel():
+            kv_heads = retrieval.repeat_interleave(self.group) if self.per_query_head else retrieval
+            qr = qg[:, retrieval].reshape(b, kv_heads.numel(), -1, self.head_dim)
+            pos, valid = self._retrieval_positions(layer, qr, kv_heads, plan)
+            o, s = self._attend(layer, qr, pos, valid, kv_heads, plan.block_tables)
+            out[:, retrieval] = o.view(b, retrieval.numel(), self.group, self.head_dim)
+            lse[:, retrieval] = s.view(b, retrieval.numel(), self.group)
+            read += valid.sum(dim=(1, 2)) * (qr.shape[2])
+        for sid, n in zip(plan.seq_ids, read.tolist(), strict=True):
+            step.tokens_read[sid] = step.tokens_read.get(sid, 0.0) + n
+        if step.sample_recall:
+            full = self._full_lse(layer, qg, plan)
+            for sid, r in zip(plan.seq_ids, torch.exp(lse - full).mean(dim=(1, 2)).tolist(), strict=True):
+                step.recall.setdefault(sid, []).append(r)
+        return out.view(b, self.num_q_heads, self.head_dim)
+
+    def _retrieval_positions(self, layer: int, q: torch.Tensor, kv_heads: torch.Tensor,
+                             plan: _Decode) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token positions [B, H, N] of the sink, chosen and recent units, and which of them are read."""
+        b, h = q.shape[:2]
+        chosen = self._chosen_units(layer, q, kv_heads, plan)
+        chosen_ok = (chosen >= 0) & plan.allowed.gather(1, chosen.clamp(min=0).view(b, -1)).view_as(chosen)
+        chosen_ok &= torch.arange(chosen.shape[-1], device=q.device) < plan.k[:, None, None]
+        units = torch.cat([plan.sink_units.expand(b, h, -1), chosen.clamp(min=0),
+                           plan.recent_units[:, None, :].expand(b, h, -1)], dim=-1)
+        unit_ok = torch.cat([torch.ones(b, h, plan.sink_units.numel(), dtype=torch.bool, device=q.device),
+                             chosen_ok, plan.recent_valid[:, None, :].expand(b, h, -1)], dim=-1)
+        offsets = torch.arange(self.unit, device=q.device)
+        pos = (units[..., None] * self.unit + offsets).flatten(2)
+        valid = unit_ok[..., None].expand(-1, -1, -1, self.unit).flatten(2) & (pos < plan.ctx[:, None, None])
+        return pos.minimum(plan.ctx[:, None, None] - 1), valid
+
+    def _chosen_units(self, layer: int, q: torch.Tensor, kv_heads: torch.Tensor,
+                      plan: _Decode) -> torch.Tensor:
+        """[B, H, max k] policy-chosen units: recomputed for sequences due, reused for the others."""
+        k = int(plan.k.max())
+        due = [j for j, fresh in enumerate(plan.reselect) if fresh or layer not in self._selection.get(
+            plan.seq_ids[j], {})]
+        if due:
+            idx = torch.tensor(due, dtype=torch.long, device=q.device)
+            req = SelectionRequest(self.pool, layer, q[idx], kv_heads, plan.block_tables[idx], plan.ctx[idx],
+                                   plan.allowed[idx], k)
+            for j, units in zip(due, self.policy.select(req), strict=True):
+                self._selection.setdefault(plan.seq_ids[j], {})[layer] = units[:, : int(plan.k[j])]
+        kept = [self._selection[sid][layer] for sid in plan.seq_ids]
+        return torch.stack([F.pad(u, (0, k - u.shape[-1]), value=-1) for u in kept])
+
+    def _attend(self, layer: int, q: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
+                kv_heads: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, H, G, D] over the keys at pos [B, H, N] (valid [B, H, N]) of kv_heads [H]
+        -> output [B, H, G, D] and the log-sum-exp of the scores [B, H, G] (for recall)."""
+        slots = token_slots(tables, pos, self.pool.spec.page_size)
+        keys = gather_heads(self.pool.k[layer], slots, kv_heads).to(q.dtype)
+        values = gather_heads(self.pool.v[layer], slots, kv_heads).to(q.dtype)
+        scores = (q @ keys.transpose(-1, -2)) * self.scale
+        scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
+        lse = scores.logsumexp(dim=-1)
+        return torch.exp(scores - lse[..., None]) @ values, lse
+
+    def _full_lse(self, layer: int, q: torch.Tensor, plan: _Decode) -> torch.Tensor:
+        """Log-sum-exp of every head's scores over the whole context: the dense reference for recall."""
+        b = q.shape[0]
+        pos = torch.arange(int(plan.ctx.max()), device=q.device).expand(b, -1)
+        slots = token_slots(plan.block_tables, pos.minimum(plan.ctx[:, None] - 1), self.pool.spec.page_size)
+        keys = self._rows(self.pool.k[layer], slots, q.dtype)  # [B, L, Hkv, D]
+        scores = (q @ keys.permute(0, 2, 3, 1)) * self.scale  # [B, Hkv, G, L]
+        scores = scores.masked_fill(~(pos < plan.ctx[:, None])[:, None, None, :], float("-inf"))
+        return scores.logsumexp(dim=-1)
+
+    # ---- prefill ---------------------------------------------------------------------------------
+
+    def _prefill(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, i: int) -> torch.Tensor:
+        """One sequence's chunk: retrieval heads causal over the whole context, streaming heads over
+        sinks + the prefill window (only those keys are gathered)."""
+        ctx, n = meta.context_lens[i], q.shape[0]
+        dev = q.device
+        qpos = torch.arange(ctx - n, ctx, device=dev)
+        out = torch.empty_like(q).view(n, self.num_kv_heads, self.group, self.head_dim)
+        qg = q.view(n, self.num_kv_heads, self.group, self.head_dim)
+        table = meta.block_tables[i: i + 1]
+        kinds = ((self._retrieval[layer], None), (self._streaming[layer], self.prefill_local_tokens))
+        for heads, window in kinds:
+            if not heads.numel():
+                continue
+            if window is None:
+                kpos = torch.arange(ctx, device=dev)
+            else:
+                first_local = max(self.sink_tokens, ctx - n - window + 1)
+                kpos = torch.cat([torch.arange(min(self.sink_tokens, ctx), device=dev),
+                                  torch.arange(first_local, ctx, device=dev)])
+            slots = token_slots(table, kpos[None], self.pool.spec.page_size)[0]
+            keys = self._rows(self.pool.k[layer], slots, q.dtype)[:, heads]
+            values = self._rows(self.pool.v[layer], slots, q.dtype)[:, heads]
+            mask = kpos[None, :] <= qpos[:, None]
+            if window is not None:
+                mask &= (kpos[None, :] < self.sink_tokens) | (kpos[None, :] > qpos[:, None] - window)
+            out[:, heads] = _masked_sdpa(qg[:, heads], keys, values, mask)
+        return out.view(n, self.num_q_heads, self.head_dim)
+
+    def _rows(self, cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """All KV heads of the tokens in `slots` of one layer's cache -> [*slots.shape, Hkv, D]."""
+        return cache.view(-1, self.num_kv_heads, self.head_dim)[slots].to(dtype)
+
+    # ---- telemetry -------------------------------------------------------------------------------
+
+    def _flush_step_stats(self) -> None:
+        step, self._step = self._step, None
+        if step is None or step.decode is None:
+            return
+        per_layer = (self.dense_layers * self.num_q_heads, self.num_layers_sparse * self.num_q_heads)
+        for sid, ctx in zip(step.decode.seq_ids, step.decode.ctx.tolist(), strict=True):
+            total = ctx * per_layer[0] + step.tokens_read.get(sid, 0.0)
+            self._stats.sparse_tokens_read.append(round(total / (per_layer[0] + per_layer[1])))
+        self._stats.sparse_recall_samples.extend(sum(r) / len(r) for r in step.recall.values())
+
+    @property
+    def num_layers_sparse(self) -> int:
+        return self.profile.num_layers - self.dense_layers
+
+    def drain_stats(self, stats: StepStats) -> None:
+        """Move the telemetry gathered since the last drain into `stats` (the runner calls this per step).
+
+        sparse_tokens_read: per decoding sequence and step, keys read per (layer, query head), averaged.
+        sparse_recall_samples: per sampled step and sequence, the dense attention mass the read keys hold,
+        averaged over sparse layers and heads. sparse_dense_fallbacks: sequences run dense in sparse mode.
+        """
+        self._flush_step_stats()
+        stats.sparse_recall_samples.extend(self._stats.sparse_recall_samples)
+        stats.sparse_tokens_read.extend(self._stats.sparse_tokens_read)
+        stats.sparse_dense_fallbacks += self._stats.sparse_dense_fallbacks
+        self._stats = StepStats()
+
+
+def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [T, H, G, D], k/v [L, H, D], mask [T, L] -> [T, H, G, D]."""
+    g = q.shape[2]
+    k = k.transpose(0, 1)[:, None].expand(-1, g, -1, -1)
+    v = v.transpose(0, 1)[:, None].expand(-1, g, -1, -1)
+    return F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k, v, attn_mask=mask).permute(2, 0, 1, 3)
+
+
+def _rows_of(meta: AttentionMetadata, index: list[int]) -> torch.Tensor:
+    starts = meta.query_start_loc.tolist()
+    return torch.cat([torch.arange(starts[i], starts[i + 1]) for i in index]).to(meta.query_start_loc.device)
+
+
+def _sub_meta(meta: AttentionMetadata, index: list[int]) -> AttentionMetadata:
+    """The metadata of a subset of the step's sequences (for handing them to the dense backend)."""
+    lens = [meta.query_lens[i] for i in index]
+    dev = meta.query_start_loc.device
+    rows = _rows_of(meta, index)
+    return AttentionMetadata(
+        seq_ids=[meta.seq_ids[i] for i in index], query_lens=lens,
+        context_lens=[meta.context_lens[i] for i in index],
+        query_start_loc=torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.long, device=dev),
+        context_lens_t=meta.context_lens_t[index], block_tables=meta.block_tables[index],
+        slot_mapping=meta.slot_mapping[rows], positions=meta.positions[rows],
+        modes=[meta.modes[i] for i in index] if meta.modes else [],
+        token_budgets=[meta.token_budgets[i] for i in index] if meta.token_budgets else [])
+
+
+def build_sparse_backend(pool: KVPool, args: EngineArgs, model_config) -> SparseBackend:
+    """The runner's entry point: resolve the head profile for the model, then build the backend."""
+    profile = resolve_profile(args.head_profile, model_config.name, model_config.num_layers,
+                              model_config.num_kv_heads, args.streaming_ratio)
+    return SparseBackend(pool, args, profile, model_config.num_heads, model_config.num_kv_heads)

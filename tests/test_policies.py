@@ -1,0 +1,65 @@
+"""Each selection policy returns distinct allowed units, best first, and finds a planted needle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attention.policies import POLICIES, SelectionRequest
+from kvcache.pool import KVCacheSpec, KVPool
+from kvcache.summaries import update_summaries
+
+SPEC = KVCacheSpec(num_layers=1, num_kv_heads=2, head_dim=16, page_size=32)
+CTX = 2048
+
+
+def _request(policy_name: str, needle: range, k: int, heads: int = 2) -> tuple[SelectionRequest, int]:
+    """One sequence of CTX random keys; keys in `needle` align with the query of every head."""
+    gen = torch.Generator().manual_seed(0)
+    pool = KVPool(SPEC, CTX // SPEC.page_size, torch.device("cpu"), with_summaries=True)
+    keys = torch.randn(CTX, SPEC.num_kv_heads, SPEC.head_dim, generator=gen) * 0.1
+    q = torch.randn(1, heads, 1, SPEC.head_dim, generator=gen)
+    keys[list(needle)] = q[0, :, 0] * 3
+    slots = torch.arange(CTX)
+    pool.write(0, keys, keys, slots)
+    update_summaries(pool, 0, slots)
+    policy = POLICIES[policy_name](sparse_page_size=64, summary_block=SPEC.summary_block)
+    num_units = CTX // policy.unit_tokens
+    allowed = torch.ones(1, num_units, dtype=torch.bool)
+    allowed[0, :1] = allowed[0, -2:] = False  # sink and recent units are the backend's
+    req = SelectionRequest(pool, 0, q, torch.arange(heads) % SPEC.num_kv_heads,
+                           torch.arange(CTX // SPEC.page_size)[None], torch.tensor([CTX]), allowed, k)
+    return req, policy.unit_tokens
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_selection_is_distinct_allowed_units_and_finds_the_needle(name: str):
+    needle = range(1200, 1328)  # two 64-token units, eight logical pages
+    req, unit = _request(name, needle, k=12)
+    units = POLICIES[name](64, 16).select(req)
+    assert units.shape == (1, 2, 12)
+    for head in units[0]:
+        assert len(set(head.tolist())) == 12
+        assert bool(req.allowed[0, head].all())
+        needle_units = set(range(needle.start // unit, needle.stop // unit))
+        assert needle_units & set(head.tolist())
+        if name != "hip":  # the bound never misses; HiP's probes may skip part of a wide needle
+            assert needle_units <= set(head.tolist())
+
+
+@pytest.mark.parametrize("name", ["quest", "hierarchical"])
+def test_bound_policies_rank_a_single_page_needle_first(name: str):
+    """The min/max bound sees one 16-token page of outliers; the needle's unit comes first."""
+    req, unit = _request(name, range(1616, 1632), k=4)
+    units = POLICIES[name](64, 16).select(req)
+    assert torch.all(units[0, :, 0] == 1616 // unit)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_fewer_allowed_units_than_k_pads_with_minus_one(name: str):
+    req, unit = _request(name, range(0), k=8)
+    req.allowed[:] = False
+    req.allowed[0, 5:8] = True
+    units = POLICIES[name](64, 16).select(req)
+    for head in units[0].tolist():
+        assert sorted(head[:3]) == [5, 6, 7] and head[3:] == [-1] * 5
