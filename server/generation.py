@@ -91,8 +91,9 @@ class Generation:
         finally:
             for pump in pumps:
                 pump.cancel()
-            for rid in self._unfinished:
+            for rid in self._unfinished:  # the reader left early: free the pages, count the aborts
                 self._spawn(self.engine.abort(rid))
+                self.metrics.request_success["abort"].inc(self.params.n)
 
     async def _pump(self, k: int, prompt: list[int], arrival: float) -> None:
         rid = f"{self.request_id}-{k}"
@@ -112,6 +113,7 @@ class Generation:
                     self._unfinished.discard(rid)
                     timer.on_finish(len(out.prompt_token_ids), generated, reasons, out.metrics)
         except Exception as err:  # handed to the reader, who turns it into one error response
+            self._unfinished.discard(rid)  # refused or failed by the engine: nothing left to abort
             self._queue.put_nowait(err)
             return
         self.usage.completion_tokens += generated

@@ -1,0 +1,89 @@
+"""A real `needle serve` in a subprocess on a free port, for the live server tests.
+
+Started through the CLI (the path users take) on the bundled model with small settings, once per
+test module: loading the model is the slow part.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "test-key"
+SMALL = ["--kv-cache-memory", "256MiB", "--attention", "dense", "--max-model-len", "1024"]
+
+
+@dataclass
+class LiveServer:
+    url: str
+    api_key: str
+    log: Path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """Every sample of /metrics, keyed by (name, sorted labels without model_name)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=30).text
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))
+                out[(s.name, labels)] = s.value
+        return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def run_server(*flags: str, load_timeout: float = 300.0) -> Iterator[LiveServer]:
+    port = free_port()
+    log = Path(tempfile.mkstemp(prefix="needle-serve-", suffix=".log")[1])
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--api-key", API_KEY, *flags]
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
+                                env={**os.environ, "NEEDLE_API_KEY": ""})
+    server = LiveServer(f"http://127.0.0.1:{port}", API_KEY, log)
+    try:
+        _wait_healthy(server, proc, load_timeout)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_healthy(server: LiveServer, proc: subprocess.Popen, timeout: float) -> None:
+    with httpx.Client(timeout=5) as client:
+        for _ in range(int(timeout / 0.25)):
+            if proc.poll() is not None:
+                raise RuntimeError(f"needle serve exited with {proc.returncode}:\n{server.log.read_text()}")
+            with contextlib.suppress(httpx.TransportError):
+                if client.get(f"{server.url}/health").status_code == 200:
+                    return
+            proc_wait(proc, 0.25)
+    raise RuntimeError(f"needle serve did not become healthy:\n{server.log.read_text()}")
+
+
+def proc_wait(proc: subprocess.Popen, seconds: float) -> None:
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=seconds)

@@ -1,0 +1,241 @@
+"""The live server against the official `openai` client and raw HTTP, on the real bundled model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from server_fixtures import SMALL, LiveServer, run_server
+
+# 16 batch slots and 4 queue slots: the concurrency test fits, the queue-full test can overflow it.
+FLAGS = [*SMALL, "--max-num-seqs", "16", "--max-queued-requests", "4", "--max-request-bytes", "64KiB"]
+ABORTS = ("needle:request_success_total", (("finished_reason", "abort"),))
+PROMPTS = [f"The number {i} is" for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def server() -> LiveServer:
+    with run_server(*FLAGS) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.api_key, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+def chat(client: openai.OpenAI, model: str, text: str, **kw) -> openai.types.chat.ChatCompletion:
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
+                                          temperature=0, **kw)
+
+
+def sse_events(response: httpx.Response) -> list:
+    """Every `data:` payload of an SSE body, JSON-decoded except the final [DONE]."""
+    events = []
+    for block in response.text.split("\n\n"):
+        if not block:
+            continue
+        assert block.startswith("data: "), block
+        data = block[len("data: "):]
+        events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def wait_for_aborts(server: LiveServer, count: float) -> None:
+    """The server notices hang-ups asynchronously; poll until it has counted them."""
+    for _ in range(600):
+        if server.metrics().get(ABORTS, 0) >= count:
+            return
+        time.sleep(0.05)
+    assert server.metrics().get(ABORTS, 0) >= count
+
+
+def test_models_version_health(server: LiveServer, client: openai.OpenAI, model: str) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == [model]
+    assert httpx.get(f"{server.url}/version", headers=server.headers).json()["version"]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_completion_length_and_usage(server: LiveServer, client: openai.OpenAI, model: str) -> None:
+    r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert r.object == "text_completion" and r.id and r.created and r.model == model
+    assert r.choices[0].finish_reason == "length"
+    count = httpx.post(f"{server.url}/tokenize", headers=server.headers,
+                       json={"prompt": "The capital of France is"}).json()["count"]
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (count, 6)
+    assert r.usage.total_tokens == count + 6
+
+
+def test_chat_and_streaming_agree(client: openai.OpenAI, model: str) -> None:
+    whole = chat(client, model, "Name three colours.", max_tokens=12)
+    assert whole.object == "chat.completion"
+    assert whole.choices[0].message.role == "assistant" and whole.choices[0].message.content
+    chunks = list(client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Name three colours."}], temperature=0,
+        max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    *body, usage_chunk = chunks
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == 12
+    assert all(c.usage is None for c in body)
+    assert "".join(c.choices[0].delta.content or "" for c in body) == whole.choices[0].message.content
+    assert body[-1].choices[0].finish_reason == whole.choices[0].finish_reason == "length"
+
+
+def test_completion_stream_raw_sse(server: LiveServer, client: openai.OpenAI, model: str) -> None:
+    whole = client.completions.create(model=model, prompt="Once upon a time", max_tokens=10, temperature=0)
+    r = httpx.post(f"{server.url}/v1/completions", headers=server.headers, timeout=60, json={
+        "model": model, "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0, "stream": True})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "text_completion" and "usage" not in c for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole.choices[0].text
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+
+
+def test_n_and_seed(client: openai.OpenAI, model: str) -> None:
+    def sample(seed: int) -> list[str]:
+        r = client.completions.create(model=model, prompt="My favourite animal is", max_tokens=8, n=2,
+                                      temperature=1.0, seed=seed)
+        assert sorted(c.index for c in r.choices) == [0, 1]
+        assert r.usage.completion_tokens <= 16
+        return [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+
+    assert sample(7) == sample(7)
+
+
+def test_stop_string(client: openai.OpenAI, model: str) -> None:
+    free = client.completions.create(model=model, prompt="Count: 1, 2, 3,", max_tokens=12, temperature=0)
+    text = free.choices[0].text
+    stop = text.strip()[2:4]
+    assert len(stop) == 2 and stop in text
+    stopped = client.completions.create(model=model, prompt="Count: 1, 2, 3,", max_tokens=12, temperature=0,
+                                        stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == text[:text.index(stop)]
+
+
+def test_logprobs(client: openai.OpenAI, model: str) -> None:
+    r = client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert "".join(lp.tokens) == r.choices[0].text
+    for sampled, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert sampled <= 0 and 1 <= len(top) <= 2
+        assert sampled == pytest.approx(max(top.values()))  # greedy picks the most likely token
+    c = chat(client, model, "Hi", max_tokens=3, logprobs=True, top_logprobs=2)
+    content = c.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+    assert "".join(t.token for t in content) == c.choices[0].message.content
+
+
+def test_echo(client: openai.OpenAI, model: str) -> None:
+    r = client.completions.create(model=model, prompt="Echo this", max_tokens=3, temperature=0, echo=True)
+    assert r.choices[0].text.startswith("Echo this") and len(r.choices[0].text) > len("Echo this")
+
+
+def test_token_id_prompts_and_tokenize_round_trip(server: LiveServer, client: openai.OpenAI,
+                                                  model: str) -> None:
+    tok = httpx.post(f"{server.url}/tokenize", headers=server.headers,
+                     json={"model": model, "prompt": "The sky is"}).json()
+    assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 1024
+    back = httpx.post(f"{server.url}/detokenize", headers=server.headers, json={"tokens": tok["tokens"]})
+    assert back.json() == {"prompt": "The sky is"}
+    by_text = client.completions.create(model=model, prompt="The sky is", max_tokens=5, temperature=0)
+    by_ids = client.completions.create(model=model, prompt=tok["tokens"], max_tokens=5, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    two = client.completions.create(model=model, prompt=[tok["tokens"], tok["tokens"]], max_tokens=5,
+                                    temperature=0)
+    assert [c.text for c in two.choices] == [by_text.choices[0].text] * 2
+    chat_tok = httpx.post(f"{server.url}/tokenize", headers=server.headers,
+                          json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat_tok["count"] > 1
+
+
+def test_concurrent_clients_get_their_solo_text(server: LiveServer, client: openai.OpenAI,
+                                                model: str) -> None:
+    solo = [client.completions.create(model=model, prompt=p, max_tokens=5, temperature=0).choices[0].text
+            for p in PROMPTS]
+
+    async def together() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=server.api_key,
+                                      max_retries=0) as aclient:
+            rs = await asyncio.gather(*[aclient.completions.create(
+                model=model, prompt=p, max_tokens=5, temperature=0) for p in PROMPTS])
+        return [r.choices[0].text for r in rs]
+
+    assert asyncio.run(together()) == solo
+
+
+def test_disconnect_frees_pages_and_server_keeps_serving(server: LiveServer, client: openai.OpenAI,
+                                                         model: str) -> None:
+    aborts = server.metrics().get(ABORTS, 0)
+    body = {"model": model, "prompt": "Tell me a long story.", "max_tokens": 500, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", headers=server.headers, json=body,
+                      timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")  # generation has started; now hang up
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
+        httpx.post(f"{server.url}/v1/completions", headers=server.headers, timeout=1.0,
+                   json={**body, "stream": False, "max_tokens": 1000})
+    wait_for_aborts(server, aborts + 2)
+    after = chat(client, model, "Say hi.", max_tokens=4)
+    assert after.choices[0].message.content
+    m = server.metrics()
+    assert m[("needle:kv_cache_usage_perc", ())] == 0
+    assert m[("needle:num_requests_running", ())] == 0
+
+
+def test_queue_full_gets_503_with_retry_after(server: LiveServer, model: str) -> None:
+    body = {"model": model, "prompt": "Go on and on.", "max_tokens": 400, "stream": True}
+    aborts = server.metrics().get(ABORTS, 0)
+
+    async def run() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=120) as http:
+            streams = []
+            try:
+                for _ in range(20):  # 16 batch slots + 4 queue slots
+                    cm = http.stream("POST", "/v1/completions", json=body)
+                    r = await cm.__aenter__()
+                    assert r.status_code == 200
+                    streams.append(cm)
+                return await http.post("/v1/completions", json={**body, "stream": False})
+            finally:
+                for cm in streams:
+                    await cm.__aexit__(None, None, None)
+
+    r = asyncio.run(run())
+    wait_for_aborts(server, aborts + 20)
+    assert r.status_code == 503 and r.headers["retry-after"]
+    assert r.json()["error"]["code"] == "server_busy"
+
+
+def test_metrics_move(server: LiveServer, client: openai.OpenAI, model: str) -> None:
+    before = server.metrics()
+    client.completions.create(model=model, prompt="Metrics test", max_tokens=3, temperature=0)
+    after = server.metrics()
+
+    def delta(name: str, labels: tuple = ()) -> float:
+        return after.get((name, labels), 0) - before.get((name, labels), 0)
+
+    assert delta("needle:request_success_total", (("finished_reason", "length"),)) == 1
+    assert delta("needle:e2e_request_latency_seconds_count") == 1
+    assert delta("needle:time_to_first_token_seconds_count") == 1
+    assert delta("needle:inter_token_latency_seconds_count") == 2
+    assert delta("needle:request_generation_tokens_sum") == 3
+    assert delta("needle:request_queue_time_seconds_count") == 1
+    assert delta("needle:generation_tokens_total") >= 3
+    assert delta("needle:prompt_tokens_total") >= 1
+    assert delta("needle:iteration_tokens_total_count") >= 3
