@@ -239,3 +239,81 @@ def test_metrics_move(server: LiveServer, client: openai.OpenAI, model: str) -> 
     assert delta("needle:generation_tokens_total") >= 3
     assert delta("needle:prompt_tokens_total") >= 1
     assert delta("needle:iteration_tokens_total_count") >= 3
+
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+USER = [{"role": "user", "content": "hi"}]
+ERROR_CASES = [
+    # (path, body, status, param)
+    (COMPLETIONS, {"prompt": "x", "model": "no-such-model"}, 404, "model"),
+    (COMPLETIONS, {"prompt": "x", "temperature": -1}, 400, "temperature"),
+    (COMPLETIONS, {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    (COMPLETIONS, {"prompt": "x", "top_p": 0}, 400, "top_p"),
+    (COMPLETIONS, {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    (COMPLETIONS, {"prompt": "x", "n": 0}, 400, "n"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    (COMPLETIONS, {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    (COMPLETIONS, {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    (COMPLETIONS, {"prompt": "x", "logit_bias": {"token": 1}}, 400, "logit_bias"),
+    (COMPLETIONS, {"prompt": "x", "attention": {"mode": "fuzzy"}}, 400, "attention.mode"),
+    (COMPLETIONS, {"prompt": ""}, 400, "prompt"),
+    (COMPLETIONS, {"prompt": []}, 400, "prompt"),
+    (COMPLETIONS, {"prompt": [10**9]}, 400, "prompt"),
+    (COMPLETIONS, {"max_tokens": 2}, 400, "prompt"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 5000}, 400, "messages"),
+    (CHAT, {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),
+    (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    (CHAT, {"messages": USER, "max_completion_tokens": 0}, 400, "max_tokens"),
+    (CHAT, {"messages": []}, 400, "messages"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
+     "messages"),
+    (CHAT, {"messages": [{"content": "no role"}]}, 400, "messages.0.role"),
+    ("/tokenize", {"prompt": "x", "messages": USER}, 400, "prompt"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), ERROR_CASES,
+                         ids=[f"{p}-{json.dumps(b)[:40]}" for p, b, _, _ in ERROR_CASES])
+def test_invalid_requests(server: LiveServer, path: str, body: dict, status: int, param: str) -> None:
+    r = httpx.post(f"{server.url}{path}", headers=server.headers, json=body, timeout=60)
+    err = error_of(r, status)
+    assert err["param"] == param, err
+
+
+def error_of(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def test_transport_level_errors(server: LiveServer) -> None:
+    url = f"{server.url}{COMPLETIONS}"
+    error_of(httpx.post(url, json={"prompt": "x"}), 401)
+    error_of(httpx.post(url, json={"prompt": "x"}, headers={"Authorization": "Bearer nope"}), 401)
+    error_of(httpx.post(url, content=b'{"prompt": ', headers=server.headers), 400)
+    error_of(httpx.post(url, json=["not", "an", "object"], headers=server.headers), 400)
+    error_of(httpx.post(url, json={"prompt": "x" * 70_000}, headers=server.headers), 413)
+    error_of(httpx.get(url, headers=server.headers), 405)
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert httpx.get(f"{server.url}/metrics").status_code == 200
+
+
+def test_context_overflow_message(server: LiveServer, model: str) -> None:
+    prompt = "hello " * 1100
+    tok = httpx.post(f"{server.url}/tokenize", headers=server.headers, json={"prompt": prompt})
+    count = tok.json()["count"]
+    r = httpx.post(f"{server.url}{COMPLETIONS}", headers=server.headers,
+                   json={"model": model, "prompt": prompt, "max_tokens": 7})
+    assert error_of(r, 400)["message"] == (
+        f"This model's maximum context length is 1024 tokens. However, you requested {count + 7} tokens "
+        f"({count} in the messages, 7 in the completion). Please reduce the length of the messages or "
+        "completion.")
+
+
+def test_unknown_fields_are_ignored(client: openai.OpenAI, model: str) -> None:
+    r = client.completions.create(model=model, prompt="Hi", max_tokens=2, temperature=0,
+                                  extra_body={"no_such_field": {"deep": [1, 2]}, "best_of": 1})
+    assert r.choices[0].text
