@@ -1,0 +1,139 @@
+"""Page scoring (Quest's upper bound) and top-k unit selection for retrieval heads.
+
+Scoring: one program per (sequence, KV head, run of units) loads each logical page's kmin/kmax once for
+all G query heads of the group and computes sum_c max(q_c*kmin_c, q_c*kmax_c) as two tensor-core dots,
+relu(q).kmax + min(q, 0).kmin (exact: the products are the same). A unit of `unit_tokens` scores as the
+max of its logical pages (LServe's hierarchical paging; unit = one logical page is flat Quest), and with
+a shared selection as the max over the group's query heads too.
+
+Selection: one program per (sequence, selector row) holds the row's scores in registers, finds the k-th
+largest by bisection on the float bits (32 passes of a count), and compacts the winners in ascending unit
+order with a prefix sum: no sort. Ties at the threshold go to the lower units. Only `allowed` units
+compete; fewer than k allowed leaves -1 padding. References: reference.page_scores_ref / select_units_ref.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attention.kernels import HAS_TRITON, tl, triton
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _score_kernel(q_ptr, kmin_ptr, kmax_ptr, bt_ptr, ctx_ptr, out_ptr, bt_stride, num_units,
+                      HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
+                      SB: tl.constexpr, UB: tl.constexpr, UPP: tl.constexpr, GP: tl.constexpr,
+                      SHARED: tl.constexpr):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        chunk = tl.program_id(2)
+        G: tl.constexpr = HQ // HKV
+        NB: tl.constexpr = PS // SB
+        ctx = tl.load(ctx_ptr + b)
+        g = tl.arange(0, GP)
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + (b * HQ + kvh * G + g)[:, None] * D + d[None, :], mask=(g < G)[:, None],
+                    other=0.0)
+        qpos = tl.maximum(q, 0.0).to(kmax_ptr.dtype.element_ty)
+        qneg = tl.minimum(q, 0.0).to(kmin_ptr.dtype.element_ty)
+        j = chunk * (UPP * UB) + tl.arange(0, UPP * UB)  # logical pages of this program
+        start = j * SB
+        valid = start < ctx
+        page = tl.load(bt_ptr + b * bt_stride + start // PS, mask=valid, other=0).to(tl.int64)
+        off = ((page * NB + (start % PS) // SB) * HKV + kvh) * D
+        mx = tl.load(kmax_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        mn = tl.load(kmin_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        s = tl.dot(qpos, tl.trans(mx)) + tl.dot(qneg, tl.trans(mn))  # [GP, UPP*UB]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        s = tl.max(tl.reshape(s, [GP, UPP, UB]), 2)  # [GP, UPP]
+        u = chunk * UPP + tl.arange(0, UPP)
+        if SHARED:
+            s = tl.max(tl.where((g < G)[:, None], s, float("-inf")), 0)
+            tl.store(out_ptr + (b * HKV + kvh) * num_units + u, s, mask=u < num_units)
+        else:
+            rows = b * HQ + kvh * G + g
+            tl.store(out_ptr + rows[:, None] * num_units + u[None, :], s,
+                     mask=(g < G)[:, None] & (u < num_units)[None, :])
+
+    @triton.jit
+    def _topk_kernel(score_ptr, allowed_ptr, out_ptr, num_units, k, R,
+                     NUP: tl.constexpr, KP: tl.constexpr):
+        b = tl.program_id(0)
+        r = tl.program_id(1)
+        u = tl.arange(0, NUP)
+        inside = u < num_units
+        x = tl.load(score_ptr + (b * R + r) * num_units + u, mask=inside, other=float("-inf"))
+        ok = tl.load(allowed_ptr + b * num_units + u, mask=inside, other=0) != 0
+        valid = ok & (x > float("-inf"))
+        bits = x.to(tl.int32, bitcast=True)
+        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # ordered like the floats
+        n_valid = tl.sum(valid.to(tl.int32), 0)
+        lo = tl.full([], -2147483648, tl.int64)  # count(key >= lo) >= k, count(key >= hi) < k
+        hi = tl.full([], 2147483648, tl.int64)
+        for _ in range(32):
+            mid = (lo + hi) >> 1
+            cnt = tl.sum((valid & (key >= mid)).to(tl.int32), 0)
+            lo = tl.where(cnt >= k, mid, lo)
+            hi = tl.where(cnt >= k, hi, mid)
+        gt = valid & (key > lo)
+        eq = valid & (key == lo)
+        room = k - tl.sum(gt.to(tl.int32), 0)
+        sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= room))
+        sel = tl.where(n_valid <= k, valid, sel)
+        pos = tl.cumsum(sel.to(tl.int32), 0) - 1
+        base = out_ptr + (b * R + r) * k
+        tl.store(base + pos, u, mask=sel)
+        n_sel = tl.sum(sel.to(tl.int32), 0)
+        j = tl.arange(0, KP)
+        tl.store(base + j, tl.full([KP], -1, tl.int32), mask=(j >= n_sel) & (j < k))
+
+
+def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_tables: torch.Tensor,
+                context_lens: torch.Tensor, *, page_size: int, unit_tokens: int, shared: bool,
+                units_per_program: int = 16) -> torch.Tensor:
+    """q [B, Hq, D]; one layer's kmin/kmax [pages, page_size // sb, Hkv, D] -> unit scores [B, R, U]
+    float32 (R = Hkv if shared else Hq, U = block-table width * page_size // unit_tokens), -inf past the
+    context."""
+    b, hq, d = q.shape
+    _, nb, hkv, _ = kmin.shape
+    sb = page_size // nb
+    num_units = block_tables.shape[1] * page_size // unit_tokens
+    rows = hkv if shared else hq
+    out = torch.empty(b, rows, num_units, dtype=torch.float32, device=q.device)
+    ub = unit_tokens // sb
+    upp = max(1, min(units_per_program, 128 // ub))
+    grid = (b, hkv, triton.cdiv(num_units, upp))
+    _score_kernel[grid](q.contiguous(), kmin, kmax, block_tables, context_lens, out, block_tables.stride(0),
+                        num_units, HQ=hq, HKV=hkv, D=d, PS=page_size, SB=sb, UB=ub, UPP=upp,
+                        GP=max(16, triton.next_power_of_2(hq // hkv)), SHARED=shared, num_warps=4)
+    return out
+
+
+def top_units(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [B, R, U] float32, allowed [B, U] bool -> [B, R, k] int32 chosen units, ascending, -1 padded."""
+    b, r, nu = scores.shape
+    out = torch.empty(b, r, k, dtype=torch.int32, device=scores.device)
+    nup = triton.next_power_of_2(nu)
+    _topk_kernel[(b, r)](scores, allowed.to(torch.int8), out, nu, k, r, NUP=nup,
+                         KP=triton.next_power_of_2(k), num_warps=min(16, max(4, nup // 512)))
+    return out
+
+
+def select_units(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, allowed: torch.Tensor, k: int, *, page_size: int,
+                 unit_tokens: int, shared: bool) -> torch.Tensor:
+    """Score and pick: -> [B, R, k] int32 units per selector row (two launches, no host sync)."""
+    scores = page_scores(q, kmin, kmax, block_tables, context_lens, page_size=page_size,
+                         unit_tokens=unit_tokens, shared=shared)
+    return top_units(scores, allowed[:, : scores.shape[2]], k)
+
+
+def allowed_units(context_lens: torch.Tensor, num_units: int, unit_tokens: int, sink: int,
+                  recent: int) -> torch.Tensor:
+    """[B, U] bool: units holding at least one token outside the always-read sink and recent ranges."""
+    u = torch.arange(num_units, device=context_lens.device)[None, :]
+    ctx = context_lens.long()[:, None]
+    first = u * unit_tokens
+    last = torch.minimum(first + unit_tokens, ctx)  # exclusive
+    return torch.clamp(first, min=sink) < torch.minimum(last, ctx - recent)

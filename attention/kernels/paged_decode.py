@@ -1,0 +1,178 @@
+"""Paged decode attention, split over the context (flash-decoding), dense or sparse, in one kernel.
+
+A program owns one (sequence, row, split). A row is the set of query heads that read the same tokens:
+a whole GQA group for dense attention, streaming heads and group-shared selections (each KV page is then
+loaded once for all G query heads, scored with one tensor-core dot), or a single query head when every
+query head picks its own units. The tokens a row reads are a list of `unit_tokens`-token units:
+    fixed units  - the sink [0, sink) and the recent tokens [ctx - recent, ctx) (dense: all of them);
+    chosen units - retrieval rows only: units[b, row, :], -1 padded, tokens outside the fixed ranges.
+Streaming KV heads use (stream_sink, stream_local) as their fixed ranges and choose nothing. Splits
+divide a row's unit list evenly; a second kernel merges the splits by their log-sum-exp. Shapes depend
+only on the batch size and the block-table width, so both kernels can be captured in a CUDA graph.
+Reference: reference.paged_decode_ref.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from attention.kernels import HAS_TRITON, tl, triton
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, units_ptr, stream_ptr, o_ptr, lse_ptr,
+                             qk_scale, bt_stride, u_stride_b, u_stride_r, k_sel,
+                             sink, recent, stream_sink, stream_local,
+                             HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
+                             QPR: tl.constexpr, GP: tl.constexpr, UT: tl.constexpr, S: tl.constexpr,
+                             SPARSE: tl.constexpr):
+        b = tl.program_id(0)
+        row = tl.program_id(1)
+        split = tl.program_id(2)
+        kvh = row * QPR // (HQ // HKV)
+        ctx = tl.load(ctx_ptr + b).to(tl.int32)
+        if SPARSE:
+            streaming = tl.load(stream_ptr + kvh) != 0
+            sk = tl.where(streaming, stream_sink, sink)
+            rc = tl.where(streaming, stream_local, recent)
+            nsel = tl.where(streaming, 0, k_sel)
+        else:
+            sk = 0
+            rc = ctx
+            nsel = 0
+        rec_start = tl.maximum(ctx - rc, 0)
+        last_u = tl.cdiv(ctx, UT)
+        n_sink_u = tl.minimum(tl.cdiv(sk, UT), last_u)
+        first_rec_u = tl.maximum(rec_start // UT, n_sink_u)
+        n_fixed = n_sink_u + tl.maximum(last_u - first_rec_u, 0)
+        n_units = n_fixed + nsel
+        per = tl.cdiv(n_units, S)
+        lo = split * per
+        hi = tl.minimum(lo + per, n_units)
+
+        g = tl.arange(0, GP)
+        d = tl.arange(0, D)
+        n = tl.arange(0, UT)
+        heads = row * QPR + g
+        q = tl.load(q_ptr + (b * HQ + heads)[:, None] * D + d[None, :], mask=(g < QPR)[:, None], other=0.0)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        for i in range(lo, hi):
+            u = tl.where(i < n_sink_u, i, first_rec_u + i - n_sink_u)
+            pos = u * UT + n
+            fixed = (pos < sk) | (pos >= rec_start)
+            if SPARSE:
+                chosen = i >= n_fixed
+                uc = tl.load(units_ptr + b * u_stride_b + row * u_stride_r + (i - n_fixed), mask=chosen,
+                             other=-1)
+                u = tl.where(chosen, uc, u)
+                pos = u * UT + n
+                fixed = (pos < sk) | (pos >= rec_start)
+                valid = (pos < ctx) & (u >= 0) & (fixed != chosen)
+            else:
+                valid = pos < ctx
+            page = tl.load(bt_ptr + b * bt_stride + pos // PS, mask=valid, other=0).to(tl.int64)
+            off = ((page * PS + pos % PS) * HKV + kvh) * D
+            k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        ok = l_i > 0
+        out = acc / tl.where(ok, l_i, 1.0)[:, None]
+        lse = tl.where(ok, m_i + tl.log2(tl.where(ok, l_i, 1.0)), float("-inf"))
+        part = (b * HQ + heads) * S + split
+        tl.store(o_ptr + part[:, None] * D + d[None, :], out, mask=(g < QPR)[:, None])
+        tl.store(lse_ptr + part, lse, mask=g < QPR)
+
+    @triton.jit
+    def _combine_kernel(o_ptr, lse_ptr, out_ptr, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr):
+        bh = tl.program_id(0)
+        s = tl.arange(0, SP)
+        d = tl.arange(0, D)
+        lse = tl.load(lse_ptr + bh * S + s, mask=s < S, other=float("-inf"))
+        m = tl.max(lse, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp2(lse - m)
+        o = tl.load(o_ptr + (bh * S + s)[:, None] * D + d[None, :], mask=(s < S)[:, None], other=0.0)
+        tot = tl.sum(w, 0)
+        out = tl.sum(w[:, None] * o, 0) / tl.where(tot > 0, tot, 1.0)
+        tl.store(out_ptr + bh * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def choose_splits(batch: int, rows: int, max_units: int, device: torch.device) -> int:
+    """Enough programs for ~4 waves of the multiprocessors, never more splits than units."""
+    if device.type != "cuda":  # Triton's interpreter, in tests
+        return max(1, min(max_units, 4))
+    target = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(max_units, triton.cdiv(target, max(1, batch * rows)), 256))
+
+
+def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, *, qpr, units, streaming_kv, sink,
+            recent, stream_sink, stream_local, unit_tokens, max_units, num_splits, num_warps, num_stages):
+    b, hq, d = q.shape
+    _, ps, hkv, _ = k_cache.shape
+    rows = hq // qpr
+    s = num_splits or choose_splits(b, rows, max_units, q.device)
+    o_part = torch.empty(b, hq, s, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    sparse = units is not None
+    dummy = context_lens
+    _decode_split_kernel[(b, rows, s)](
+        q.contiguous(), k_cache, v_cache, block_tables, context_lens,
+        units if sparse else dummy, streaming_kv if sparse else dummy, o_part, lse,
+        scale * 1.4426950408889634, block_tables.stride(0),
+        units.stride(0) if sparse else 0, units.stride(1) if sparse else 0,
+        units.shape[2] if sparse else 0, sink, recent, stream_sink, stream_local,
+        HQ=hq, HKV=hkv, D=d, PS=ps, QPR=qpr, GP=max(16, triton.next_power_of_2(qpr)), UT=unit_tokens, S=s,
+        SPARSE=sparse, num_warps=num_warps, num_stages=num_stages)
+    _combine_kernel[(b * hq,)](o_part, lse, out, S=s, SP=triton.next_power_of_2(s), D=d, num_warps=4)
+    return out
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float | None = None, *, block_n: int = 64,
+                 num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """Dense decode. q [B, Hq, D]; one layer's k/v_cache [pages, page_size, Hkv, D]; block_tables [B, P]
+    int32; context_lens [B] int32 (0 = padded row, output 0) -> [B, Hq, D]."""
+    hq, d = q.shape[1], q.shape[2]
+    g = hq // k_cache.shape[2]
+    max_units = triton.cdiv(block_tables.shape[1] * k_cache.shape[1], block_n)
+    return _launch(q, k_cache, v_cache, block_tables, context_lens, scale or 1.0 / math.sqrt(d), qpr=g,
+                   units=None, streaming_kv=None, sink=0, recent=0, stream_sink=0, stream_local=0,
+                   unit_tokens=block_n, max_units=max_units, num_splits=num_splits, num_warps=num_warps,
+                   num_stages=num_stages)
+
+
+def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  context_lens: torch.Tensor, units: torch.Tensor, streaming_kv: torch.Tensor, *,
+                  unit_tokens: int, sink: int, recent: int, stream_sink: int, stream_local: int,
+                  scale: float | None = None, num_splits: int | None = None, num_warps: int = 4,
+                  num_stages: int = 2) -> torch.Tensor:
+    """Sparse decode. units [B, R, K] int32 chosen units per selector row (R = Hq: per query head;
+    R = Hkv: shared by a GQA group), -1 padded; streaming_kv [Hkv] int32 (1 = streaming head)."""
+    hq, d = q.shape[1], q.shape[2]
+    qpr = hq // units.shape[1]
+    max_units = (triton.cdiv(max(sink, stream_sink), unit_tokens) + triton.cdiv(max(recent, stream_local),
+                 unit_tokens) + 1 + units.shape[2])
+    return _launch(q, k_cache, v_cache, block_tables, context_lens, scale or 1.0 / math.sqrt(d), qpr=qpr,
+                   units=units, streaming_kv=streaming_kv, sink=sink, recent=recent, stream_sink=stream_sink,
+                   stream_local=stream_local, unit_tokens=unit_tokens, max_units=max_units,
+                   num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)

@@ -1,0 +1,145 @@
+"""Plain-torch references for every kernel in this package: slow, obvious, and the tests' ground truth.
+
+Shapes follow attention/base.py: one layer's cache is k, v [pages, page_size, Hkv, D] and
+kmin, kmax [pages, page_size // summary_block, Hkv, D]; a sequence's token at position p lives in
+page block_tables[b, p // page_size], row p % page_size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def kv_append_ref(k_cache, v_cache, kmin, kmax, k, v, slot_mapping, summary_block: int) -> None:
+    """Store k, v [T, Hkv, D] at their flat slots (slot < 0: skip) and make every touched logical page's
+    kmin/kmax the exact min/max over its rows 0..last row written (older rows stay, later rows of a reused
+    page are ignored)."""
+    keep = slot_mapping >= 0
+    slots, k, v = slot_mapping[keep], k[keep], v[keep]
+    hkv, d = k_cache.shape[-2], k_cache.shape[-1]
+    k_cache.view(-1, hkv, d)[slots] = k.to(k_cache.dtype)
+    v_cache.view(-1, hkv, d)[slots] = v.to(v_cache.dtype)
+    if kmin is None or slots.numel() == 0:
+        return
+    sb = summary_block
+    touched, inverse = torch.unique(slots // sb, return_inverse=True)
+    last = torch.full_like(touched, -1).scatter_reduce_(0, inverse, slots % sb, reduce="amax")
+    rows = k_cache.view(-1, sb, hkv, d)[touched]
+    valid = (torch.arange(sb, device=rows.device)[None, :] <= last[:, None])[:, :, None, None]
+    inf = torch.tensor(float("inf"), dtype=rows.dtype, device=rows.device)
+    kmin.view(-1, hkv, d)[touched] = torch.where(valid, rows, inf).amin(dim=1)
+    kmax.view(-1, hkv, d)[touched] = torch.where(valid, rows, -inf).amax(dim=1)
+
+
+def gather_tokens(cache: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """cache [pages, page_size, Hkv, D], positions [N] of one sequence -> [N, Hkv, D]."""
+    ps = cache.shape[1]
+    pages = block_table.long()[positions // ps]
+    return cache[pages, positions % ps]
+
+
+def decode_token_mask(ctx: int, *, streaming: bool, sink: int, recent: int, units: torch.Tensor | None,
+                      unit_tokens: int, device) -> torch.Tensor:
+    """[ctx] bool: the tokens one head reads at decode. Every head reads its sinks [0, sink) and recent
+    tokens [ctx - recent, ctx); a retrieval head also reads the tokens of its selected units (-1 = none)."""
+    pos = torch.arange(ctx, device=device)
+    mask = (pos < sink) | (pos >= ctx - recent)
+    if not streaming and units is not None:
+        u = units[units >= 0].long()
+        picked = torch.zeros(ctx, dtype=torch.bool, device=device)
+        if u.numel():
+            tok = (u[:, None] * unit_tokens + torch.arange(unit_tokens, device=device)[None, :]).flatten()
+            picked[tok[tok < ctx]] = True
+        mask |= picked
+    return mask
+
+
+def paged_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale: float, *,
+                     streaming_kv: torch.Tensor | None = None, sink: int = 0, recent: int | None = None,
+                     stream_sink: int = 0, stream_local: int = 0, units: torch.Tensor | None = None,
+                     unit_tokens: int = 64) -> torch.Tensor:
+    """Decode attention for one new token per sequence, float64. q [B, Hq, D] -> [B, Hq, D].
+
+    Dense when recent is None. Sparse otherwise: streaming KV heads (streaming_kv [Hkv] bool) read
+    [0, stream_sink) + the last stream_local tokens; retrieval heads read [0, sink) + the last `recent`
+    tokens + their selected units (units [B, R, K], R = Hq or Hkv selector rows, -1 padded)."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    g = hq // hkv
+    out = torch.zeros(b, hq, d, dtype=torch.float64, device=q.device)
+    for i in range(b):
+        n = int(context_lens[i])
+        if n == 0:
+            continue
+        pos = torch.arange(n, device=q.device)
+        ks = gather_tokens(k_cache, block_tables[i], pos).double()
+        vs = gather_tokens(v_cache, block_tables[i], pos).double()
+        for h in range(hq):
+            kvh = h // g
+            if recent is None:
+                mask = torch.ones(n, dtype=torch.bool, device=q.device)
+            elif streaming_kv is not None and bool(streaming_kv[kvh]):
+                mask = decode_token_mask(n, streaming=True, sink=stream_sink, recent=stream_local,
+                                         units=None, unit_tokens=unit_tokens, device=q.device)
+            else:
+                row = h if units.shape[1] == hq else kvh
+                mask = decode_token_mask(n, streaming=False, sink=sink, recent=recent, units=units[i, row],
+                                         unit_tokens=unit_tokens, device=q.device)
+            s = (ks[mask, kvh] @ q[i, h].double()) * scale
+            out[i, h] = torch.softmax(s, 0) @ vs[mask, kvh]
+    return out
+
+
+def page_scores_ref(q, kmin, kmax, block_tables, context_lens, summary_block: int, unit_tokens: int, *,
+                    shared: bool) -> torch.Tensor:
+    """Quest bound sum_c max(q_c*kmin_c, q_c*kmax_c) per logical page, max over the logical pages of each
+    unit (and over the q heads of a GQA group when shared) -> [B, R, U] float32 (R = Hkv when shared else
+    Hq; U = max_pages * page_size // unit_tokens), -inf for units past the context. q [B, Hq, D]."""
+    b, hq, d = q.shape
+    _, nblk, hkv, _ = kmin.shape
+    g = hq // hkv
+    pages = block_tables.long()
+    mx = kmax[pages].reshape(b, -1, hkv, d).float()  # [B, L, Hkv, D], L logical pages
+    mn = kmin[pages].reshape(b, -1, hkv, d).float()
+    qf = q.float().view(b, hkv, g, d)
+    bound = (torch.einsum("bhgd,blhd->bhgl", qf.clamp(min=0), mx)
+             + torch.einsum("bhgd,blhd->bhgl", qf.clamp(max=0), mn))  # [B, Hkv, G, L]
+    nl = bound.shape[-1]
+    start = torch.arange(nl, device=q.device) * summary_block
+    bound = bound.masked_fill(start >= context_lens.view(-1, 1, 1, 1).long(), float("-inf"))
+    per_unit = unit_tokens // summary_block
+    nu = nl // per_unit
+    bound = bound[..., : nu * per_unit].reshape(b, hkv, g, nu, per_unit).amax(-1)
+    if shared:
+        return bound.amax(2)
+    return bound.reshape(b, hkv * g, nu)
+
+
+def select_units_ref(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """Top k allowed units of scores [B, R, U] -> [B, R, k] int32 in ascending unit order, -1 padded."""
+    s = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+    kk = min(k, s.shape[-1])
+    vals, idx = s.topk(kk, dim=-1)
+    idx = idx.masked_fill(~allowed.gather(1, idx.flatten(1)).view_as(idx), -1)
+    idx = torch.where(idx < 0, torch.iinfo(torch.int32).max, idx).sort(-1).values
+    idx = torch.where(idx == torch.iinfo(torch.int32).max, -1, idx)
+    return torch.nn.functional.pad(idx, (0, k - kk), value=-1).int()
+
+
+def prefill_ref(q, k, v, scale: float, *, q_offset: int, sink: int | None = None,
+                local: int | None = None) -> torch.Tensor:
+    """Causal attention of q [Lq, Hq, D] at positions q_offset.. over k, v [Lk, Hkv, D] (positions 0..),
+    float64; with sink/local a query at p reads keys j <= p with j < sink or j > p - local."""
+    lq, hq, d = q.shape
+    lk, hkv, _ = k.shape
+    g = hq // hkv
+    qp = torch.arange(lq, device=q.device)[:, None] + q_offset
+    kp = torch.arange(lk, device=q.device)[None, :]
+    mask = kp <= qp
+    if sink is not None:
+        mask &= (kp < sink) | (kp > qp - local)
+    kk = k.double().repeat_interleave(g, 1).transpose(0, 1)
+    vv = v.double().repeat_interleave(g, 1).transpose(0, 1)
+    s = (q.double().transpose(0, 1) @ kk.transpose(1, 2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(s, -1) @ vv).transpose(0, 1)

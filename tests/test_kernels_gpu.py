@@ -1,0 +1,204 @@
+"""Triton kernels against their torch references on fresh random inputs.
+
+Marked `gpu`: they run on CUDA and are skipped elsewhere; with TRITON_INTERPRET=1 and Triton installed
+they also run on the CPU through Triton's interpreter (slow, for debugging without a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from attention.kernels import HAS_TRITON
+from attention.kernels import reference as ref
+
+pytestmark = pytest.mark.gpu
+
+if torch.cuda.is_available() and HAS_TRITON:
+    DEVICE = "cuda"
+elif HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+    DEVICE = "cpu"
+else:
+    DEVICE = None
+needs_kernels = pytest.mark.skipif(DEVICE is None, reason="needs CUDA + Triton (or TRITON_INTERPRET=1)")
+
+
+def rel_err(out, want):
+    out, want = out.double(), want.double()
+    assert torch.isfinite(out).all()
+    return ((out - want).norm() / want.norm().clamp_min(1e-12)).item()
+
+
+def random_tables(lens, page_size, num_pages, gen):
+    """Each sequence gets distinct random pages (page 0 stays unused, as a padding target)."""
+    need = [math.ceil(n / page_size) for n in lens]
+    perm = torch.randperm(num_pages - 1, generator=gen)[: sum(need)] + 1
+    width = max(max(need), 1) + 2  # padded wider than needed
+    bt = torch.zeros(len(lens), width, dtype=torch.int32)
+    i = 0
+    for b, n in enumerate(need):
+        bt[b, :n] = perm[i:i + n]
+        i += n
+    return bt
+
+
+def slots_for(bt, starts, ends, page_size):
+    out = []
+    for b, (s, e) in enumerate(zip(starts, ends, strict=True)):
+        pos = torch.arange(s, e)
+        out.append(bt[b].long()[pos // page_size] * page_size + pos % page_size)
+    return torch.cat(out)
+
+
+def make_cache(num_pages, page_size, hkv, d, dtype, gen, sb=16):
+    k = torch.randn(num_pages, page_size, hkv, d, generator=gen).to(dtype)
+    v = torch.randn(num_pages, page_size, hkv, d, generator=gen).to(dtype)
+    kmin = torch.randn(num_pages, page_size // sb, hkv, d, generator=gen).to(dtype)  # stale junk
+    kmax = torch.randn(num_pages, page_size // sb, hkv, d, generator=gen).to(dtype)
+    return [t.to(DEVICE) for t in (k, v, kmin, kmax)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("page_size,hkv,d,dtype", [(16, 8, 128, torch.bfloat16), (64, 3, 64, torch.float16),
+                                                   (32, 1, 128, torch.bfloat16)])
+def test_kv_append_matches_reference(page_size, hkv, d, dtype):
+    from attention.kernels.kv_append import kv_append
+
+    gen = torch.Generator().manual_seed(1)
+    lens = [1, 17, 70, 33]
+    bt = random_tables([n + 40 for n in lens], page_size, 64, gen)
+    cache = make_cache(64, page_size, hkv, d, dtype, gen)
+    mine = [t.clone() for t in cache]
+    steps = [([0] * 4, lens), (lens, [n + 1 for n in lens]), ([n + 1 for n in lens], [n + 9 for n in lens])]
+    for starts, ends in steps:  # prefill chunk, one decode token, an 8-token chunk crossing pages
+        slots = slots_for(bt, starts, ends, page_size).to(DEVICE)
+        slots = torch.cat([slots, torch.full((2,), -1, device=DEVICE)])  # padded rows are skipped
+        t = slots.numel()
+        k = torch.randn(t, hkv, d, generator=gen).to(dtype).to(DEVICE)
+        v = torch.randn(t, hkv, d, generator=gen).to(dtype).to(DEVICE)
+        ref.kv_append_ref(*cache, k, v, slots, 16)
+        kv_append(*mine, k, v, slots, 16)
+        for got, want in zip(mine, cache, strict=True):
+            assert torch.equal(got, want)
+
+
+def _decode_case(gen, hq, hkv, d, dtype, lens, page_size=16):
+    bt = random_tables(lens, page_size, 256, gen).to(DEVICE)
+    k, v, kmin, kmax = make_cache(256, page_size, hkv, d, dtype, gen)
+    q = torch.randn(len(lens), hq, d, generator=gen).to(dtype).to(DEVICE)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    return q, k, v, kmin, kmax, bt, ctx
+
+
+@needs_kernels
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (16, 2)])  # GQA ratios 1, 4, 8
+@pytest.mark.parametrize("d,dtype", [(64, torch.float16), (128, torch.bfloat16)])
+@pytest.mark.parametrize("splits", [None, 3])
+def test_paged_decode_matches_reference(hq, hkv, d, dtype, splits):
+    from attention.kernels.paged_decode import paged_decode
+
+    gen = torch.Generator().manual_seed(hq * d + (splits or 0))
+    lens = [1, 45, 300, 0, 129]  # partial last pages, an empty (padded) row
+    q, k, v, _, _, bt, ctx = _decode_case(gen, hq, hkv, d, dtype, lens)
+    scale = d ** -0.5
+    out = paged_decode(q, k, v, bt, ctx, scale, num_splits=splits)
+    want = ref.paged_decode_ref(q, k, v, bt, ctx, scale)
+    assert rel_err(out, want) < 1e-2
+    assert torch.all(out[3] == 0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("hq,hkv,shared", [(8, 2, False), (8, 2, True), (8, 8, False), (16, 2, False)])
+@pytest.mark.parametrize("d,dtype", [(64, torch.float16), (128, torch.bfloat16)])
+def test_sparse_decode_matches_reference(hq, hkv, shared, d, dtype):
+    from attention.kernels.paged_decode import sparse_decode
+
+    gen = torch.Generator().manual_seed(7 * hq + d)
+    ut = 32
+    lens = [700, 90, 1000, 5]
+    q, k, v, _, _, bt, ctx = _decode_case(gen, hq, hkv, d, dtype, lens)
+    rows = hkv if shared else hq
+    nu = bt.shape[1] * 16 // ut
+    units = torch.full((len(lens), rows, 6), -1, dtype=torch.int32)
+    for b, n in enumerate(lens):
+        for r in range(rows):
+            pick = torch.randperm(math.ceil(n / ut), generator=gen)[:5]
+            units[b, r, : pick.numel()] = pick.int()
+    units = units.to(DEVICE)
+    streaming = (torch.arange(hkv) % 2 == 1).int().to(DEVICE)
+    kw = dict(unit_tokens=ut, sink=16, recent=40, stream_sink=8, stream_local=50)
+    out = sparse_decode(q, k, v, bt, ctx, units, streaming, scale=d ** -0.5, **kw)
+    want = ref.paged_decode_ref(q, k, v, bt, ctx, d ** -0.5, streaming_kv=streaming.bool(), sink=16,
+                                recent=40,
+                                stream_sink=8, stream_local=50, units=units, unit_tokens=ut)
+    assert nu > 0 and rel_err(out, want) < 1e-2
+
+
+@needs_kernels
+@pytest.mark.parametrize("hq,hkv,shared", [(8, 2, False), (8, 2, True), (4, 4, False), (16, 2, True)])
+@pytest.mark.parametrize("page_size,ut", [(16, 64), (64, 64), (16, 16)])
+def test_page_scores_match_reference(hq, hkv, shared, page_size, ut):
+    from attention.kernels.page_select import page_scores
+
+    gen = torch.Generator().manual_seed(hq + page_size + ut)
+    lens = [1000, 33, 500]
+    q, k, v, kmin, kmax, bt, ctx = _decode_case(gen, hq, hkv, 128, torch.bfloat16, lens, page_size)
+    got = page_scores(q, kmin, kmax, bt, ctx, page_size=page_size, unit_tokens=ut, shared=shared)
+    want = ref.page_scores_ref(q, kmin, kmax, bt, ctx, 16, ut, shared=shared)
+    fin = torch.isfinite(want)
+    assert torch.equal(fin, torch.isfinite(got))
+    assert rel_err(got[fin], want[fin]) < 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("nu,k", [(40, 8), (300, 64), (2048, 64), (10, 16)])
+def test_top_units_matches_reference(nu, k):
+    from attention.kernels.page_select import allowed_units, top_units
+
+    gen = torch.Generator().manual_seed(nu + k)
+    b, r = 3, 5
+    scores = torch.randn(b, r, nu, generator=gen).to(DEVICE)
+    ctx = torch.tensor([nu * 16, nu * 8, 100], device=DEVICE)
+    allowed = allowed_units(ctx, nu, 16, 32, 64)
+    got = top_units(scores, allowed, k)
+    want = ref.select_units_ref(scores, allowed, k)
+    assert torch.equal(got.cpu(), want.cpu())
+
+
+@needs_kernels
+@pytest.mark.parametrize("hq,hkv,d,dtype", [(8, 2, 64, torch.float16), (8, 8, 128, torch.bfloat16)])
+@pytest.mark.parametrize("lq,lk", [(300, 300), (100, 450)])
+def test_prefill_matches_reference(hq, hkv, d, dtype, lq, lk):
+    from attention.kernels.prefill import prefill_dense, prefill_streaming
+
+    gen = torch.Generator().manual_seed(lq + lk + d)
+    q = torch.randn(lq, hq, d, generator=gen).to(dtype).to(DEVICE)
+    k = torch.randn(lk, hkv, d, generator=gen).to(dtype).to(DEVICE)
+    v = torch.randn(lk, hkv, d, generator=gen).to(dtype).to(DEVICE)
+    scale = d ** -0.5
+    dense = prefill_dense(q, k, v, scale)
+    assert rel_err(dense, ref.prefill_ref(q, k, v, scale, q_offset=lk - lq)) < 1e-2
+    stream = prefill_streaming(q, k, v, scale, sink=20, local=64, block=48)
+    want = ref.prefill_ref(q, k, v, scale, q_offset=lk - lq, sink=20, local=64)
+    assert rel_err(stream, want) < 1e-2
+
+
+def test_references_agree_with_each_other():
+    """CPU: the paged reference equals plain softmax attention over the gathered context."""
+    gen = torch.Generator().manual_seed(0)
+    bt = random_tables([50], 16, 8, gen)
+    k = torch.randn(8, 16, 2, 32, generator=gen)
+    v = torch.randn(8, 16, 2, 32, generator=gen)
+    q = torch.randn(1, 4, 32, generator=gen)
+    ctx = torch.tensor([50])
+    out = ref.paged_decode_ref(q, k, v, bt, ctx, 0.2)
+    kk = ref.gather_tokens(k, bt[0], torch.arange(50)).double()
+    vv = ref.gather_tokens(v, bt[0], torch.arange(50)).double()
+    for h in range(4):
+        p = torch.softmax(kk[:, h // 2] @ q[0, h].double() * 0.2, 0)
+        assert torch.allclose(out[0, h], p @ vv[:, h // 2])
+    full = ref.prefill_ref(q[0][None], kk, vv, 0.2, q_offset=49)[0]
+    assert torch.allclose(full, out[0])
