@@ -12,9 +12,7 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from server_fixtures import free_port, run_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -44,12 +43,6 @@ def tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(check, what: str, attempts: int, proc: subprocess.Popen | None = None, log: Path | None = None):
@@ -135,24 +128,10 @@ class Stack:
         return float(result[0]["value"][1]) if result else math.nan
 
 
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    with log.open("w") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def send_requests(url: str, model: str) -> None:
+def send_requests(url: str, headers: dict, model: str) -> None:
     """Plain and streamed completions and chats, short ones (within the sparse budget: dense fallbacks)
     and one long one (beyond it: sparse decode steps with recall samples)."""
-    with httpx.Client(base_url=url, timeout=300) as client:
+    with httpx.Client(base_url=url, headers=headers, timeout=300) as client:
         for i in range(3):
             r = client.post("/v1/completions", json={"model": model, "prompt": f"Count to {i + 3}:",
                                                       "max_tokens": 6, "temperature": 0})
@@ -174,50 +153,45 @@ def send_requests(url: str, model: str) -> None:
 def stack(tmp_path_factory):
     prometheus = tool("prometheus")
     tmp = tmp_path_factory.mktemp("prometheus")
-    needle_port, prometheus_port = free_port(), free_port()
-    needle_url = f"http://127.0.0.1:{needle_port}"
-    needle_log = tmp / "needle.log"
-    cli = Path(sys.executable).with_name("needle")
-    entry = [str(cli)] if cli.exists() else [sys.executable, "-c", "import sys; from server.cli import main; "
-                                                                     "sys.exit(main())"]
-    needle = start([*entry, "serve", "--host", "127.0.0.1", "--port", str(needle_port),
-                    "--kv-cache-memory", "256MiB", "--max-num-seqs", "4", "--attention", "sparse",
-                    "--sparse-token-budget", str(SPARSE_BUDGET), "--sparse-recall-sample", "1"], needle_log)
-    prom = None
-    try:
-        wait_for(lambda: httpx.get(f"{needle_url}/health", timeout=5).status_code == 200,
-                 "needle /health", attempts=600, proc=needle, log=needle_log)
-        model = httpx.get(f"{needle_url}/v1/models", timeout=5).json()["data"][0]["id"]
+    flags = ["--kv-cache-memory", "256MiB", "--max-num-seqs", "4", "--attention", "sparse",
+             "--sparse-token-budget", str(SPARSE_BUDGET), "--sparse-recall-sample", "1"]
+    with run_server(*flags) as needle:
+        models = httpx.get(f"{needle.url}/v1/models", headers=needle.headers, timeout=5).json()
+        model = models["data"][0]["id"]
+        port = needle.url.rsplit(":", 1)[1]
 
         # The deploy config with the test's target, a 1s scrape and evaluation, and absolute rule paths.
         config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
         config["global"].update(scrape_interval="1s", evaluation_interval="1s")
         config["rule_files"] = [str(PROMETHEUS_DIR / f) for f in config["rule_files"]]
         for job in config["scrape_configs"]:
-            job["static_configs"] = [{"targets": [f"127.0.0.1:{needle_port}"]}]
+            job["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
         config_path = tmp / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(config))
+        prometheus_port = free_port()
         prometheus_url = f"http://127.0.0.1:{prometheus_port}"
         prom_log = tmp / "prometheus.log"
-        prom = start([prometheus, f"--config.file={config_path}", f"--storage.tsdb.path={tmp / 'data'}",
-                      f"--web.listen-address=127.0.0.1:{prometheus_port}", "--log.level=warn"], prom_log)
-        wait_for(lambda: httpx.get(f"{prometheus_url}/-/ready", timeout=5).status_code == 200,
-                 "Prometheus ready", attempts=120, proc=prom, log=prom_log)
-        s = Stack(needle_url, prometheus_url, config_path, model)
-
-        # A scrape before the traffic, the traffic, then enough scrapes after it for rate() over 1m.
-        wait_for(lambda: s.series('up{job="needle"} == 1'), "the first scrape", attempts=60, proc=prom,
-                 log=prom_log)
-        send_requests(needle_url, model)
-        # The first scrape saw every series at zero, so an increase over 1m means rate() has two samples.
-        done = f'needle:request_success_total{{model_name="{model}"}}'
-        wait_for(lambda: s.value(f"sum({done})") >= 5 and s.value(f"sum(increase({done}[1m]))") > 0,
-                 "the finished requests to be scraped", attempts=60)
-        yield s
-    finally:
-        if prom is not None:
-            stop(prom)
-        stop(needle)
+        with prom_log.open("w") as out:
+            prom = subprocess.Popen(
+                [prometheus, f"--config.file={config_path}", f"--storage.tsdb.path={tmp / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{prometheus_port}", "--log.level=warn"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: httpx.get(f"{prometheus_url}/-/ready", timeout=5).status_code == 200,
+                     "Prometheus ready", attempts=120, proc=prom, log=prom_log)
+            s = Stack(needle.url, prometheus_url, config_path, model)
+            # A scrape before the traffic, the traffic, then enough scrapes after it for rate() over 1m.
+            wait_for(lambda: s.series('up{job="needle"} == 1'), "the first scrape", attempts=60, proc=prom,
+                     log=prom_log)
+            send_requests(needle.url, needle.headers, model)
+            # The first scrape saw every series at zero, so an increase over 1m means rate() has 2 samples.
+            done = f'needle:request_success_total{{model_name="{model}"}}'
+            wait_for(lambda: s.value(f"sum({done})") >= 5 and s.value(f"sum(increase({done}[1m]))") > 0,
+                     "the finished requests to be scraped", attempts=60)
+            yield s
+        finally:
+            prom.terminate()  # Prometheus shuts down cleanly on SIGTERM
+            prom.wait(timeout=60)
 
 
 def substitute(expr: str, model_name: str) -> str:
