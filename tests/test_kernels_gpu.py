@@ -129,12 +129,13 @@ def test_sparse_decode_matches_reference(hq, hkv, shared, d, dtype):
             units[b, r, : pick.numel()] = pick.int()
     units = units.to(DEVICE)
     streaming = (torch.arange(hkv) % 2 == 1).int().to(DEVICE)
-    kw = dict(unit_tokens=ut, sink=16, recent=40, stream_sink=8, stream_local=50)
-    out = sparse_decode(q, k, v, bt, ctx, units, streaming, scale=d ** -0.5, **kw)
-    want = ref.paged_decode_ref(q, k, v, bt, ctx, d ** -0.5, streaming_kv=streaming.bool(), sink=16,
-                                recent=40,
-                                stream_sink=8, stream_local=50, units=units, unit_tokens=ut)
-    assert nu > 0 and rel_err(out, want) < 1e-2
+    for recent, recent_units in ((40, 0), (0, 2)):  # token window; whole newest units (as sparse.py)
+        kw = dict(unit_tokens=ut, sink=16, recent=recent, recent_units=recent_units, stream_sink=8,
+                  stream_local=50)
+        out = sparse_decode(q, k, v, bt, ctx, units, streaming, scale=d ** -0.5, **kw)
+        want = ref.paged_decode_ref(q, k, v, bt, ctx, d ** -0.5, streaming_kv=streaming.bool(), units=units,
+                                    **kw)
+        assert nu > 0 and rel_err(out, want) < 1e-2
 
 
 @needs_kernels
@@ -166,6 +167,9 @@ def test_top_units_matches_reference(nu, k):
     got = top_units(scores, allowed, k)
     want = ref.select_units_ref(scores, allowed, k)
     assert torch.equal(got.cpu(), want.cpu())
+    k_each = torch.tensor([k, max(1, k // 2), 3], dtype=torch.int32, device=DEVICE)
+    got = top_units(scores, allowed, k, k_each)
+    assert torch.equal(got.cpu(), ref.select_units_ref(scores, allowed, k, k_each).cpu())
 
 
 @needs_kernels

@@ -57,10 +57,11 @@ if HAS_TRITON:
                      mask=(g < G)[:, None] & (u < num_units)[None, :])
 
     @triton.jit
-    def _topk_kernel(score_ptr, allowed_ptr, out_ptr, num_units, k, R,
+    def _topk_kernel(score_ptr, allowed_ptr, k_ptr, out_ptr, num_units, k_out, R,
                      NUP: tl.constexpr, KP: tl.constexpr):
         b = tl.program_id(0)
         r = tl.program_id(1)
+        k = tl.minimum(tl.load(k_ptr + b).to(tl.int32), k_out)
         u = tl.arange(0, NUP)
         inside = u < num_units
         x = tl.load(score_ptr + (b * R + r) * num_units + u, mask=inside, other=float("-inf"))
@@ -82,11 +83,11 @@ if HAS_TRITON:
         sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= room))
         sel = tl.where(n_valid <= k, valid, sel)
         pos = tl.cumsum(sel.to(tl.int32), 0) - 1
-        base = out_ptr + (b * R + r) * k
+        base = out_ptr + (b * R + r) * k_out
         tl.store(base + pos, u, mask=sel)
         n_sel = tl.sum(sel.to(tl.int32), 0)
         j = tl.arange(0, KP)
-        tl.store(base + j, tl.full([KP], -1, tl.int32), mask=(j >= n_sel) & (j < k))
+        tl.store(base + j, tl.full([KP], -1, tl.int32), mask=(j >= n_sel) & (j < k_out))
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_tables: torch.Tensor,
@@ -110,23 +111,31 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_t
     return out
 
 
-def top_units(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
-    """scores [B, R, U] float32, allowed [B, U] bool -> [B, R, k] int32 chosen units, ascending, -1 padded."""
+def top_units(scores: torch.Tensor, allowed: torch.Tensor, k: int,
+              k_per_seq: torch.Tensor | None = None) -> torch.Tensor:
+    """scores [B, R, U] float32, allowed [B, U] bool -> [B, R, k] int32 chosen units, ascending, -1 padded;
+    sequence b keeps its best k_per_seq[b] (<= k) when given."""
     b, r, nu = scores.shape
     out = torch.empty(b, r, k, dtype=torch.int32, device=scores.device)
     nup = triton.next_power_of_2(nu)
-    _topk_kernel[(b, r)](scores, allowed.to(torch.int8), out, nu, k, r, NUP=nup,
+    if k_per_seq is None:
+        k_per_seq = torch.full((b,), k, dtype=torch.int32, device=scores.device)
+    _topk_kernel[(b, r)](scores, allowed.to(torch.int8), k_per_seq, out, nu, k, r, NUP=nup,
                          KP=triton.next_power_of_2(k), num_warps=min(16, max(4, nup // 512)))
     return out
 
 
 def select_units(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, allowed: torch.Tensor, k: int, *, page_size: int,
-                 unit_tokens: int, shared: bool) -> torch.Tensor:
-    """Score and pick: -> [B, R, k] int32 units per selector row (two launches, no host sync)."""
+                 unit_tokens: int, shared: bool, k_per_seq: torch.Tensor | None = None) -> torch.Tensor:
+    """Score and pick: -> [B, R, k] int32 units per selector row (two launches, no host sync). allowed
+    [B, U'] may be narrower than the block table's U units (the rest count as not allowed)."""
     scores = page_scores(q, kmin, kmax, block_tables, context_lens, page_size=page_size,
                          unit_tokens=unit_tokens, shared=shared)
-    return top_units(scores, allowed[:, : scores.shape[2]], k)
+    nu = scores.shape[2]
+    if allowed.shape[1] < nu:
+        allowed = torch.nn.functional.pad(allowed, (0, nu - allowed.shape[1]), value=False)
+    return top_units(scores, allowed[:, :nu].contiguous(), k, k_per_seq)
 
 
 def allowed_units(context_lens: torch.Tensor, num_units: int, unit_tokens: int, sink: int,

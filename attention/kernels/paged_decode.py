@@ -4,7 +4,8 @@ A program owns one (sequence, row, split). A row is the set of query heads that 
 a whole GQA group for dense attention, streaming heads and group-shared selections (each KV page is then
 loaded once for all G query heads, scored with one tensor-core dot), or a single query head when every
 query head picks its own units. The tokens a row reads are a list of `unit_tokens`-token units:
-    fixed units  - the sink [0, sink) and the recent tokens [ctx - recent, ctx) (dense: all of them);
+    fixed units  - the sink [0, sink) and the recent tokens [ctx - recent, ctx) (dense: all of them), or,
+                   with recent_units, the newest recent_units units;
     chosen units - retrieval rows only: units[b, row, :], -1 padded, tokens outside the fixed ranges.
 Streaming KV heads use (stream_sink, stream_local) as their fixed ranges and choose nothing. Splits
 divide a row's unit list evenly; a second kernel merges the splits by their log-sum-exp. Shapes depend
@@ -26,7 +27,7 @@ if HAS_TRITON:
     @triton.jit
     def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, units_ptr, stream_ptr, o_ptr, lse_ptr,
                              qk_scale, bt_stride, u_stride_b, u_stride_r, k_sel,
-                             sink, recent, stream_sink, stream_local,
+                             sink, recent, recent_units, stream_sink, stream_local,
                              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
                              QPR: tl.constexpr, GP: tl.constexpr, UT: tl.constexpr, S: tl.constexpr,
                              SPARSE: tl.constexpr):
@@ -44,8 +45,11 @@ if HAS_TRITON:
             sk = 0
             rc = ctx
             nsel = 0
-        rec_start = tl.maximum(ctx - rc, 0)
         last_u = tl.cdiv(ctx, UT)
+        rec_start = tl.maximum(ctx - rc, 0)
+        if SPARSE:
+            by_units = (recent_units > 0) & (not streaming)
+            rec_start = tl.where(by_units, tl.maximum((last_u - recent_units) * UT, 0), rec_start)
         n_sink_u = tl.minimum(tl.cdiv(sk, UT), last_u)
         first_rec_u = tl.maximum(rec_start // UT, n_sink_u)
         n_fixed = n_sink_u + tl.maximum(last_u - first_rec_u, 0)
@@ -125,7 +129,8 @@ def choose_splits(batch: int, rows: int, max_units: int, device: torch.device) -
 
 
 def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, *, qpr, units, streaming_kv, sink,
-            recent, stream_sink, stream_local, unit_tokens, max_units, num_splits, num_warps, num_stages):
+            recent, recent_units, stream_sink, stream_local, unit_tokens, max_units, num_splits, num_warps,
+            num_stages):
     b, hq, d = q.shape
     _, ps, hkv, _ = k_cache.shape
     rows = hq // qpr
@@ -140,7 +145,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, *, qpr, unit
         units if sparse else dummy, streaming_kv if sparse else dummy, o_part, lse,
         scale * 1.4426950408889634, block_tables.stride(0),
         units.stride(0) if sparse else 0, units.stride(1) if sparse else 0,
-        units.shape[2] if sparse else 0, sink, recent, stream_sink, stream_local,
+        units.shape[2] if sparse else 0, sink, recent, recent_units, stream_sink, stream_local,
         HQ=hq, HKV=hkv, D=d, PS=ps, QPR=qpr, GP=max(16, triton.next_power_of_2(qpr)), UT=unit_tokens, S=s,
         SPARSE=sparse, num_warps=num_warps, num_stages=num_stages)
     _combine_kernel[(b * hq,)](o_part, lse, out, S=s, SP=triton.next_power_of_2(s), D=d, num_warps=4)
@@ -156,23 +161,26 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     g = hq // k_cache.shape[2]
     max_units = triton.cdiv(block_tables.shape[1] * k_cache.shape[1], block_n)
     return _launch(q, k_cache, v_cache, block_tables, context_lens, scale or 1.0 / math.sqrt(d), qpr=g,
-                   units=None, streaming_kv=None, sink=0, recent=0, stream_sink=0, stream_local=0,
+                   units=None, streaming_kv=None, sink=0, recent=0, recent_units=0, stream_sink=0,
+                   stream_local=0,
                    unit_tokens=block_n, max_units=max_units, num_splits=num_splits, num_warps=num_warps,
                    num_stages=num_stages)
 
 
 def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                   context_lens: torch.Tensor, units: torch.Tensor, streaming_kv: torch.Tensor, *,
-                  unit_tokens: int, sink: int, recent: int, stream_sink: int, stream_local: int,
-                  scale: float | None = None, num_splits: int | None = None, num_warps: int = 4,
-                  num_stages: int = 2) -> torch.Tensor:
+                  unit_tokens: int, sink: int, recent: int = 0, recent_units: int = 0, stream_sink: int,
+                  stream_local: int, scale: float | None = None, num_splits: int | None = None,
+                  num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """Sparse decode. units [B, R, K] int32 chosen units per selector row (R = Hq: per query head;
-    R = Hkv: shared by a GQA group), -1 padded; streaming_kv [Hkv] int32 (1 = streaming head)."""
+    R = Hkv: shared by a GQA group), -1 padded; streaming_kv [Hkv] int32 (1 = streaming head). Retrieval
+    rows always read [0, sink) and either the last `recent` tokens or the newest `recent_units` units."""
     hq, d = q.shape[1], q.shape[2]
     qpr = hq // units.shape[1]
-    max_units = (triton.cdiv(max(sink, stream_sink), unit_tokens) + triton.cdiv(max(recent, stream_local),
-                 unit_tokens) + 1 + units.shape[2])
+    max_units = (triton.cdiv(max(sink, stream_sink), unit_tokens) + recent_units + triton.cdiv(
+        max(recent, stream_local), unit_tokens) + 1 + units.shape[2])
     return _launch(q, k_cache, v_cache, block_tables, context_lens, scale or 1.0 / math.sqrt(d), qpr=qpr,
-                   units=units, streaming_kv=streaming_kv, sink=sink, recent=recent, stream_sink=stream_sink,
+                   units=units, streaming_kv=streaming_kv, sink=sink, recent=recent,
+                   recent_units=recent_units, stream_sink=stream_sink,
                    stream_local=stream_local, unit_tokens=unit_tokens, max_units=max_units,
                    num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)

@@ -39,10 +39,13 @@ def gather_tokens(cache: torch.Tensor, block_table: torch.Tensor, positions: tor
 
 
 def decode_token_mask(ctx: int, *, streaming: bool, sink: int, recent: int, units: torch.Tensor | None,
-                      unit_tokens: int, device) -> torch.Tensor:
+                      unit_tokens: int, device, recent_units: int = 0) -> torch.Tensor:
     """[ctx] bool: the tokens one head reads at decode. Every head reads its sinks [0, sink) and recent
-    tokens [ctx - recent, ctx); a retrieval head also reads the tokens of its selected units (-1 = none)."""
+    tokens [ctx - recent, ctx) (or its newest recent_units units); a retrieval head also reads the tokens
+    of its selected units (-1 = none)."""
     pos = torch.arange(ctx, device=device)
+    if recent_units and not streaming:
+        recent = ctx - max((-(-ctx // unit_tokens) - recent_units) * unit_tokens, 0)
     mask = (pos < sink) | (pos >= ctx - recent)
     if not streaming and units is not None:
         u = units[units >= 0].long()
@@ -57,7 +60,7 @@ def decode_token_mask(ctx: int, *, streaming: bool, sink: int, recent: int, unit
 def paged_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale: float, *,
                      streaming_kv: torch.Tensor | None = None, sink: int = 0, recent: int | None = None,
                      stream_sink: int = 0, stream_local: int = 0, units: torch.Tensor | None = None,
-                     unit_tokens: int = 64) -> torch.Tensor:
+                     unit_tokens: int = 64, recent_units: int = 0) -> torch.Tensor:
     """Decode attention for one new token per sequence, float64. q [B, Hq, D] -> [B, Hq, D].
 
     Dense when recent is None. Sparse otherwise: streaming KV heads (streaming_kv [Hkv] bool) read
@@ -84,7 +87,7 @@ def paged_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale: flo
             else:
                 row = h if units.shape[1] == hq else kvh
                 mask = decode_token_mask(n, streaming=False, sink=sink, recent=recent, units=units[i, row],
-                                         unit_tokens=unit_tokens, device=q.device)
+                                         unit_tokens=unit_tokens, device=q.device, recent_units=recent_units)
             s = (ks[mask, kvh] @ q[i, h].double()) * scale
             out[i, h] = torch.softmax(s, 0) @ vs[mask, kvh]
     return out
@@ -115,8 +118,12 @@ def page_scores_ref(q, kmin, kmax, block_tables, context_lens, summary_block: in
     return bound.reshape(b, hkv * g, nu)
 
 
-def select_units_ref(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
-    """Top k allowed units of scores [B, R, U] -> [B, R, k] int32 in ascending unit order, -1 padded."""
+def select_units_ref(scores: torch.Tensor, allowed: torch.Tensor, k: int,
+                     k_per_seq: torch.Tensor | None = None) -> torch.Tensor:
+    """Top k allowed units of scores [B, R, U] -> [B, R, k] int32 in ascending unit order, -1 padded;
+    sequence b keeps only its best k_per_seq[b]."""
+    if k_per_seq is not None:
+        return _select_each(scores, allowed, k, k_per_seq)
     s = scores.masked_fill(~allowed[:, None, :], float("-inf"))
     kk = min(k, s.shape[-1])
     vals, idx = s.topk(kk, dim=-1)
@@ -124,6 +131,15 @@ def select_units_ref(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> tor
     idx = torch.where(idx < 0, torch.iinfo(torch.int32).max, idx).sort(-1).values
     idx = torch.where(idx == torch.iinfo(torch.int32).max, -1, idx)
     return torch.nn.functional.pad(idx, (0, k - kk), value=-1).int()
+
+
+def _select_each(scores, allowed, k, k_per_seq):
+    rows = []
+    for b in range(scores.shape[0]):
+        kb = int(k_per_seq[b])
+        got = select_units_ref(scores[b:b + 1], allowed[b:b + 1], kb)[0]
+        rows.append(torch.nn.functional.pad(got, (0, k - kb), value=-1))
+    return torch.stack(rows)
 
 
 def prefill_ref(q, k, v, scale: float, *, q_offset: int, sink: int | None = None,

@@ -1,0 +1,289 @@
+"""H200 benchmarks in one command: `python bench/gpu.py [--kernels] [--e2e] [--out DIR]`.
+
+--kernels: attention kernels alone at Llama-3.1-8B shapes (32 q heads, 8 KV heads, head_dim 128, bf16):
+    paged decode dense vs sparse (4K budget, 50% streaming heads), page selection, KV append, SDPA over
+    contiguous KV as a sanity baseline, prefill attention per layer; bytes moved / measured copy bandwidth.
+--e2e: the engine with dummy weights (`--load-format dummy`), dense vs sparse decode ms/step and tok/s at
+    8K/32K/128K x batch 1/8/16, time to first token at 32K/128K, `transformers` as the outside baseline,
+    and the roofline per row (weights + KV + summaries read / bandwidth).
+Prints markdown tables and writes JSON (kernels.json, e2e.json) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+HQ, HKV, D = 32, 8, 128
+PAGE, SB, UNIT = 16, 16, 64
+BUDGET, SINK, LOCAL = 4096, 64, 256
+DT = torch.bfloat16
+CONTEXTS = (8192, 32768, 131072)
+BATCHES = (1, 8, 16)
+
+
+def bench(fn, *args, rep_ms: int = 200, **kwargs) -> float:
+    """Median ms of fn(*args, **kwargs), timed with CUDA events."""
+    import triton
+
+    return triton.testing.do_bench(lambda: fn(*args, **kwargs), warmup=25, rep=rep_ms, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (the measured memory ceiling)."""
+    a = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    ms = bench(b.copy_, a)
+    return 2 * 2 * 1024**3 / (ms * 1e-3)
+
+
+class Pool:
+    """Several layers' worth of one-layer KV so repeated calls do not run out of the 60 MB L2."""
+
+    def __init__(self, batch: int, ctx: int, gen: torch.Generator):
+        pages_per_seq = ctx // PAGE
+        self.num_pages = batch * pages_per_seq + 1
+        per_layer = self.num_pages * PAGE * HKV * D * 2 * 2
+        self.layers = max(1, math.ceil(512 * 2**20 / per_layer))
+        shape = (self.layers, self.num_pages, PAGE, HKV, D)
+        self.k = torch.randn(shape, dtype=DT, device="cuda")
+        self.v = torch.randn(shape, dtype=DT, device="cuda")
+        self.kmin = self.k.view(self.layers, self.num_pages, PAGE // SB, SB, HKV, D).amin(3)
+        self.kmax = self.k.view(self.layers, self.num_pages, PAGE // SB, SB, HKV, D).amax(3)
+        perm = torch.randperm(self.num_pages - 1, generator=gen)[: batch * pages_per_seq] + 1
+        self.block_tables = perm.view(batch, pages_per_seq).int().cuda()
+        self.ctx = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        self.i = 0
+
+    def next(self) -> int:
+        self.i = (self.i + 1) % self.layers
+        return self.i
+
+
+def sparse_setup(batch: int, ctx: int, gen: torch.Generator):
+    from attention.kernels.page_select import allowed_units
+
+    nu = ctx // UNIT
+    n_sink_u, n_recent_u = SINK // UNIT, 2
+    k = BUDGET // UNIT - n_sink_u - n_recent_u
+    allowed = allowed_units(torch.full((batch,), ctx, device="cuda"), nu, UNIT, n_sink_u * UNIT,
+                            n_recent_u * UNIT)
+    units = torch.stack([torch.stack([torch.randperm(nu - n_sink_u - n_recent_u, generator=gen)[:k].sort()
+                                      .values + n_sink_u for _ in range(HKV)]) for _ in range(batch)])
+    streaming = (torch.arange(HKV) % 2).int().cuda()  # 50% streaming KV heads
+    return units.int().cuda(), streaming, allowed, k
+
+
+def kernel_rows(bw: float, rows: list[dict]) -> None:
+    from attention.kernels.page_select import page_scores, select_units
+    from attention.kernels.paged_decode import paged_decode, sparse_decode
+
+    gen = torch.Generator().manual_seed(0)
+    scale = D ** -0.5
+    free = torch.cuda.mem_get_info()[0]
+    for ctx in CONTEXTS:
+        for batch in BATCHES:
+            need = batch * ctx * HKV * D * 2 * 2 * 1.15
+            if need > free * 0.8:
+                rows.append({"ctx": ctx, "batch": batch, "skipped": "KV does not fit"})
+                continue
+            pool = Pool(batch, ctx, gen)
+            q = torch.randn(batch, HQ, D, dtype=DT, device="cuda")
+            units, streaming, allowed, k = sparse_setup(batch, ctx, gen)
+
+            def dense(pool=pool, q=q):
+                i = pool.next()
+                return paged_decode(q, pool.k[i], pool.v[i], pool.block_tables, pool.ctx, scale)
+
+            def sparse(pool=pool, q=q, units=units, streaming=streaming):
+                i = pool.next()
+                return sparse_decode(q, pool.k[i], pool.v[i], pool.block_tables, pool.ctx, units, streaming,
+                                     unit_tokens=UNIT, sink=SINK, recent_units=2, stream_sink=SINK,
+                                     stream_local=LOCAL, scale=scale)
+
+            def select(pool=pool, q=q, allowed=allowed, k=k):
+                i = pool.next()
+                return select_units(q, pool.kmin[i], pool.kmax[i], pool.block_tables, pool.ctx, allowed, k,
+                                    page_size=PAGE, unit_tokens=UNIT, shared=True)
+
+            def score(pool=pool, q=q):
+                i = pool.next()
+                return page_scores(q, pool.kmin[i], pool.kmax[i], pool.block_tables, pool.ctx,
+                                   page_size=PAGE, unit_tokens=UNIT, shared=True)
+
+            kv_bytes = batch * ctx * HKV * D * 2 * 2
+            t_dense = bench(dense)
+            t_sparse = bench(sparse)
+            t_select = bench(select)
+            t_score = bench(score)
+            sparse_tokens = HKV // 2 * BUDGET + HKV // 2 * (SINK + LOCAL)
+            sparse_bytes = batch * sparse_tokens * D * 2 * 2
+            summary_bytes = batch * (ctx // SB) * HKV * D * 2 * 2
+            row = {"ctx": ctx, "batch": batch, "dense_ms": t_dense, "dense_TBps": kv_bytes / t_dense / 1e9,
+                   "dense_frac_of_copy": kv_bytes / t_dense / 1e9 / (bw / 1e12),
+                   "sparse_ms": t_sparse, "sparse_TBps": sparse_bytes / t_sparse / 1e9,
+                   "select_ms": t_select, "score_ms": t_score, "score_TBps": summary_bytes / t_score / 1e9,
+                   "sparse_amortised_ms": t_sparse + t_select / 4,
+                   "sparse_speedup": t_dense / (t_sparse + t_select / 4)}
+            # sanity baseline: torch SDPA over contiguous KV of the same size
+            kc = torch.randn(batch, HKV, ctx, D, dtype=DT, device="cuda")
+            vc = torch.randn_like(kc)
+            q4 = q[:, :, None, :]
+            row["sdpa_contig_ms"] = bench(torch.nn.functional.scaled_dot_product_attention, q4, kc, vc,
+                                          enable_gqa=True)
+            kc = vc = None
+            if ctx == 32768 and batch == 8:  # a small sweep of launch shapes at the goal's size
+                sweep = {}
+                for bn in (32, 64, 128):
+                    for warps in (4, 8):
+                        for stages in (1, 2, 3):
+                            def fn(pool=pool, q=q, bn=bn, warps=warps, stages=stages):
+                                i = pool.next()
+                                return paged_decode(q, pool.k[i], pool.v[i], pool.block_tables, pool.ctx,
+                                                    scale, block_n=bn, num_warps=warps, num_stages=stages)
+                            try:
+                                sweep[f"bn{bn}_w{warps}_s{stages}"] = bench(fn, rep_ms=100)
+                            except Exception as e:  # noqa: BLE001 - a shape that does not compile
+                                sweep[f"bn{bn}_w{warps}_s{stages}"] = repr(e)[:80]
+                row["sweep_ms"] = sweep
+                best = min((v, k) for k, v in sweep.items() if isinstance(v, float))
+                row["sweep_best"] = best[1]
+                row["sweep_best_TBps"] = kv_bytes / best[0] / 1e9
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del pool
+            torch.cuda.empty_cache()
+
+
+def append_rows(rows: list[dict]) -> None:
+    from attention.kernels.kv_append import kv_append
+
+    for t in (1, 16, 2048):
+        pages = 4096
+        k_cache = torch.randn(pages, PAGE, HKV, D, dtype=DT, device="cuda")
+        v_cache = torch.randn_like(k_cache)
+        kmin = torch.randn(pages, PAGE // SB, HKV, D, dtype=DT, device="cuda")
+        kmax = torch.randn_like(kmin)
+        k = torch.randn(t, HKV, D, dtype=DT, device="cuda")
+        v = torch.randn_like(k)
+        if t == 2048:
+            slots = torch.arange(t, device="cuda") + 5 * PAGE
+        else:
+            slots = torch.randperm(pages, device="cuda")[:t] * PAGE + 3
+        ms = bench(kv_append, k_cache, v_cache, kmin, kmax, k, v, slots, SB)
+        rows.append({"kv_append_tokens": t, "ms": ms})
+        print(json.dumps(rows[-1]), flush=True)
+
+
+def timed(reps: int, fn, *args, **kwargs) -> float:
+    """Mean ms over reps calls after one warm-up (for calls long enough that launch jitter is noise)."""
+    fn(*args, **kwargs)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn(*args, **kwargs)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def prefill_rows(rows: list[dict]) -> None:
+    from attention.kernels.prefill import prefill_dense, prefill_streaming
+
+    scale = D ** -0.5
+    for n in (32768, 131072):
+        q = torch.randn(n, HQ, D, dtype=DT, device="cuda")
+        k = torch.randn(n, HKV, D, dtype=DT, device="cuda")
+        v = torch.randn_like(k)
+        retr_q = torch.arange(HQ, device="cuda").view(HKV, -1)[0::2].flatten()
+        strm_q = torch.arange(HQ, device="cuda").view(HKV, -1)[1::2].flatten()
+        retr_kv = torch.arange(0, HKV, 2, device="cuda")
+        strm_kv = torch.arange(1, HKV, 2, device="cuda")
+        qr, qs = q[:, retr_q].contiguous(), q[:, strm_q].contiguous()
+        kr, vr = k[:, retr_kv].contiguous(), v[:, retr_kv].contiguous()
+        ks, vs = k[:, strm_kv].contiguous(), v[:, strm_kv].contiguous()
+        reps = 5 if n <= 32768 else 2
+
+        dense = timed(reps, prefill_dense, q, k, v, scale)
+        retr = timed(reps, prefill_dense, qr, kr, vr, scale)
+        strm = timed(reps, prefill_streaming, qs, ks, vs, scale, sink=SINK, local=2048)
+        flops = 4 * n * n / 2 * HQ * D
+        row = {"prefill_tokens": n, "dense_ms": dense, "dense_TFLOPs": flops / dense / 1e9,
+               "retrieval_half_ms": retr, "streaming_half_ms": strm, "sparse_ms": retr + strm,
+               "sparse_speedup": dense / (retr + strm)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        q = k = v = qr = qs = kr = vr = ks = vs = None
+        torch.cuda.empty_cache()
+
+
+def kernels(out: Path) -> dict:
+    bw = copy_bandwidth()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_TBps": bw / 1e12,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "decode": [], "append": [],
+              "prefill": []}
+    for name, fn in (("decode", kernel_rows), ("append", append_rows), ("prefill", prefill_rows)):
+        try:
+            if name == "decode":
+                fn(bw, result[name])
+            else:
+                fn(result[name])
+        except Exception as e:  # noqa: BLE001 - keep the other sections' numbers
+            import traceback
+
+            traceback.print_exc()
+            result[name + "_error"] = repr(e)
+        (out / "kernels.json").write_text(json.dumps(result, indent=1))
+    print_kernel_tables(result)
+    return result
+
+
+def print_kernel_tables(r: dict) -> None:
+    print(f"\n### Attention kernels, {r['device']}, {r['date']}, copy ceiling {r['copy_TBps']:.2f} TB/s\n")
+    print("| ctx | B | dense ms | dense TB/s | % of copy | SDPA contig ms | sparse ms | select ms (every 4) |"
+          " sparse+select/4 speedup |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for x in r["decode"]:
+        if "skipped" in x:
+            print(f"| {x['ctx']} | {x['batch']} | skipped: {x['skipped']} |||||||")
+            continue
+        print(f"| {x['ctx']} | {x['batch']} | {x['dense_ms']:.3f} | {x['dense_TBps']:.2f} | "
+              f"{100 * x['dense_frac_of_copy']:.0f}% | {x['sdpa_contig_ms']:.3f} | {x['sparse_ms']:.3f} | "
+              f"{x['select_ms']:.3f} | {x['sparse_speedup']:.1f}x |")
+    for x in r["decode"]:
+        if "sweep_ms" in x:
+            print(f"\nsweep at 32K x 8: best {x['sweep_best']} {x['sweep_best_TBps']:.2f} TB/s; "
+                  f"{x['sweep_ms']}")
+    print("\n| prefill tokens | dense ms/layer | TFLOP/s | retrieval half | streaming half | speedup |")
+    print("|---|---|---|---|---|---|")
+    for x in r["prefill"]:
+        print(f"| {x['prefill_tokens']} | {x['dense_ms']:.1f} | {x['dense_TFLOPs']:.0f} | "
+              f"{x['retrieval_half_ms']:.1f} | {x['streaming_half_ms']:.1f} | {x['sparse_speedup']:.2f}x |")
+    print("\n" + ", ".join(f"append {x['kv_append_tokens']} tok: {x['ms'] * 1e3:.1f} us"
+                           for x in r["append"]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kernels", action="store_true")
+    ap.add_argument("--e2e", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not torch.cuda.is_available():
+        sys.exit("bench/gpu.py needs a CUDA device")
+    if args.kernels or not args.e2e:
+        kernels(out)
+
+
+if __name__ == "__main__":
+    main()
