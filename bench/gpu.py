@@ -271,6 +271,220 @@ def print_kernel_tables(r: dict) -> None:
                            for x in r["append"]))
 
 
+LLAMA_8B = {  # Llama-3.1-8B's config.json (architecture only; weights are random with --load-format dummy)
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "max_position_embeddings": 131072, "tie_word_embeddings": False, "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009], "torch_dtype": "bfloat16"}
+
+
+def model_config_path(out: Path) -> str:
+    repo = Path(__file__).resolve().parent.parent / "configs" / "llama-3.1-8b.json"
+    if repo.exists():
+        return str(repo)
+    path = out / "llama-3.1-8b.json"
+    path.write_text(json.dumps(LLAMA_8B))
+    return str(path)
+
+
+def make_engine(model: str, attention: str, kv_gib: float, **kw):
+    from engine.config import EngineArgs
+    from engine.llm_engine import LLMEngine
+
+    args = EngineArgs(model=model, load_format="dummy", attention=attention, kv_cache_memory=f"{kv_gib}GiB",
+                      max_model_len=131072 + 1024, enable_prefix_caching=False, streaming_ratio=0.5,
+                      max_num_batched_tokens=8192,
+                      sparse_recall_sample=0.0, **kw)
+    return LLMEngine(args)
+
+
+def fill_pool(pool) -> None:
+    """Random K/V (never time on zeros) and the exact summaries of it."""
+    for layer in range(pool.k.shape[0]):
+        pool.k[layer].normal_()
+        pool.v[layer].normal_()
+        if pool.kmin is not None:
+            sb = pool.spec.summary_block
+            blocks = pool.k[layer].view(pool.num_pages, -1, sb, pool.spec.num_kv_heads, pool.spec.head_dim)
+            pool.kmin[layer].copy_(blocks.amin(2))
+            pool.kmax[layer].copy_(blocks.amax(2))
+
+
+def decode_meta(batch: int, ctx: int, page_size: int, first_page: int, device):
+    """One decode step of `batch` sequences at context ctx (the new token at position ctx)."""
+    from attention.base import AttentionMetadata
+
+    pages = (ctx + 1 + page_size - 1) // page_size
+    tables = (torch.randperm(batch * pages, device=device).view(batch, pages) + first_page).int()
+    pos = torch.full((batch,), ctx, dtype=torch.int64, device=device)
+    slots = tables[:, ctx // page_size].long() * page_size + ctx % page_size
+    return AttentionMetadata(
+        seq_ids=list(range(batch)), query_lens=[1] * batch, context_lens=[ctx + 1] * batch,
+        query_start_loc=torch.arange(batch + 1, device=device), context_lens_t=torch.full(
+            (batch,), ctx + 1, dtype=torch.int32, device=device), block_tables=tables, slot_mapping=slots,
+        positions=pos, modes=["sparse"] * batch, token_budgets=[BUDGET] * batch)
+
+
+def decode_step_ms(engine, batch: int, ctx: int, steps: int = 24) -> float:
+    """ms per decode step through the runner's path (graph when it applies), lm_head included."""
+    runner = engine.runner
+    meta = decode_meta(batch, ctx, engine.pool.spec.page_size, 1, engine.device)
+    ids = torch.randint(0, 1000, (batch,), device=engine.device)
+
+    def step():
+        runner.backend.begin_step(meta)
+        hidden = runner.graphs.run(ids, meta) if runner.graphs is not None else None
+        if hidden is None:
+            hidden = runner.model(ids, runner.backend, meta)
+        return runner.model.logits(hidden)
+
+    with torch.inference_mode():
+        for _ in range(6):  # capture + warm-up, through a reselect and a reuse step
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+def weight_bytes(engine) -> int:
+    """Bytes a decode step reads of the weights: all but the embedding table (only B rows of it)."""
+    m = engine.model
+    return sum(p.numel() * p.element_size() for n, p in m.named_parameters() if "embed_tokens" not in n)
+
+
+def kv_read_bytes(engine, mode: str, batch: int, ctx: int) -> int:
+    spec = engine.pool.spec
+    per_tok = spec.num_kv_heads * spec.head_dim * 2 * 2  # K and V of all KV heads, one layer
+    if mode == "dense":
+        return batch * ctx * per_tok * spec.num_layers
+    b = engine.backend
+    dense_l = b.dense_layers
+    sparse_l = spec.num_layers - dense_l
+    half = spec.num_kv_heads // 2
+    per_head = spec.head_dim * 2 * 2
+    read = half * min(ctx, BUDGET) * per_head + half * (SINK + LOCAL) * per_head
+    summaries = (ctx // spec.summary_block) * spec.num_kv_heads * spec.head_dim * 2 * 2 / b.selector_interval
+    return int(batch * (ctx * per_tok * dense_l + (read + summaries) * sparse_l))
+
+
+def e2e(out: Path, bw: float) -> dict:
+    import gc
+
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    result = {"device": torch.cuda.get_device_name(), "date": date, "copy_TBps": bw / 1e12, "decode": [],
+              "ttft": [], "hf": {}}
+    model = model_config_path(out)
+    try:
+        result["hf"] = hf_baseline()
+    except Exception as e:  # noqa: BLE001
+        result["hf"] = {"error": repr(e)[:300]}
+    print(json.dumps(result["hf"]), flush=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    for mode in ("dense", "sparse"):
+        engine = make_engine(model, mode, 100)
+        fill_pool(engine.pool)
+        wbytes = weight_bytes(engine)
+        cap = engine.pool.capacity_tokens
+        for ctx in CONTEXTS:
+            for batch in BATCHES:
+                row = {"mode": mode, "ctx": ctx, "batch": batch}
+                if batch * (ctx + 16) > cap - 64:
+                    row["skipped"] = f"KV of {batch}x{ctx} tokens exceeds the {cap}-token pool"
+                else:
+                    try:
+                        ms = decode_step_ms(engine, batch, ctx)
+                        roof = (wbytes + kv_read_bytes(engine, mode, batch, ctx)) / bw * 1e3
+                        row.update(ms=ms, tok_s=batch / ms * 1e3, roofline_ms=roof, vs_roofline=ms / roof)
+                    except Exception as e:  # noqa: BLE001
+                        row["error"] = repr(e)[:300]
+                result["decode"].append(row)
+                print(json.dumps(row), flush=True)
+                (out / "e2e.json").write_text(json.dumps(result, indent=1))
+        for n in (32768, 131072):
+            row = {"mode": mode, "prompt": n}
+            try:
+                from engine.sampling_params import SamplingParams
+
+                prompt = torch.randint(0, 100000, (n,)).tolist()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                engine.add_request(f"ttft-{n}", prompt, SamplingParams(max_tokens=1, temperature=0.0))
+                while engine.has_unfinished():
+                    engine.step()
+                torch.cuda.synchronize()
+                row["ttft_s"] = time.perf_counter() - t0
+            except Exception as e:  # noqa: BLE001
+                import traceback
+
+                traceback.print_exc()
+                row["error"] = repr(e)[:300]
+            result["ttft"].append(row)
+            print(json.dumps(row), flush=True)
+            (out / "e2e.json").write_text(json.dumps(result, indent=1))
+        engine = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    print_e2e(result)
+    return result
+
+
+def hf_baseline(ctx: int = 8192, new: int = 16) -> dict:
+    """transformers with random weights of the same config: prefill ctx tokens, then greedy decode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{k: v for k, v in LLAMA_8B.items() if k not in ("architectures", "model_type")})
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 100000, (1, ctx), device="cuda")
+    with torch.inference_mode():
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outp = model(ids, use_cache=True)
+        torch.cuda.synchronize()
+        prefill = time.perf_counter() - t0
+        past = outp.past_key_values
+        tok = outp.logits[:, -1:].argmax(-1)
+        for _ in range(3):  # warm-up
+            o = model(tok, past_key_values=past, use_cache=True)
+            past = o.past_key_values
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(new):
+            o = model(tok, past_key_values=past, use_cache=True)
+            past = o.past_key_values
+            tok = o.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        step = (time.perf_counter() - t0) / new * 1e3
+    return {"hf_ctx": ctx, "hf_prefill_s": prefill, "hf_decode_ms": step}
+
+
+def print_e2e(r: dict) -> None:
+    print(f"\n### End to end, Llama-3.1-8B shapes, dummy weights, bf16, {r['device']}, {r['date']}\n")
+    hf = r.get("hf", {})
+    if "hf_decode_ms" in hf:
+        print(f"transformers {hf['hf_ctx']} ctx, batch 1: decode {hf['hf_decode_ms']:.1f} ms/token, "
+              f"prefill {hf['hf_prefill_s']:.2f} s\n")
+    print("| mode | ctx | batch | ms/step | tok/s | roofline ms | measured/roofline |")
+    print("|---|---|---|---|---|---|---|")
+    for x in r["decode"]:
+        if "ms" in x:
+            print(f"| {x['mode']} | {x['ctx']} | {x['batch']} | {x['ms']:.2f} | {x['tok_s']:.0f} | "
+                  f"{x['roofline_ms']:.2f} | {x['vs_roofline']:.2f} |")
+        else:
+            print(f"| {x['mode']} | {x['ctx']} | {x['batch']} | {x.get('skipped') or x.get('error')} ||||")
+    print("\n| mode | prompt tokens | TTFT s |")
+    print("|---|---|---|")
+    for x in r["ttft"]:
+        print(f"| {x['mode']} | {x['prompt']} | {x.get('ttft_s', float('nan')):.2f} {x.get('error', '')} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernels", action="store_true")
@@ -281,8 +495,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available():
         sys.exit("bench/gpu.py needs a CUDA device")
+    result = None
     if args.kernels or not args.e2e:
-        kernels(out)
+        result = kernels(out)
+    if args.e2e:
+        bw = result["copy_TBps"] * 1e12 if result else copy_bandwidth()
+        e2e(out, bw)
 
 
 if __name__ == "__main__":

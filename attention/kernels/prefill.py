@@ -1,13 +1,17 @@
 """Prefill attention: dense causal for retrieval heads, sink + local block-sparse for streaming heads.
 
-Both run on torch SDPA (its flash / memory-efficient kernels are the fastest right answer on the H200:
-619 TFLOP/s causal at 32K, see ../shared/gpu-calibration.json). The caller hands contiguous keys and
+Both run on torch's flash attention (619 TFLOP/s causal at 32K on the H200, see
+../shared/gpu-calibration.json): dense through SDPA or, for a chunk after earlier context, the flash op
+itself (bottom-right causal, GQA without repeating KV heads); streaming heads through its sliding window
+plus a small torch pass over the sinks, merged by log-sum-exp. Where flash is missing, SDPA with masks.
+The caller hands contiguous keys and
 values by position: the step's own k/v when the sequence has no earlier context, else the context
 gathered from its pages (gather_context).
 
-Streaming heads: a query at position p reads keys j <= p with j < sink or j > p - local. Queries go in
-blocks of `block` rows; each block reads only the sink and the keys from its first query's window start
-on, so the cost is O(L * (sink + local + block)) instead of O(L^2). Reference: reference.prefill_ref.
+Streaming heads: a query at position p reads keys j <= p with j < sink or j > p - local; the fallback
+takes queries in blocks of `block` rows, each reading only the sink and the keys from its first query's
+window start on, so the cost is O(L * (sink + local + block)) instead of O(L^2).
+Reference: reference.prefill_ref.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ def prefill_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         return _sdpa(q, k, v, scale, causal=True)
     if lq == 1:
         return _sdpa(q, k, v, scale)
+    flash = _flash(q, k, v, scale)
+    if flash is not None:
+        return flash[0]
     if causal_lower_right is not None:
         g = q.shape[1] // k.shape[1]
         kk = k.repeat_interleave(g, 1) if g > 1 else k
@@ -60,6 +67,57 @@ def prefill_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return _sdpa(q, k, v, scale, mask=torch.arange(lk, device=q.device)[None, :] <= pos_q)
 
 
+_FLASH_OK = True
+
+
+def _flash(q, k, v, scale, window: int | None = None):
+    """Flash attention forward on token-major tensors, causal aligned bottom-right (q are the last
+    positions), GQA native, optional sliding window of `window` keys -> (out [Lq, Hq, D], lse [Hq, Lq])
+    or None where the op is unavailable (CPU, old torch)."""
+    global _FLASH_OK
+    if not _FLASH_OK or q.device.type != "cuda":
+        return None
+    try:
+        out, lse = torch.ops.aten._flash_attention_forward(
+            q[None], k[None], v[None], None, None, q.shape[0], k.shape[0], 0.0, True, False, scale=scale,
+            window_size_left=None if window is None else window - 1,
+            window_size_right=None if window is None else 0)[:2]
+    except (RuntimeError, TypeError, AttributeError):
+        _FLASH_OK = False
+        return None
+    return out[0], lse.reshape(q.shape[1], -1)[:, : q.shape[0]]
+
+
+def _streaming_flash(q, k, v, scale, sink, local):
+    """Window keys through flash (sliding window), the sinks left of each window in plain torch, merged
+    by log-sum-exp."""
+    got = _flash(q, k, v, scale, window=local)
+    if got is None:
+        return None
+    out, lse = got
+    lq, lk = q.shape[0], k.shape[0]
+    pos = torch.arange(lk - lq, lk, device=q.device)
+    g = q.shape[1] // k.shape[1]
+    ks, vs = k[:sink].float(), v[:sink].float()
+    step = 8192
+    for a in range(0, lq, step):  # bounded temporaries: [rows, Hkv, G, sink] float32
+        e = min(a + step, lq)
+        if int(pos[e - 1]) - local + 1 <= 0:
+            continue  # every window still covers the sinks
+        qa = q[a:e].float().view(e - a, k.shape[1], g, -1)
+        s = torch.einsum("thgd,shd->thgs", qa, ks) * scale
+        hidden = torch.arange(sink, device=q.device)[None, :] <= (pos[a:e, None] - local)  # left of window
+        s = s.masked_fill(~hidden[:, None, None, :], float("-inf"))
+        lse_s = torch.logsumexp(s, -1)  # [rows, Hkv, G]
+        o_s = torch.einsum("thgs,shd->thgd", torch.exp(s - lse_s[..., None]).nan_to_num(0.0), vs)
+        lse_w = lse[:, a:e].transpose(0, 1).reshape(e - a, k.shape[1], g)
+        tot = torch.logaddexp(lse_w, lse_s)
+        w_w, w_s = torch.exp(lse_w - tot)[..., None], torch.exp(lse_s - tot)[..., None]
+        o_w = out[a:e].float().view(e - a, k.shape[1], g, -1)
+        out[a:e] = (o_w * w_w + o_s * w_s).view(e - a, q.shape[1], -1).to(out.dtype)
+    return out
+
+
 def prefill_streaming(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, sink: int,
                       local: int, block: int = 2048) -> torch.Tensor:
     """Sink + local attention of q [Lq, Hq, D] (the last Lq positions of k, v [Lk, Hkv, D])."""
@@ -67,6 +125,9 @@ def prefill_streaming(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     off = lk - lq
     if lk <= sink + local:  # every query sees its whole causal past
         return prefill_dense(q, k, v, scale)
+    flash = _streaming_flash(q, k, v, scale, sink, local)
+    if flash is not None:
+        return flash
     out = torch.empty_like(q)
     for a in range(0, lq, block):
         e = min(a + block, lq)
