@@ -5,6 +5,8 @@ Only sequences that reach their last token this step (decodes and final prefill 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from attention.base import AttentionBackend, AttentionMetadata
@@ -22,6 +24,17 @@ class ModelRunner:
         self.device = device
         self.default_mode = default_mode
         self.default_budget = default_budget
+        self.graphs = None
+        if device.type == "cuda" and os.environ.get("NEEDLE_TRITON", "1") != "0":
+            from attention.kernels import HAS_TRITON
+
+            if HAS_TRITON:  # Triton kernels + CUDA graphs for decode; the torch backends stay the CPU path
+                from attention.triton_backend import use_triton
+                from engine.cuda_graph import CudaGraphRunner
+
+                self.backend = use_triton(backend)
+                if os.environ.get("NEEDLE_CUDA_GRAPHS", "1") != "0":
+                    self.graphs = CudaGraphRunner(model, self.backend, device)
 
     def build_metadata(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata]:
         ids: list[int] = []
@@ -61,7 +74,9 @@ class ModelRunner:
         """-> (logits [S, V] float32 for the sequences that emit a token, those sequences)."""
         input_ids, meta = self.build_metadata(batch)
         self.backend.begin_step(meta)
-        hidden = self.model(input_ids, self.backend, meta)
+        hidden = self.graphs.run(input_ids, meta) if self.graphs is not None else None
+        if hidden is None:
+            hidden = self.model(input_ids, self.backend, meta)
         rows, emitting = [], []
         ends = meta.query_start_loc.tolist()[1:]
         for seq, n, end in zip(batch.seqs, batch.num_new_tokens, ends, strict=True):
