@@ -62,7 +62,7 @@ async def read_json(request: Request, model: type[M], limit: int) -> M:
             raise APIError(413, f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     try:
-        raw = json.loads(b"".join(chunks))
+        raw = json.loads(b"".join(chunks), parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as err:
         raise bad_request(f"the request body is not valid JSON: {err}") from err
     if not isinstance(raw, dict):
@@ -74,6 +74,11 @@ async def read_json(request: Request, model: type[M], limit: int) -> M:
     if parsed.model_extra:
         logger.debug("ignoring unknown request fields: %s", sorted(parsed.model_extra))
     return parsed
+
+
+def _reject_constant(name: str) -> None:
+    """Python's json takes NaN and Infinity; JSON does not, and no sampling setting makes sense with them."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 class APIKeyMiddleware:

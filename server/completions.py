@@ -38,6 +38,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, receive
     if body.echo and body.logprobs is not None:
         raise bad_request("echo together with logprobs is not supported", param="echo")
     params = body.sampling_params(body.max_tokens, body.logprobs)
+    state.check_params(params)
     prompts = await prompt_ids(state, body.prompt)
     for ids in prompts:
         state.check_context(ids, body.max_tokens)

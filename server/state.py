@@ -112,6 +112,11 @@ class ServerState:
         if bad:
             raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param=param)
 
+    def check_params(self, params: SamplingParams) -> None:
+        """Token ids in the sampling settings index the vocabulary inside the engine step: check them here."""
+        self.check_token_ids(list(params.logit_bias), "logit_bias")
+        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+
     def check_context(self, prompt: list[int], max_tokens: int | None) -> None:
         limit = self.ready().max_model_len
         if not prompt:

@@ -9,6 +9,8 @@ import time
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from server_fixtures import SMALL, LiveServer, run_server
 
 # 16 batch slots and 4 queue slots: the concurrency test fits, the queue-full test can overflow it.
@@ -256,6 +258,11 @@ ERROR_CASES = [
     (COMPLETIONS, {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     (COMPLETIONS, {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     (COMPLETIONS, {"prompt": "x", "logit_bias": {"token": 1}}, 400, "logit_bias"),
+    (COMPLETIONS, {"prompt": "x", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    (COMPLETIONS, {"prompt": "x", "stop_token_ids": [-3]}, 400, "stop_token_ids"),
+    (COMPLETIONS, {"prompt": "x", "stop": [""]}, 400, "stop"),
+    (COMPLETIONS, {"prompt": "x", "seed": 2**70}, 400, "seed"),
+    (COMPLETIONS, {"prompt": "x", "n": 129}, 400, "n"),
     (COMPLETIONS, {"prompt": "x", "attention": {"mode": "fuzzy"}}, 400, "attention.mode"),
     (COMPLETIONS, {"prompt": ""}, 400, "prompt"),
     (COMPLETIONS, {"prompt": []}, 400, "prompt"),
@@ -294,6 +301,7 @@ def test_transport_level_errors(server: LiveServer) -> None:
     error_of(httpx.post(url, json={"prompt": "x"}), 401)
     error_of(httpx.post(url, json={"prompt": "x"}, headers={"Authorization": "Bearer nope"}), 401)
     error_of(httpx.post(url, content=b'{"prompt": ', headers=server.headers), 400)
+    error_of(httpx.post(url, content=b'{"prompt": "x", "temperature": NaN}', headers=server.headers), 400)
     error_of(httpx.post(url, json=["not", "an", "object"], headers=server.headers), 400)
     error_of(httpx.post(url, json={"prompt": "x" * 70_000}, headers=server.headers), 413)
     error_of(httpx.get(url, headers=server.headers), 405)
@@ -317,3 +325,27 @@ def test_unknown_fields_are_ignored(client: openai.OpenAI, model: str) -> None:
     r = client.completions.create(model=model, prompt="Hi", max_tokens=2, temperature=0,
                                   extra_body={"no_such_field": {"deep": [1, 2]}, "best_of": 1})
     assert r.choices[0].text
+
+
+SCALARS = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+           | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8))
+JSON = st.recursive(SCALARS,
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                max_size=3),
+                    max_leaves=6)
+FIELDS = ["temperature", "top_p", "top_k", "min_p", "n", "stop", "stop_token_ids", "seed", "presence_penalty",
+          "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos", "logit_bias", "logprobs",
+          "echo", "stream", "stream_options", "attention", "user", "skip_special_tokens", "top_logprobs",
+          "include_stop_str_in_output", "max_completion_tokens", "add_generation_prompt"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from([COMPLETIONS, CHAT]), extra=st.dictionaries(st.sampled_from(FIELDS), JSON,
+                                                                         max_size=4))
+def test_no_input_yields_a_server_error(server: LiveServer, path: str, extra: dict) -> None:
+    base = {"prompt": "Hi"} if path == COMPLETIONS else {"messages": USER}
+    r = httpx.post(f"{server.url}{path}", headers=server.headers, timeout=120,
+                   json={**base, **extra, "max_tokens": 2})
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        error_of(r, 400)
