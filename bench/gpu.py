@@ -295,7 +295,7 @@ def make_engine(model: str, attention: str, kv_gib: float, **kw):
     from engine.llm_engine import LLMEngine
 
     args = EngineArgs(model=model, load_format="dummy", attention=attention, kv_cache_memory=f"{kv_gib}GiB",
-                      max_model_len=131072 + 1024, enable_prefix_caching=False, streaming_ratio=0.5,
+                      max_model_len=131072, enable_prefix_caching=False, streaming_ratio=0.5,
                       max_num_batched_tokens=8192,
                       sparse_recall_sample=0.0, **kw)
     return LLMEngine(args)
@@ -407,7 +407,7 @@ def e2e(out: Path, bw: float) -> dict:
                 result["decode"].append(row)
                 print(json.dumps(row), flush=True)
                 (out / "e2e.json").write_text(json.dumps(result, indent=1))
-        for n in (32768, 131072):
+        for n in (32768, 131072 - 64):  # the prompt and its one new token within max_model_len
             row = {"mode": mode, "prompt": n}
             try:
                 from engine.sampling_params import SamplingParams
@@ -485,10 +485,60 @@ def print_e2e(r: dict) -> None:
         print(f"| {x['mode']} | {x['prompt']} | {x.get('ttft_s', float('nan')):.2f} {x.get('error', '')} |")
 
 
+SMOLLM2_SHAPE = {  # SmolLM2-135M's architecture: 9 q heads over 3 KV heads (odd GQA), head_dim 64
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+    "vocab_size": 49152, "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "max_position_embeddings": 8192,
+    "tie_word_embeddings": True}
+
+
+def parity(out: Path) -> dict:
+    """Greedy tokens of the CUDA path (Triton + graphs) against the torch path (the CPU code) on CUDA, with
+    the same dummy weights (the CPU draws other random numbers), float32, SmolLM2 shapes, dense and sparse
+    (budget 256 so the sparse path runs)."""
+    from engine.config import EngineArgs
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    path = out / "smollm2-shape.json"
+    path.write_text(json.dumps(SMOLLM2_SHAPE))
+    gen = torch.Generator().manual_seed(0)
+    prompts = {"a": torch.randint(0, 49152, (700,), generator=gen).tolist(),
+               "b": torch.randint(0, 49152, (300,), generator=gen).tolist()}
+    result = {}
+    for mode in ("dense", "sparse"):
+        runs = {}
+        for name, device, triton_on in (("cuda-torch", "cuda", "0"), ("cuda-triton", "cuda", "1")):
+            os.environ["NEEDLE_TRITON"] = triton_on
+            engine = LLMEngine(EngineArgs(model=str(path), load_format="dummy", attention=mode, device=device,
+                                          dtype="float32", sparse_token_budget=256, streaming_ratio=0.5,
+                                          enable_prefix_caching=False, sparse_recall_sample=0.0,
+                                          kv_cache_memory="1GiB", seed=1))
+            for rid, ids in prompts.items():
+                engine.add_request(rid, ids, SamplingParams(max_tokens=12, temperature=0.0))
+            toks: dict[str, list[int]] = {}
+            while engine.has_unfinished():
+                for o in engine.step()[0]:
+                    toks.setdefault(o.request_id, []).extend(o.outputs[0].token_ids)
+            runs[name] = toks
+            runs[name + "_backend"] = type(engine.runner.backend).__name__
+            engine = None
+        os.environ["NEEDLE_TRITON"] = "1"
+        same = {other: sum(x == y for r in prompts for x, y in zip(runs["cuda-triton"][r], runs[other][r],
+                                                                     strict=True))
+                for other in ("cuda-torch",)}
+        result[mode] = {"runs": runs, "tokens": 12 * len(prompts), "cuda-triton_equal_tokens": same}
+        print(json.dumps({mode: result[mode]}), flush=True)
+    (out / "parity.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--e2e", action="store_true")
+    ap.add_argument("--parity", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     out = Path(args.out)
@@ -496,7 +546,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/gpu.py needs a CUDA device")
     result = None
-    if args.kernels or not args.e2e:
+    if args.parity:
+        parity(out)
+    if args.kernels or not (args.e2e or args.parity):
         result = kernels(out)
     if args.e2e:
         bw = result["copy_TBps"] * 1e12 if result else copy_bandwidth()
