@@ -60,6 +60,8 @@ def _stream(state: ServerState, body: ChatCompletionRequest, gen: Generation,
 
     def on_delta(delta: ChoiceDelta) -> str:
         out = delta.output
+        if not (out.text or out.finish_reason or top_n is not None):
+            return ""
         lps = None if top_n is None else chat_logprobs(out.token_ids, out.logprobs or [], top_n,
                                                        state.token_text)
         return chunk([ChatChunkChoice(index=delta.index, delta={"content": out.text} if out.text else {},

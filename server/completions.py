@@ -71,6 +71,8 @@ def _stream(state: ServerState, body: CompletionRequest, gen: Generation,
 
     def on_delta(delta: ChoiceDelta) -> str:
         out, lps = delta.output, None
+        if not (out.text or out.finish_reason or body.logprobs is not None):
+            return ""
         if body.logprobs is not None:
             lps = completion_logprobs(out.token_ids, out.logprobs or [], body.logprobs, state.token_text,
                                       offsets[delta.index])

@@ -64,7 +64,8 @@ def chat_logprobs(token_ids: list[int], entries: list[dict[int, float]], n: int,
 async def event_stream(deltas: AsyncIterator[ChoiceDelta], head: list[str],
                        chunk: Callable[[ChoiceDelta], str], tail: Callable[[], list[str]],
                        release: Callable[[], None]) -> AsyncIterator[str]:
-    """The SSE body: `head` events, one event per delta, `tail` events, then [DONE].
+    """The SSE body: `head` events, one event per delta (`chunk` returns "" for a delta with nothing to
+    say, e.g. the first bytes of a character still being held back), `tail` events, then [DONE].
 
     An error after the headers are sent can only travel in-band, as an error event before [DONE].
     Closing this stream (the client left) closes `deltas`, which aborts the engine requests.
@@ -74,7 +75,9 @@ async def event_stream(deltas: AsyncIterator[ChoiceDelta], head: list[str],
             yield event
         async with contextlib.aclosing(deltas):
             async for delta in deltas:
-                yield chunk(delta)
+                event = chunk(delta)
+                if event:
+                    yield event
         for event in tail():
             yield event
     except APIError as err:

@@ -107,6 +107,17 @@ def test_completion_stream_raw_sse(server: LiveServer, client: openai.OpenAI, mo
     assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
 
 
+def test_streaming_never_splits_a_character(client: openai.OpenAI, model: str) -> None:
+    prompt = "日本語の文章: 東京は日本の首都です。大阪は"
+    whole = client.completions.create(model=model, prompt=prompt, max_tokens=12,
+                                      temperature=0).choices[0].text
+    deltas = [c.choices[0].text for c in client.completions.create(
+        model=model, prompt=prompt, max_tokens=12, temperature=0, stream=True)]
+    assert any(ord(ch) > 0x3000 for ch in whole)  # multi-byte characters were generated
+    assert all(d and "\ufffd" not in d for d in deltas[:-1])
+    assert "".join(deltas) == whole
+
+
 def test_n_and_seed(client: openai.OpenAI, model: str) -> None:
     def sample(seed: int) -> list[str]:
         r = client.completions.create(model=model, prompt="My favourite animal is", max_tokens=8, n=2,
