@@ -534,11 +534,38 @@ def parity(out: Path) -> dict:
     return result
 
 
+def profile(out: Path) -> None:
+    """Where a step's GPU time goes: top kernels of one dense decode step (B=1, 8K) and of a 32K prefill."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from engine.sampling_params import SamplingParams
+
+    os.environ["NEEDLE_CUDA_GRAPHS"] = "0"  # kernels by name; their GPU time is the same inside a graph
+    engine = make_engine(model_config_path(out), "dense", 20)
+    fill_pool(engine.pool)
+    decode_step_ms(engine, 1, 8192, steps=3)
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decode_step_ms(engine, 1, 8192, steps=5)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+    print("decode B=1 8K x 5 (+6 warm-up) steps\n" + table)
+    prompt = torch.randint(0, 100000, (32768,)).tolist()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.add_request("p", prompt, SamplingParams(max_tokens=1, temperature=0.0))
+        while engine.has_unfinished():
+            engine.step()
+        torch.cuda.synchronize()
+    table2 = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+    print("prefill 32K\n" + table2)
+    (out / "profile.txt").write_text(table + "\n" + table2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--parity", action="store_true")
+    ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     out = Path(args.out)
@@ -548,6 +575,9 @@ def main() -> None:
     result = None
     if args.parity:
         parity(out)
+    if args.profile:
+        profile(out)
+        return
     if args.kernels or not (args.e2e or args.parity):
         result = kernels(out)
     if args.e2e:

@@ -4,9 +4,8 @@ Both run on torch's flash attention (619 TFLOP/s causal at 32K on the H200, see
 ../shared/gpu-calibration.json): dense through SDPA or, for a chunk after earlier context, the flash op
 itself (bottom-right causal, GQA without repeating KV heads); streaming heads through its sliding window
 plus a small torch pass over the sinks, merged by log-sum-exp. Where flash is missing, SDPA with masks.
-The caller hands contiguous keys and
-values by position: the step's own k/v when the sequence has no earlier context, else the context
-gathered from its pages (gather_context).
+The caller hands contiguous keys and values by position: the step's own k/v when the sequence has no
+earlier context, else the context gathered from its pages (gather_context).
 
 Streaming heads: a query at position p reads keys j <= p with j < sink or j > p - local; the fallback
 takes queries in blocks of `block` rows, each reading only the sink and the keys from its first query's
