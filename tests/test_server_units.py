@@ -5,9 +5,11 @@ so the engine never loads)."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.config import EngineArgs
@@ -103,9 +105,12 @@ def test_cli_reads_engine_and_server_flags() -> None:
     assert (args.attention, args.enable_prefix_caching) == ("dense", False)
 
 
-def _unloaded(**config) -> httpx.AsyncClient:
-    app = build_app(ServerConfig(**config), EngineArgs())
+def _client(app: FastAPI) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+def _unloaded(**config) -> httpx.AsyncClient:
+    return _client(build_app(ServerConfig(**config), EngineArgs()))
 
 
 def _assert_error(r: httpx.Response, status: int) -> dict:
@@ -143,5 +148,18 @@ def test_api_key_guards_all_but_health_and_metrics() -> None:
             assert ok.status_code == 503  # past the key check; the model is not loaded here
             assert (await client.get("/health")).status_code == 503
             assert (await client.get("/metrics")).status_code == 200
+
+    asyncio.run(run())
+
+
+def test_health_turns_503_when_the_engine_cannot_continue() -> None:
+    """The server trusts the engine's `healthy` flag; an engine thread that gave up flips it to False."""
+    app = build_app(ServerConfig(), EngineArgs())
+    app.state.needle.engine = SimpleNamespace(healthy=False, model_name="m", max_model_len=8)
+
+    async def run() -> None:
+        async with _client(app) as client:
+            _assert_error(await client.get("/health"), 503)
+            _assert_error(await client.post("/v1/completions", json={"prompt": "x"}), 503)
 
     asyncio.run(run())
