@@ -83,9 +83,6 @@ class SparseBackend(AttentionBackend):
         self.head_dim = pool.spec.head_dim
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.per_query_head = per_query_head
-        policy = POLICIES[args.sparse_policy]
-        self.policy: SparsePolicy = policy(args.sparse_page_size, pool.spec.summary_block)
-        self.unit = self.policy.unit_tokens
         default_budget = CUDA_TOKEN_BUDGET if pool.device.type == "cuda" else CPU_TOKEN_BUDGET
         self.token_budget = args.sparse_token_budget or default_budget
         self.dense_layers = args.dense_layers
@@ -93,18 +90,28 @@ class SparseBackend(AttentionBackend):
         self.prefill_local_tokens = args.prefill_local_tokens
         self.selector_interval = max(1, args.selector_interval)
         self.recall_sample = args.sparse_recall_sample
-        self.num_sink_units = -(-self.sink_tokens // self.unit)
-        self.num_recent_units = 1 + -(-args.sparse_page_size // self.unit)  # newest partial + one page
+        self._selection: dict[int, dict[int, torch.Tensor]] = {}  # seq_id -> layer -> [H, k] units
+        self._age: dict[int, tuple[int, int]] = {}  # seq_id -> (decode steps since selection, its budget)
+        self.sparse_page_size = args.sparse_page_size
+        self.set_policy(args.sparse_policy)
         self._rng = random.Random(args.seed)
         dev = pool.device
         self._streaming = [torch.tensor([h for h, s in enumerate(row) if s], dtype=torch.long, device=dev)
                            for row in profile.streaming]
         self._retrieval = [torch.tensor([h for h, s in enumerate(row) if not s], dtype=torch.long, device=dev)
                            for row in profile.streaming]
-        self._selection: dict[int, dict[int, torch.Tensor]] = {}  # seq_id -> layer -> [H, k] units
-        self._age: dict[int, tuple[int, int]] = {}  # seq_id -> (decode steps since selection, its budget)
         self._step: _Step | None = None
         self._stats = StepStats()
+
+    def set_policy(self, name: str) -> None:
+        """Switch the page-selection policy (kept selections are dropped); the quality harness compares
+        policies over one prefilled cache this way."""
+        self.policy: SparsePolicy = POLICIES[name](self.sparse_page_size, self.pool.spec.summary_block)
+        self.unit = self.policy.unit_tokens
+        self.num_sink_units = -(-self.sink_tokens // self.unit)
+        self.num_recent_units = 1 + -(-self.sparse_page_size // self.unit)  # newest partial + one page
+        self._selection.clear()
+        self._age.clear()
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
