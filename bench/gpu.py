@@ -373,7 +373,7 @@ def kv_read_bytes(engine, mode: str, batch: int, ctx: int) -> int:
     return int(batch * (ctx * per_tok * dense_l + (read + summaries) * sparse_l))
 
 
-def e2e(out: Path, bw: float) -> dict:
+def e2e(out: Path, bw: float, ttft_only: bool = False) -> dict:
     import gc
 
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -381,18 +381,18 @@ def e2e(out: Path, bw: float) -> dict:
               "ttft": [], "hf": {}}
     model = model_config_path(out)
     try:
-        result["hf"] = hf_baseline()
+        result["hf"] = {} if ttft_only else hf_baseline()
     except Exception as e:  # noqa: BLE001
         result["hf"] = {"error": repr(e)[:300]}
     print(json.dumps(result["hf"]), flush=True)
     gc.collect()
     torch.cuda.empty_cache()
     for mode in ("dense", "sparse"):
-        engine = make_engine(model, mode, 100)
+        engine = make_engine(model, mode, 80)
         fill_pool(engine.pool)
         wbytes = weight_bytes(engine)
         cap = engine.pool.capacity_tokens
-        for ctx in CONTEXTS:
+        for ctx in CONTEXTS if not ttft_only else ():
             for batch in BATCHES:
                 row = {"mode": mode, "ctx": ctx, "batch": batch}
                 if batch * (ctx + 16) > cap - 64:
@@ -407,8 +407,10 @@ def e2e(out: Path, bw: float) -> dict:
                 result["decode"].append(row)
                 print(json.dumps(row), flush=True)
                 (out / "e2e.json").write_text(json.dumps(result, indent=1))
-        for n in (32768, 131072 - 64):  # the prompt and its one new token within max_model_len
-            row = {"mode": mode, "prompt": n}
+        for n, chunk in ((32768, 8192), (131072 - 64, 8192), (32768, 131072), (131072 - 64, 131072)):
+            # the prompt and its one new token within max_model_len; chunked or in one step
+            engine.scheduler.max_num_batched_tokens = chunk
+            row = {"mode": mode, "prompt": n, "chunk": chunk}
             try:
                 from engine.sampling_params import SamplingParams
 
@@ -479,10 +481,11 @@ def print_e2e(r: dict) -> None:
                   f"{x['roofline_ms']:.2f} | {x['vs_roofline']:.2f} |")
         else:
             print(f"| {x['mode']} | {x['ctx']} | {x['batch']} | {x.get('skipped') or x.get('error')} ||||")
-    print("\n| mode | prompt tokens | TTFT s |")
-    print("|---|---|---|")
+    print("\n| mode | prompt tokens | prefill chunk | TTFT s |")
+    print("|---|---|---|---|")
     for x in r["ttft"]:
-        print(f"| {x['mode']} | {x['prompt']} | {x.get('ttft_s', float('nan')):.2f} {x.get('error', '')} |")
+        print(f"| {x['mode']} | {x['prompt']} | {x['chunk']} | {x.get('ttft_s', float('nan')):.2f} "
+              f"{x.get('error', '')} |")
 
 
 SMOLLM2_SHAPE = {  # SmolLM2-135M's architecture: 9 q heads over 3 KV heads (odd GQA), head_dim 64
@@ -566,6 +569,7 @@ def main() -> None:
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--parity", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--ttft-only", action="store_true", help="with --e2e: skip the decode table")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     out = Path(args.out)
@@ -582,7 +586,7 @@ def main() -> None:
         result = kernels(out)
     if args.e2e:
         bw = result["copy_TBps"] * 1e12 if result else copy_bandwidth()
-        e2e(out, bw)
+        e2e(out, bw, args.ttft_only)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ class CudaGraphRunner:
         self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
         self.width = 0
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.mempool = torch.cuda.graph_pool_handle()
+        self.mempool = None  # the first capture's private pool, shared by the later ones
         n = self.buckets[-1]
         self.ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
@@ -86,4 +86,6 @@ class CudaGraphRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool):
             out = self.model(ids, self.backend, static)
+        if self.mempool is None:
+            self.mempool = graph.pool()
         return graph, out

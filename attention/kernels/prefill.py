@@ -1,9 +1,10 @@
 """Prefill attention: dense causal for retrieval heads, sink + local block-sparse for streaming heads.
 
-Both run on torch's flash attention (619 TFLOP/s causal at 32K on the H200, see
-../shared/gpu-calibration.json): dense through SDPA or, for a chunk after earlier context, the flash op
-itself (bottom-right causal, GQA without repeating KV heads); streaming heads through its sliding window
-plus a small torch pass over the sinks, merged by log-sum-exp. Where flash is missing, SDPA with masks.
+Both run on torch's attention kernels: dense through SDPA (cuDNN on the H200, 619 TFLOP/s causal at 32K,
+see ../shared/gpu-calibration.json) or, for a chunk after earlier context, two cuDNN calls merged by
+log-sum-exp (the aten flash op, bottom-right causal, runs at about half that rate there); streaming heads
+through flash's sliding window plus a small torch pass over the sinks, merged by log-sum-exp. Where
+those ops are missing, SDPA with masks.
 The caller hands contiguous keys and values by position: the step's own k/v when the sequence has no
 earlier context, else the context gathered from its pages (gather_context).
 
@@ -51,6 +52,9 @@ def prefill_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         return _sdpa(q, k, v, scale, causal=True)
     if lq == 1:
         return _sdpa(q, k, v, scale)
+    out = _chunk_cudnn(q, k, v, scale)
+    if out is not None:
+        return out
     flash = _flash(q, k, v, scale)
     if flash is not None:
         return flash[0]
@@ -67,6 +71,43 @@ def prefill_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 
 
 _FLASH_OK = True
+_CUDNN_OK: bool | None = None  # None: not yet checked against flash on this machine
+
+
+def _cudnn(q, k, v, scale, causal: bool):
+    """cuDNN attention (what SDPA picks on Hopper; ~2x the aten flash kernel there) on token-major
+    tensors -> (out [Lq, Hq, D], natural-log lse [Hq, Lq]); causal is top-left, so only for squares."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None, True, 0.0, causal,
+        False, scale=scale)[:2]
+    return out[0].transpose(0, 1), lse.reshape(q.shape[1], -1)[:, : q.shape[0]].float()
+
+
+def _chunk_cudnn(q, k, v, scale):
+    """A chunk after earlier context as two cuDNN calls: the queries against all earlier keys (no mask)
+    and against their own keys (causal square), merged by log-sum-exp. Checked once against flash."""
+    global _CUDNN_OK
+    if _CUDNN_OK is False or q.device.type != "cuda":
+        return None
+    p = k.shape[0] - q.shape[0]
+    try:
+        o1, l1 = _cudnn(q, k[:p], v[:p], scale, causal=False)
+        o2, l2 = _cudnn(q, k[p:], v[p:], scale, causal=True)
+    except (RuntimeError, TypeError, AttributeError):
+        _CUDNN_OK = False
+        return None
+    lse = torch.logaddexp(l1, l2)
+    w1 = torch.exp(l1 - lse).transpose(0, 1)[..., None]
+    w2 = torch.exp(l2 - lse).transpose(0, 1)[..., None]
+    out = (o1.float() * w1 + o2.float() * w2).to(q.dtype)
+    if _CUDNN_OK is None:
+        ref = _flash(q, k, v, scale)
+        if ref is not None:
+            err = ((out.float() - ref[0].float()).norm() / ref[0].float().norm()).item()
+            _CUDNN_OK = err < 2e-2
+            if not _CUDNN_OK:
+                return ref[0]
+    return out
 
 
 def _flash(q, k, v, scale, window: int | None = None):
