@@ -63,6 +63,7 @@ class CudaGraphRunner:
         self.width = max(256, 1 << (width - 1).bit_length())
         self.tables = torch.zeros(self.buckets[-1], self.width, dtype=torch.int32, device=self.device)
         self.graphs.clear()
+        self.mempool = None  # the old pool dies with its graphs; reusing its id trips the allocator
 
     def _static_meta(self, bucket: int, meta: AttentionMetadata) -> AttentionMetadata:
         pad = bucket - meta.num_seqs
