@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -139,6 +140,7 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
     limit = config.max_request_bytes
+    started = int(time.time())
 
     @app.get("/health")
     async def health() -> Response:
@@ -153,7 +155,7 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
     async def list_models() -> dict:
         engine = state.ready()
         return {"object": "list", "data": [{
-            "id": state.model_name, "object": "model", "created": 0, "owned_by": "needle",
+            "id": state.model_name, "object": "model", "created": started, "owned_by": "needle",
             "root": engine.model_name, "max_model_len": engine.max_model_len}]}
 
     @app.post("/v1/completions")

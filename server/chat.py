@@ -45,7 +45,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
                                                                      state.token_text))
         for i, r in enumerate(results)]
     response = ChatCompletionResponse(id=gen.request_id, model=state.model_name, choices=choices,
-                                      usage=UsageInfo(**gen.usage.as_dict()))
+                                      usage=gen.usage())
     return JSONResponse(response.model_dump())
 
 
@@ -69,6 +69,6 @@ def _stream(state: ServerState, body: ChatCompletionRequest, gen: Generation,
 
     head = [chunk([ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""})])
             for i in range(gen.params.n)]
-    tail = (lambda: [chunk([], UsageInfo(**gen.usage.as_dict()))]) if usage else list
+    tail = (lambda: [chunk([], gen.usage())]) if usage else list
     return StreamingResponse(event_stream(gen.deltas(), head, on_delta, tail, gen.release),
                              media_type="text/event-stream", background=BackgroundTask(gen.release))

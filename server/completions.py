@@ -55,7 +55,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, receive
         choices.append(CompletionChoice(index=i, text=echo + r.text, logprobs=lps,
                                         finish_reason=r.finish_reason, stop_reason=r.stop_reason))
     response = CompletionResponse(id=gen.request_id, model=state.model_name, choices=choices,
-                                  usage=UsageInfo(**gen.usage.as_dict()))
+                                  usage=gen.usage())
     return JSONResponse(response.model_dump())
 
 
@@ -82,6 +82,6 @@ def _stream(state: ServerState, body: CompletionRequest, gen: Generation,
 
     head = [chunk([CompletionChoice(index=i, text=echoes[i // n])]) for i in range(len(offsets))
             if echoes[i // n]]
-    tail = (lambda: [chunk([], UsageInfo(**gen.usage.as_dict()))]) if usage else list
+    tail = (lambda: [chunk([], gen.usage())]) if usage else list
     return StreamingResponse(event_stream(gen.deltas(), head, on_delta, tail, gen.release),
                              media_type="text/event-stream", background=BackgroundTask(gen.release))

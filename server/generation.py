@@ -19,6 +19,7 @@ from engine.outputs import CompletionOutput
 from engine.sampling_params import SamplingParams
 from server.errors import APIError, bad_request
 from server.metrics import Metrics, RequestTimer
+from server.protocol import UsageInfo
 
 T = TypeVar("T")
 
@@ -35,28 +36,22 @@ class ChoiceDelta:
 class ChoiceResult:
     """A whole choice, for non-streaming responses."""
 
-    text: str = ""
+    pieces: list[str] = field(default_factory=list)  # joined once at the end: long outputs stay linear
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
     def add(self, out: CompletionOutput) -> None:
-        self.text += out.text
+        self.pieces.append(out.text)
         self.token_ids += out.token_ids
         self.logprobs += out.logprobs or []
         self.finish_reason = out.finish_reason or self.finish_reason
         self.stop_reason = out.stop_reason if out.stop_reason is not None else self.stop_reason
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
 @dataclass
@@ -70,13 +65,12 @@ class Generation:
     params: SamplingParams
     background: set[asyncio.Task]  # keeps abort tasks alive after the request handler is gone
     release: Callable[[], None]  # gives back the admission slot; idempotent
-    usage: Usage = field(default_factory=Usage)
+    completion_tokens: int = 0
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     _unfinished: set[str] = field(default_factory=set)
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         arrival = time.monotonic()
-        self.usage.prompt_tokens = sum(len(p) for p in self.prompts)
         pumps = [asyncio.create_task(self._pump(k, prompt, arrival)) for k, prompt in enumerate(self.prompts)]
         live = len(pumps)
         try:
@@ -116,8 +110,13 @@ class Generation:
             self._unfinished.discard(rid)  # refused or failed by the engine: nothing left to abort
             self._queue.put_nowait(err)
             return
-        self.usage.completion_tokens += generated
+        self.completion_tokens += generated
         self._queue.put_nowait(None)
+
+    def usage(self) -> UsageInfo:
+        prompt_tokens = sum(len(p) for p in self.prompts)
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=self.completion_tokens,
+                         total_tokens=prompt_tokens + self.completion_tokens)
 
     async def run(self, receive: Any) -> list[ChoiceResult]:
         """Non-streaming: run to the end unless the client leaves first, then free the slot."""
