@@ -360,3 +360,10 @@ def test_no_input_yields_a_server_error(server: LiveServer, path: str, extra: di
     assert r.status_code in (200, 400), r.text
     if r.status_code == 400:
         error_of(r, 400)
+
+
+def test_per_request_attention_override(client: openai.OpenAI, model: str) -> None:
+    for attention in ({"mode": "dense"}, {"mode": "sparse", "token_budget": 64}):
+        r = client.completions.create(model=model, prompt="Hi there", max_tokens=2, temperature=0,
+                                      extra_body={"attention": attention})
+        assert r.usage.completion_tokens == 2
