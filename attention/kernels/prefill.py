@@ -110,7 +110,7 @@ def _chunk_cudnn(q, k, v, scale):
     return out
 
 
-def _flash(q, k, v, scale, window: int | None = None):
+def _flash(q, k, v, scale, window: int | None = None, causal: bool = True):
     """Flash attention forward on token-major tensors, causal aligned bottom-right (q are the last
     positions), GQA native, optional sliding window of `window` keys -> (out [Lq, Hq, D], lse [Hq, Lq])
     or None where the op is unavailable (CPU, old torch)."""
@@ -119,7 +119,7 @@ def _flash(q, k, v, scale, window: int | None = None):
         return None
     try:
         out, lse = torch.ops.aten._flash_attention_forward(
-            q[None], k[None], v[None], None, None, q.shape[0], k.shape[0], 0.0, True, False, scale=scale,
+            q[None], k[None], v[None], None, None, q.shape[0], k.shape[0], 0.0, causal, False, scale=scale,
             window_size_left=None if window is None else window - 1,
             window_size_right=None if window is None else 0)[:2]
     except (RuntimeError, TypeError, AttributeError):
@@ -128,33 +128,40 @@ def _flash(q, k, v, scale, window: int | None = None):
     return out[0], lse.reshape(q.shape[1], -1)[:, : q.shape[0]]
 
 
+def _merge(out, lse, o2, lse2) -> None:
+    """out [L, H, D] (lse [H, L]) := softmax-merge of out and o2 (lse2), in place."""
+    w = torch.sigmoid(lse - lse2).transpose(0, 1)[..., None].to(out.dtype)  # = e^lse / (e^lse + e^lse2)
+    out.copy_(torch.lerp(o2, out, w))
+
+
 def _streaming_flash(q, k, v, scale, sink, local):
-    """Window keys through flash (sliding window), the sinks left of each window in plain torch, merged
-    by log-sum-exp."""
+    """Window keys through flash (sliding window); the sinks left of each window through flash too for
+    queries past every sink, in float32 torch for the first few rows whose window still covers some
+    sinks; merged by log-sum-exp."""
     got = _flash(q, k, v, scale, window=local)
     if got is None:
         return None
     out, lse = got
     lq, lk = q.shape[0], k.shape[0]
-    pos = torch.arange(lk - lq, lk, device=q.device)
+    off = lk - lq
+    split = min(lq, max(0, sink + local - 1 - off))  # rows from here on see all sinks left of the window
+    if split < lq:
+        o_s, lse_s = _flash(q[split:], k[:sink], v[:sink], scale, causal=False)
+        _merge(out[split:], lse[:, split:], o_s, lse_s)
+    if split == 0:
+        return out
+    pos = torch.arange(off, off + split, device=q.device)
     g = q.shape[1] // k.shape[1]
-    ks, vs = k[:sink].float(), v[:sink].float()
-    step = 8192
-    for a in range(0, lq, step):  # bounded temporaries: [rows, Hkv, G, sink] float32
-        e = min(a + step, lq)
-        if int(pos[e - 1]) - local + 1 <= 0:
-            continue  # every window still covers the sinks
-        qa = q[a:e].float().view(e - a, k.shape[1], g, -1)
-        s = torch.einsum("thgd,shd->thgs", qa, ks) * scale
-        hidden = torch.arange(sink, device=q.device)[None, :] <= (pos[a:e, None] - local)  # left of window
-        s = s.masked_fill(~hidden[:, None, None, :], float("-inf"))
-        lse_s = torch.logsumexp(s, -1)  # [rows, Hkv, G]
-        o_s = torch.einsum("thgs,shd->thgd", torch.exp(s - lse_s[..., None]).nan_to_num(0.0), vs)
-        lse_w = lse[:, a:e].transpose(0, 1).reshape(e - a, k.shape[1], g)
-        tot = torch.logaddexp(lse_w, lse_s)
-        w_w, w_s = torch.exp(lse_w - tot)[..., None], torch.exp(lse_s - tot)[..., None]
-        o_w = out[a:e].float().view(e - a, k.shape[1], g, -1)
-        out[a:e] = (o_w * w_w + o_s * w_s).view(e - a, q.shape[1], -1).to(out.dtype)
+    qa = q[:split].float().view(split, k.shape[1], g, -1)
+    s = torch.einsum("thgd,shd->thgs", qa, k[:sink].float()) * scale
+    hidden = torch.arange(sink, device=q.device)[None, :] <= (pos[:, None] - local)  # left of the window
+    s = s.masked_fill(~hidden[:, None, None, :], float("-inf"))
+    lse_s = torch.logsumexp(s, -1)  # [rows, Hkv, G]; -inf where no sink is left of the window
+    o_s = torch.einsum("thgs,shd->thgd", torch.exp(s - lse_s[..., None]).nan_to_num(0.0), v[:sink].float())
+    lse_w = lse[:, :split].transpose(0, 1).reshape(split, k.shape[1], g)
+    w = torch.sigmoid(lse_w - lse_s)[..., None]
+    o_w = out[:split].float().view(split, k.shape[1], g, -1)
+    out[:split] = (o_s + (o_w - o_s) * w).view(split, q.shape[1], -1).to(out.dtype)
     return out
 
 
