@@ -70,6 +70,7 @@ def run_server(*flags: str, load_timeout: float = 300.0) -> Iterator[LiveServer]
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.unlink(missing_ok=True)
 
 
 def _wait_healthy(server: LiveServer, proc: subprocess.Popen, timeout: float) -> None:
