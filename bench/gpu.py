@@ -417,7 +417,8 @@ def e2e(out: Path, bw: float, ttft_only: bool = False) -> dict:
                 prompt = torch.randint(0, 100000, (n,)).tolist()
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                engine.add_request(f"ttft-{n}", prompt, SamplingParams(max_tokens=1, temperature=0.0))
+                rid = f"ttft-{n}-{chunk}"
+                engine.add_request(rid, prompt, SamplingParams(max_tokens=1, temperature=0.0))
                 while engine.has_unfinished():
                     engine.step()
                 torch.cuda.synchronize()
@@ -427,6 +428,9 @@ def e2e(out: Path, bw: float, ttft_only: bool = False) -> dict:
 
                 traceback.print_exc()
                 row["error"] = repr(e)[:300]
+                engine.abort(rid)
+                while engine.has_unfinished():
+                    engine.step()
             result["ttft"].append(row)
             print(json.dumps(row), flush=True)
             (out / "e2e.json").write_text(json.dumps(result, indent=1))

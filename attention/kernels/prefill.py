@@ -161,7 +161,7 @@ def _streaming_flash(q, k, v, scale, sink, local):
     lse_w = lse[:, :split].transpose(0, 1).reshape(split, k.shape[1], g)
     w = torch.sigmoid(lse_w - lse_s)[..., None]
     o_w = out[:split].float().view(split, k.shape[1], g, -1)
-    out[:split] = (o_s + (o_w - o_s) * w).view(split, q.shape[1], -1).to(out.dtype)
+    out[:split] = (o_s + (o_w - o_s) * w).reshape(split, q.shape[1], -1).to(out.dtype)
     return out
 
 
