@@ -248,6 +248,8 @@ class SparseBackend(AttentionBackend):
                       plan: _Decode) -> torch.Tensor:
         """[B, H, max k] policy-chosen units: recomputed for sequences due, reused for the others."""
         k = int(plan.k.max())
+        if k == 0:  # the budget holds only the sink and recent units
+            return torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.long, device=q.device)
         due = [j for j, fresh in enumerate(plan.reselect) if fresh or layer not in self._selection.get(
             plan.seq_ids[j], {})]
         if due:

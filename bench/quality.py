@@ -68,7 +68,7 @@ def haystack(tokenizer, task: str, length: int, samples: int, seed: int):
     needles = [tokenizer.encode(f" The {noun} of {k} is {v}. ") for k, v in zip(keys, values, strict=True)]
     text = NOISE * (length // 10) if task == "passkey" else stdlib_text(HAYSTACK_MODULES)
     head = tokenizer.encode(f"Below are {len(keys)} {noun}s hidden in a long text. Remember them.\n")
-    fill = length - len(head) - sum(map(len, needles)) - 24  # room for the question
+    fill = length - len(head) - sum(map(len, needles)) - 40  # room for the question and answer
     filler = tokenizer.encode(text)[:fill]
     order = list(range(len(keys)))
     rng.shuffle(order)

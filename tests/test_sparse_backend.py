@@ -205,3 +205,19 @@ def test_telemetry_reports_recall_tokens_read_and_fallbacks():
     assert all(128 < n < 501 for n in stats.sparse_tokens_read)  # a dense layer reads all, sparse ones less
     sparse.drain_stats(empty := StepStats())
     assert empty.sparse_recall_samples == [] and empty.sparse_dense_fallbacks == 0
+
+
+@pytest.mark.parametrize("policy", ["hierarchical", "hip"])
+def test_budget_at_the_floor_reads_only_sink_and_recent_units(policy: str):
+    """A per-request budget smaller than the always-kept units is raised to them; nothing is chosen."""
+    sparse = _backend(_profile([[False, False]] * LAYERS), sparse_policy=policy)
+    batch = Batch()
+    sparse.pool, sparse.dense.pool = batch.pool, batch.pool
+    for steps in ({4: 500}, {4: 1}):
+        meta = batch.meta(steps, budgets={4: 16})
+        sparse.begin_step(meta)
+        for layer in range(LAYERS):
+            assert torch.isfinite(sparse.forward(layer, *batch.qkv(meta), meta)).all()
+    stats = StepStats()
+    sparse.drain_stats(stats)
+    assert stats.sparse_tokens_read[0] < (501 + 2 * 128) / 3  # one dense layer, two at <= 4 units
