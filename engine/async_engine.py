@@ -71,6 +71,7 @@ class AsyncEngine:
             raise EngineFault("the engine has stopped; see the server log")
         ids = await asyncio.to_thread(self.engine.encode_prompt, prompt)
         self.engine.check_length(len(ids), params)
+        self.engine.check_token_ids(params)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
         self._commands.put(("add", request_id, ids, params, time.monotonic(),
@@ -143,8 +144,10 @@ class AsyncEngine:
                 self._deliver(rid, e)
         elif cmd[0] == "abort":
             self.engine.abort(cmd[1])
-            for out in self.engine._collect_outputs():
+            for out in self.engine.collect_outputs():
                 self._deliver(out.request_id, out)
+            if self.stats_listener is not None:
+                self.stats_listener(self.engine.gauges())
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         stream = self._streams.get(request_id)

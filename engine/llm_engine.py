@@ -143,6 +143,13 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         return list(prompt)
 
+    def check_token_ids(self, params: SamplingParams) -> None:
+        """Token ids inside sampling settings must exist, or one request would break the shared step."""
+        vocab = self.model_config.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            if any(not 0 <= int(t) < vocab for t in ids):
+                raise ValueError(f"{name} token ids must be in [0, {vocab})")
+
     def check_length(self, num_prompt: int, params: SamplingParams) -> None:
         """vLLM's wording: clients parse this message."""
         completion = params.max_tokens or 0
@@ -161,6 +168,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already running")
         ids = self.encode_prompt(prompt)
         self.check_length(len(ids), params)
+        self.check_token_ids(params)
         arrival = time.monotonic() if arrival is None else arrival
         seqs: list[Sequence] = []
         for i in range(params.n):
@@ -211,11 +219,16 @@ class LLMEngine:
         drain = getattr(self.backend, "drain_stats", None)
         if drain is not None:
             drain(stats)
-        outputs = self._collect_outputs()
+        outputs = self.collect_outputs()
+        return outputs, self.gauges(stats)
+
+    def gauges(self, stats: StepStats | None = None) -> StepStats:
+        """Fill the gauge fields (queue lengths, cache usage) of a step's stats."""
+        stats = stats or StepStats()
         stats.num_running = len(self.scheduler.running)
         stats.num_waiting = len(self.scheduler.waiting)
         stats.kv_cache_usage = self.block_manager.usage
-        return outputs, stats
+        return stats
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         req = self.requests[seq.request_id]
@@ -235,7 +248,7 @@ class LLMEngine:
         if (p.max_tokens is not None and seq.num_output >= p.max_tokens) or len(seq) >= self.max_model_len:
             self.scheduler.finish(seq, "length")
 
-    def _collect_outputs(self) -> list[RequestOutput]:
+    def collect_outputs(self) -> list[RequestOutput]:
         outputs = []
         for req in list(self.requests.values()):
             changed = []

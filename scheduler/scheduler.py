@@ -73,6 +73,10 @@ class Scheduler:
             seq = self.waiting[0]
             if not seq.ready_to_admit:
                 break
+            # Admit only if its whole prompt fits beside a page of growth per running sequence;
+            # otherwise it would be preempted again and again (recompute thrash near a full cache).
+            if self.running and self.bm.num_free < self.bm.pages_needed(len(seq)) + len(self.running):
+                break
             cached = self.bm.allocate(seq.pages, seq.token_ids, budget)
             if cached is None:
                 break
