@@ -1,0 +1,45 @@
+"""Model resolution: bundled default, dummy configs, and one clear error for what we cannot load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.loader import ModelLoadError, load_config, resolve_model
+
+
+def test_dummy_llama_config_resolves_with_rope_scaling():
+    path, name = resolve_model("llama-3.1-8b", "dummy")
+    cfg = load_config(path, name)
+    assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (32, 32, 8, 128)
+    assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.eos_token_ids == (128001, 128008, 128009)
+
+
+def test_dummy_weights_generate_from_token_ids():
+    llm = LLM("smollm2-135m", load_format="dummy", attention="dense", kv_cache_memory="64MiB")
+    assert llm.tokenizer is None
+    out = llm.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("bad", ["/nonexistent/model", "README.md"])
+def test_unknown_paths_fail_in_one_line(bad):
+    with pytest.raises(ModelLoadError) as e:
+        resolve_model(bad, "auto")
+    assert "\n" not in str(e.value)
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
+    path, name = resolve_model(str(tmp_path), "auto")
+    with pytest.raises(ValueError, match="Llama family"):
+        load_config(path, name)
+
+
+def test_corrupt_gguf_is_one_clear_error(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(ModelLoadError, match="cannot read GGUF"):
+        resolve_model(str(bad), "auto")
