@@ -1,6 +1,6 @@
 """needle vs transformers on this machine, side by side in one run (issue 2's benchmark).
 
-    .venv/bin/python bench/engine_vs_transformers.py [--prefill-tokens 7000] [--decode-tokens 64]
+    .venv/bin/python -m bench.engine_vs_transformers [--prefill-tokens 7000] [--decode-tokens 64]
 
 Measures, for the bundled SmolLM2-135M on the CPU: time to prefill a long prompt (to the first
 token), single-stream decode tokens/s, and aggregate decode tokens/s of 8 concurrent sequences
@@ -15,9 +15,9 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
+from bench.texts import long_prompt
 from engine import LLM, SamplingParams
 from engine.loader import bundled_gguf, gguf_to_directory
-from tests.conftest import long_prompt
 
 
 def hf_time(model, ids: list[int], new_tokens: int) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -29,20 +28,3 @@ def tokenizer(model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)
-
-
-def stdlib_text(num_chars: int, offset: int = 0) -> str:
-    """Natural text that ships with every Python: the standard library's own source."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    text = ""
-    for name in ("argparse.py", "subprocess.py", "typing.py", "inspect.py", "dataclasses.py"):
-        text += (root / name).read_text()
-        if len(text) >= offset + num_chars:
-            break
-    return text[offset:offset + num_chars]
-
-
-def long_prompt(tokenizer, num_tokens: int, offset: int = 0) -> list[int]:
-    ids = tokenizer.encode(stdlib_text(num_tokens * 6, offset))
-    assert len(ids) >= num_tokens
-    return ids[:num_tokens]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.texts import long_prompt
 from engine import LLM, SamplingParams
-from tests.conftest import long_prompt
 
 NEW_TOKENS = 12
 LOGPROB_TOLERANCE = 2e-3
