@@ -43,21 +43,23 @@ def decode_meta(seqs: int, ctx: int, pages_per_seq: int, page: int, mode: str) -
         block_tables=tables, slot_mapping=slots, positions=pos, modes=[mode] * seqs, token_budgets=[0] * seqs)
 
 
-def tokens_per_second(llm: LLM, backend, mode: str, args) -> float:
+def tokens_per_second(llm: LLM, backends: dict[str, object], args) -> dict[str, float]:
+    """Steps of the backends alternate, so a busy shared CPU slows both alike."""
     engine = llm.engine
     page = engine.pool.spec.page_size
     pages_per_seq = -(-(args.context + args.steps + 1) // page)
     ids = torch.randint(0, engine.model_config.vocab_size, (args.seqs,))
-    elapsed = 0.0
+    elapsed = dict.fromkeys(backends, 0.0)
     with torch.inference_mode():
         for step in range(args.steps + 1):  # step 0 warms up (and makes the first selection)
-            meta = decode_meta(args.seqs, args.context + step, pages_per_seq, page, mode)
-            t0 = time.perf_counter()
-            backend.begin_step(meta)
-            engine.model.logits(engine.model(ids, backend, meta))
-            if step:
-                elapsed += time.perf_counter() - t0
-    return args.seqs * args.steps / elapsed
+            for mode, backend in backends.items():
+                meta = decode_meta(args.seqs, args.context + step, pages_per_seq, page, mode)
+                t0 = time.perf_counter()
+                backend.begin_step(meta)
+                engine.model.logits(engine.model(ids, backend, meta))
+                if step:
+                    elapsed[mode] += time.perf_counter() - t0
+    return {mode: args.seqs * args.steps / t for mode, t in elapsed.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,9 +75,8 @@ def main(argv: list[str] | None = None) -> int:
               sparse_recall_sample=0.0, kv_cache_memory=str(int(pages * 1.05 * 16 * 48 * 1024)))
     fill_pool(llm.engine.pool, pages * 16)
     sparse = llm.engine.runner.backend
-    rows = [("dense", tokens_per_second(llm, DenseBackend(llm.engine.pool), "dense", args)),
-            (f"sparse ({args.policy}, budget {sparse.token_budget})",
-             tokens_per_second(llm, sparse, "sparse", args))]
+    tps = tokens_per_second(llm, {"dense": DenseBackend(llm.engine.pool), "sparse": sparse}, args)
+    rows = [("dense", tps["dense"]), (f"sparse ({args.policy}, budget {sparse.token_budget})", tps["sparse"])]
     print(f"decode, {args.seqs} sequences x {args.context} tokens context, {torch.get_num_threads()} threads")
     print("| attention | tokens/s | speed-up |\n|---|---|---|")
     for name, tps in rows:
