@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from engine.model_config import ModelConfig, UnsupportedModelError
-from engine.models.llama import LlamaForCausalLM, rope_inv_freq
+from engine.models.llama import LlamaForCausalLM, checkpoint_target, rope_inv_freq
 
 log = logging.getLogger("needle.loader")
 
@@ -137,20 +137,24 @@ def _load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
     if not files:
         raise ModelLoadError(f"no *.safetensors weights in {path}")
     params = dict(model.named_parameters())
-    missing = set(params)
+    rows_left = {name: p.shape[0] for name, p in params.items()}
     if model.config.tie_word_embeddings:
-        missing.discard("lm_head.weight")
-    with tqdm(total=len(missing), desc=f"Loading {model.config.name}", unit="tensor") as bar:
+        rows_left.pop("lm_head.weight", None)
+    with tqdm(total=sum(rows_left.values()), desc=f"Loading {model.config.name}", unit="row",
+              unit_scale=True) as bar:
         for file in files:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
-                    if key not in params:
+                    target, rows = checkpoint_target(model, key)
+                    if target not in rows_left:
                         continue
-                    params[key].data.copy_(f.get_tensor(key))
-                    missing.discard(key)
-                    bar.update(1)
+                    tensor = f.get_tensor(key)
+                    params[target].data[rows if rows is not None else slice(None)].copy_(tensor)
+                    rows_left[target] -= tensor.shape[0]
+                    bar.update(tensor.shape[0])
+    missing = sorted(name for name, left in rows_left.items() if left)
     if missing:
-        raise ModelLoadError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        raise ModelLoadError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
 
 __all__ = ["ModelLoadError", "UnsupportedModelError", "resolve_model", "load_config", "load_model"]

@@ -56,6 +56,7 @@ class Sampler:
         """logits: [S, V] float32 for the S sequences that emit a token this step."""
         if all(_plain_greedy(s) for s in seqs):
             return logits.argmax(-1).tolist()
+        logits = logits.cpu()  # per-sequence generators live on the CPU
         return [self.sample_one(logits[i].clone(), s) for i, s in enumerate(seqs)]
 
     def sample_one(self, logits: torch.Tensor, seq: Sequence) -> int:

@@ -1,6 +1,7 @@
 """The Llama family (Llama 2/3/3.1, Mistral, Qwen2, SmolLM) over a flattened, paged batch.
 
-Parameter names match Hugging Face checkpoints so weights load by name. Every step's tokens of all
+Parameter names match Hugging Face checkpoints, except that q/k/v and gate/up projections are fused;
+`checkpoint_target` maps a checkpoint tensor to its place in a fused weight. Every step's tokens of all
 sequences are one [T, hidden] batch; attention is delegated to a backend that owns the KV cache.
 """
 
@@ -48,18 +49,19 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
+    """cos/sin for the step's positions, computed once per step and shared by every layer."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(q.dtype)[:, None, :], emb.sin().to(q.dtype)[:, None, :]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -70,31 +72,31 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        # q, k and v in one matmul: one weight read, one launch (checkpoints' q/k/v_proj load as shards).
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary, backend: AttentionBackend,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend,
                 meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = rotary(meta.positions, q, k)
-        out = backend.forward(self.layer, q, k, v, meta)
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), *rope)
+        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), *rope)
+        out = backend.forward(self.layer, q, k, v.view(t, self.num_kv_heads, self.head_dim), meta)
+        return self.o_proj(out.reshape(t, self.q_size))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -105,8 +107,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rotary, backend, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rotary, backend, meta)
+    def forward(self, x, rope, backend, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rope, backend, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -132,9 +134,28 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """-> final hidden states [T, hidden] (norm applied); logits are taken only where needed."""
         x = self.model.embed_tokens(input_ids)
+        rope = self.rotary(meta.positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, self.rotary, backend, meta)
+            x = layer(x, rope, backend, meta)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+
+# checkpoint projection -> (fused parameter, index of its shard)
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def checkpoint_target(model: LlamaForCausalLM, name: str) -> tuple[str, slice | None]:
+    """Where a Hugging Face tensor goes: (our parameter name, rows within it or None for all)."""
+    parts = name.split(".")
+    if len(parts) < 2 or parts[-2] not in _FUSED:
+        return name, None
+    fused, shard = _FUSED[parts[-2]]
+    cfg = model.config
+    sizes = ([cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2 if fused == "qkv_proj"
+             else [cfg.intermediate_size] * 2)
+    start = sum(sizes[:shard])
+    return ".".join([*parts[:-2], fused, parts[-1]]), slice(start, start + sizes[shard])
