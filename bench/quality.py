@@ -144,29 +144,28 @@ def run(args) -> dict:
         for task, length in tqdm(todo, desc=label):
             prefix, questions = haystack(llm.tokenizer, task, length, args.samples, args.seed)
             for row, budget in rows:
-                key = f"{task}/{length}/{row}/{budget}"
-                if key in results:
-                    continue
-                if row in POLICIES:
-                    llm.engine.runner.backend.set_policy(row)
                 override = AttentionOverride(mode="sparse", token_budget=budget) if budget else None
-                t0 = time.time()
-                results[key] = accuracy(llm, prefix, questions, override)
-                print(f"{key}: {results[key]:.1f} ({time.time() - t0:.0f}s)", flush=True)
-                Path(args.out).write_text(json.dumps(results, indent=1))
+                _record(results, f"{task}/{length}/{row}/{budget}", llm, row, args.out,
+                        lambda o=override: accuracy(llm, prefix, questions, o))
         if args.ppl:
             doc = llm.tokenizer.encode(stdlib_text(PPL_MODULES))[: args.ppl_length]
             for row, budget in rows:
-                key = f"ppl/{row}/{budget}"
-                if key in results:
-                    continue
-                if row in POLICIES:
-                    llm.engine.runner.backend.set_policy(row)
-                results[key] = decode_perplexity(llm, doc, args.ppl_tokens, budget)
-                print(f"{key}: {results[key]:.3f}", flush=True)
-                Path(args.out).write_text(json.dumps(results, indent=1))
+                _record(results, f"ppl/{row}/{budget}", llm, row, args.out,
+                        lambda b=budget: decode_perplexity(llm, doc, args.ppl_tokens, b))
         del llm
     return results
+
+
+def _record(results: dict, key: str, llm: LLM, row: str, out: str, measure) -> None:
+    """Measure one result unless the (resumed) results hold it; save after each, as runs are long."""
+    if key in results:
+        return
+    if row in POLICIES:
+        llm.engine.runner.backend.set_policy(row)
+    t0 = time.time()
+    results[key] = measure()
+    print(f"{key}: {results[key]:.3f} ({time.time() - t0:.0f}s)", flush=True)
+    Path(out).write_text(json.dumps(results, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
