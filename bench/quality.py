@@ -20,6 +20,7 @@ prefill; budgets are per-request overrides.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -146,12 +147,12 @@ def run(args) -> dict:
             for row, budget in rows:
                 override = AttentionOverride(mode="sparse", token_budget=budget) if budget else None
                 _record(results, f"{task}/{length}/{row}/{budget}", llm, row, args.out,
-                        lambda o=override: accuracy(llm, prefix, questions, o))
+                        functools.partial(accuracy, llm, prefix, questions, override))
         if args.ppl:
             doc = llm.tokenizer.encode(stdlib_text(PPL_MODULES))[: args.ppl_length]
             for row, budget in rows:
                 _record(results, f"ppl/{row}/{budget}", llm, row, args.out,
-                        lambda b=budget: decode_perplexity(llm, doc, args.ppl_tokens, b))
+                        functools.partial(decode_perplexity, llm, doc, args.ppl_tokens, budget))
         del llm
     return results
 
