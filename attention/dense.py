@@ -21,11 +21,18 @@ def gather_seq_kv(pool: KVPool, layer: int, block_table: torch.Tensor, ctx_len: 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
            causal: bool = False) -> torch.Tensor:
-    """Grouped-query SDPA on token-major tensors: q [..., Tq, Hq, D], k/v [..., Tk, Hkv, D] -> like q."""
+    """Grouped-query SDPA on token-major tensors: q [..., Tq, Hq, D], k/v [..., Tk, Hkv, D] -> like q.
+
+    Inputs go in as 4-D views: with 3-D ones, the CPU build falls back to the O(T^2)-memory math kernel.
+    """
+    unbatched = q.dim() == 3
+    if unbatched:
+        q, k, v = q[None], k[None], v[None]
     out = F.scaled_dot_product_attention(
         q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2),
         attn_mask=mask, is_causal=causal, enable_gqa=q.shape[-2] != k.shape[-2])
-    return out.transpose(-3, -2)
+    out = out.transpose(-3, -2)
+    return out[0] if unbatched else out
 
 
 def causal_chunk_mask(num_q: int, ctx_len: int, device: torch.device) -> torch.Tensor:
