@@ -22,6 +22,7 @@ from engine.sampling_params import SamplingParams
 from engine.stats import StepStats
 from kvcache.block_manager import BlockManager
 from kvcache.pool import KVCacheSpec, KVPool
+from kvcache.prefix_hash import chain_hash
 from scheduler.scheduler import Scheduler
 from scheduler.sequence import Sequence, Status
 
@@ -175,6 +176,7 @@ class LLMEngine:
             seq = Sequence(request_id, i, list(ids), params, arrival, first_sibling=seqs[0] if seqs else None)
             seed = params.seed + i if params.seed is not None else self.rng.getrandbits(63)
             seq.generator = torch.Generator().manual_seed(seed)
+            seq.pages.salt = chain_hash(None, [ord(c) for c in self.runner.attention_key(seq)])
             seqs.append(seq)
         texts = [TextState.for_prompt(len(ids)) for _ in seqs]
         self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None,

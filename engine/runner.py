@@ -87,6 +87,11 @@ class ModelRunner:
             return None, []
         return self.model.logits(hidden[torch.tensor(rows, device=self.device)]), emitting
 
+    def attention_key(self, seq: Sequence) -> str:
+        """What the sequence's KV depends on beyond its tokens: its attention mode (and sparse budget)."""
+        mode = self._mode(seq)
+        return mode if mode == "dense" else f"{mode}:{self._budget(seq)}"
+
     def _mode(self, seq: Sequence) -> str:
         override = seq.params.attention
         return override.mode if override and override.mode else self.default_mode

@@ -26,6 +26,8 @@ class SeqPages:
     block_table: list[int] = field(default_factory=list)
     num_hashed: int = 0
     last_hash: int | None = None
+    # Roots the hash chain: KV computed under different attention settings must not be shared.
+    salt: int | None = None
 
 
 class BlockManager:
@@ -51,11 +53,11 @@ class BlockManager:
     def pages_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
-    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], int | None]:
+    def match_prefix(self, token_ids: list[int], salt: int | None = None) -> tuple[list[int], int | None]:
         """Cached pages covering a prefix of token_ids, never the whole sequence (the last token must run)."""
         if not self.enable_prefix_caching:
             return [], None
-        hits, h = [], None
+        hits, h = [], salt
         for start in range(0, len(token_ids) - 1 - self.page_size + 1, self.page_size):
             h = chain_hash(h, token_ids[start:start + self.page_size])
             page_id = self.hash_to_page.get(h)
@@ -71,7 +73,7 @@ class BlockManager:
         is short of pages.
         """
         assert not seq.block_table
-        hits, last_hash = self.match_prefix(token_ids)
+        hits, last_hash = self.match_prefix(token_ids, seq.salt)
         cached = len(hits) * self.page_size
         covered = min(len(token_ids), cached + token_budget)
         fresh = max(self.pages_needed(covered) - len(hits), 0)
@@ -101,7 +103,8 @@ class BlockManager:
             return
         while (seq.num_hashed + 1) * self.page_size <= num_computed:
             start = seq.num_hashed * self.page_size
-            h = chain_hash(seq.last_hash, token_ids[start:start + self.page_size])
+            parent = seq.last_hash if seq.num_hashed else seq.salt
+            h = chain_hash(parent, token_ids[start:start + self.page_size])
             page = self.pages[seq.block_table[seq.num_hashed]]
             if page.hash is None and h not in self.hash_to_page:
                 page.hash = h

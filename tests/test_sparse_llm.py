@@ -50,3 +50,23 @@ def test_per_request_budget_and_dense_override(llm: LLM):
     assert max(small.sparse_tokens_read) < min(large.sparse_tokens_read)
     assert fits.sparse_dense_fallbacks > 0 and not fits.sparse_tokens_read
     assert dense.sparse_dense_fallbacks == 0 and not dense.sparse_tokens_read
+
+
+def test_prefix_cache_is_not_shared_across_attention_modes(llm: LLM):
+    """Streaming heads change the hidden states, so sparse-prefilled KV must never serve a dense request."""
+    prompt, _, _ = passkey_prompt(llm.tokenizer, 600, 0.5, random.Random(5))
+    prompt = llm.tokenizer.encode("A preface no other test in this module sends. " * 3) + prompt
+    engine = llm.engine
+
+    def cached_tokens(override: AttentionOverride) -> int:
+        params = SamplingParams(temperature=0.0, max_tokens=1, attention=override)
+        engine.add_request("p", prompt, params)
+        while engine.has_unfinished():
+            for out in engine.step()[0]:
+                cached = out.num_cached_tokens
+        return cached
+
+    cached_tokens(AttentionOverride(mode="sparse", token_budget=256))
+    assert cached_tokens(AttentionOverride(mode="sparse", token_budget=256)) > 0
+    assert cached_tokens(AttentionOverride(mode="dense")) == 0
+    assert cached_tokens(AttentionOverride(mode="dense")) > 0
