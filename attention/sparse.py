@@ -33,8 +33,6 @@ from kvcache.summaries import update_summaries
 
 log = logging.getLogger(__name__)
 
-CPU_TOKEN_BUDGET = 1024  # fits an 8K model: 1/8 of the context
-CUDA_TOKEN_BUDGET = 4096
 
 
 @dataclass
@@ -83,8 +81,7 @@ class SparseBackend(AttentionBackend):
         self.head_dim = pool.spec.head_dim
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.per_query_head = per_query_head
-        default_budget = CUDA_TOKEN_BUDGET if pool.device.type == "cuda" else CPU_TOKEN_BUDGET
-        self.token_budget = args.sparse_token_budget or default_budget
+        self.token_budget = args.token_budget(pool.device.type)
         self.dense_layers = args.dense_layers
         self.sink_tokens, self.local_tokens = args.sink_tokens, args.local_tokens
         self.prefill_local_tokens = args.prefill_local_tokens

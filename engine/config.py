@@ -77,6 +77,10 @@ class EngineArgs:
     sparse_recall_sample: float = field(default=0.01, metadata={
         "help": "Fraction of sparse decode steps that also run dense attention to measure recall."})
 
+    def token_budget(self, device_type: str) -> int:
+        """The sparse token budget: the flag, else 1/8 of an 8K context on CPU and LServe's 4096 on CUDA."""
+        return self.sparse_token_budget or (4096 if device_type == "cuda" else 1024)
+
     @property
     def kv_cache_bytes(self) -> int | None:
         return None if self.kv_cache_memory is None else parse_bytes(self.kv_cache_memory)

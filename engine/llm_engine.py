@@ -29,7 +29,6 @@ from scheduler.sequence import Sequence, Status
 log = logging.getLogger("needle.engine")
 
 CPU_KV_DEFAULT = 1 << 30
-CPU_SPARSE_BUDGET, CUDA_SPARSE_BUDGET = 1024, 4096
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -92,8 +91,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.pool.num_pages, args.page_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
                                    on_release=lambda s: self.backend.release(s.seq_id))
-        budget = args.sparse_token_budget or (CUDA_SPARSE_BUDGET if self.device.type == "cuda"
-                                              else CPU_SPARSE_BUDGET)
+        budget = args.token_budget(self.device.type)
         self.runner = ModelRunner(self.model, self.backend, args.page_size, self.device,
                                   args.attention, budget)
         self.sampler = Sampler(cfg.eos_token_ids)
