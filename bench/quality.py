@@ -125,13 +125,22 @@ def _single_meta(start: int, n: int, table: torch.Tensor, page: int, mode: str, 
 def configs(args) -> list[tuple[str, dict, list[tuple[str, int | None]]]]:
     """(engine label, engine args, [(row name, budget)]): every row shares its engine's prefill. The most
     telling engines come first, so a run cut short still compares sparse with dense."""
-    common = dict(max_num_seqs=args.batch, sparse_recall_sample=0.0, kv_cache_memory=args.kv_cache)
+    common = dict(max_num_seqs=args.batch, sparse_recall_sample=0.0, kv_cache_memory=args.kv_cache,
+                  **dict(_engine_arg(kv) for kv in args.engine_arg))
     rows = [(p, b) for p in args.policies for b in args.budgets]
     sparse = ("sparse", dict(common, attention="sparse"), rows)
     dense = ("dense", dict(common, attention="dense"), [("dense", None)])
     streaming = [(f"streaming-{b}", dict(common, attention="sparse", streaming_ratio=1.0, local_tokens=b - 64,
                                          sink_tokens=64), [("streaming", b)]) for b in args.budgets]
     return [sparse, dense, *streaming]
+
+
+def _engine_arg(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def run(args) -> dict:
@@ -183,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ppl-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="quality.json", help="results, resumed if present")
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra EngineArgs for every engine, e.g. prefill_local_tokens=8192 (repeatable)")
     run(parser.parse_args(argv))
     return 0
 
