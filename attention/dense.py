@@ -50,6 +50,10 @@ class DenseBackend(AttentionBackend):
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         self.pool.write(layer, k, v, meta.slot_mapping)
+        return self.attend(layer, q, meta)
+
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention over the cache, whose K/V for this step are already written."""
         if meta.is_decode:
             return self.decode(layer, q, meta)
         out = torch.empty_like(q)

@@ -183,9 +183,9 @@ class SparseBackend(AttentionBackend):
         self.pool.write(layer, k, v, meta.slot_mapping)
         update_summaries(self.pool, layer, meta.slot_mapping)
         out = torch.empty_like(q)
-        if step.dense:  # the dense backend rewrites these rows' K/V: same values, a small price for reuse
+        if step.dense:
             rows = _rows_of(meta, step.dense)
-            out[rows] = self.dense.forward(layer, q[rows], k[rows], v[rows], _sub_meta(meta, step.dense))
+            out[rows] = self.dense.attend(layer, q[rows], _sub_meta(meta, step.dense))
         for i in step.prefill:
             rows = slice(int(meta.query_start_loc[i]), int(meta.query_start_loc[i + 1]))
             out[rows] = self._prefill(layer, q[rows], meta, i)

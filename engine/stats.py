@@ -25,15 +25,3 @@ class StepStats:
     spec_num_drafts: int = 0
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
-
-
-@dataclass
-class RequestTimes:
-    """Wall-clock stamps (time.monotonic) of one request's life, for latency histograms."""
-
-    arrival: float
-    first_scheduled: float | None = None
-    first_token: float | None = None
-    last_token: float | None = None
-    finished: float | None = None
-    inter_token_latencies: list[float] = field(default_factory=list)
