@@ -57,14 +57,15 @@ class BlockManager:
         """Cached pages covering a prefix of token_ids, never the whole sequence (the last token must run)."""
         if not self.enable_prefix_caching:
             return [], None
-        hits, h = [], salt
+        hits, last, h = [], None, salt
         for start in range(0, len(token_ids) - 1 - self.page_size + 1, self.page_size):
             h = chain_hash(h, token_ids[start:start + self.page_size])
             page_id = self.hash_to_page.get(h)
             if page_id is None:
                 break
             hits.append(page_id)
-        return hits, (h if hits else None)
+            last = h
+        return hits, last
 
     def allocate(self, seq: SeqPages, token_ids: list[int], token_budget: int) -> int | None:
         """Give a new sequence its cached prefix pages plus fresh pages for up to token_budget more tokens.

@@ -79,3 +79,18 @@ def test_prefix_pages_are_shared_and_revived():
     bm.release(b)
     c = SeqPages()
     assert bm.allocate(c, ids + [99], 100) == 8  # freed pages keep their hash until reused
+
+
+def test_a_partial_hit_extends_the_cache_with_the_rest_of_the_prompt():
+    """Two prompts share their first page only: the second one's own pages must be published under the
+    right chain, so a third copy of it hits all of them (a regression: they were chained to the hash
+    of the first missed page, so every prompt after a partial hit re-prefilled)."""
+    bm = BlockManager(16, PAGE)
+    first, second = list(range(12)), [0, 1, 2, 3] + list(range(50, 58))
+    for ids in (first, second):
+        seq = SeqPages()
+        bm.allocate(seq, ids, 100)
+        bm.commit_full_pages(seq, ids, len(ids))
+        bm.release(seq)
+    again = SeqPages()
+    assert bm.allocate(again, second + [99], 100) == 12
