@@ -2,9 +2,9 @@
 
     python -m bench.quality --lengths 8192 --budgets 1024 --samples 50 --out quality.json
 
-Retrieval tasks put many keyed needles (7-digit values) into one haystack and ask for one key per
-sample, so all samples of a (task, length) share one prefilled prefix (prefix caching) and each sample
-costs a short question prefill plus ~8 decode steps; the answer is right when its 7 digits match.
+Retrieval tasks put `--needles` keyed needles (7-digit values) into each haystack and ask for every key,
+so the questions of one haystack share its prefilled prefix (prefix caching): a sample costs a short
+question prefill plus ~8 decode steps; the answer is right when its 7 digits match.
   passkey:  "The pass key of <name> is <value>." lines in a repetitive noise haystack;
   needle:   "The secret number of <name> is <value>." sentences in Python standard-library source;
   multikey: like needle, but every key has a twin sharing its first word (amber-falcon, amber-heron),
@@ -12,15 +12,16 @@ costs a short question prefill plus ~8 decode steps; the answer is right when it
 Perplexity: the last `--ppl-tokens` tokens of a long standard-library document, teacher-forced one
 decode step at a time after a prefill of the rest, so the sparse decode path (selection) is measured.
 
-Configurations: dense; streaming (StreamingLLM: every head keeps sink + local = budget); and each
-sparse policy with the shipped head profile. Policies are switched on one engine so they share the
-prefill; budgets are per-request overrides.
+Rows: dense; each sparse policy with the shipped head profile at each budget; and `streaming`, the
+StreamingLLM baseline (every head of a sparse layer reads sinks + the newest tokens, same budget). All
+run on one sparse engine: dense rows by per-request override, policies switched in place, budgets per
+request; sparse rows share one sparse prefill of each haystack (its KV does not depend on the policy,
+nor on budgets within the streaming heads' prefill window), so they differ only in decode.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import random
@@ -32,7 +33,6 @@ import torch
 from tqdm import tqdm
 
 from attention.base import AttentionMetadata
-from attention.policies import POLICIES
 from engine.llm import LLM
 from engine.sampling_params import AttentionOverride, SamplingParams
 
@@ -60,79 +60,135 @@ def keys_for(task: str, count: int, rng: random.Random) -> list[str]:
     return [f"{w}-{a}" for w in first for a in rng.sample(ANIMALS, 2)]
 
 
-def haystack(tokenizer, task: str, length: int, samples: int, seed: int):
-    """-> (prefix ids shared by every sample, [(question ids, answer)])."""
-    rng = random.Random(f"{task}/{length}/{seed}")
-    keys = keys_for(task, samples, rng)
+def haystack(tokenizer, task: str, length: int, needles: int, seed: int, group: int):
+    """-> (prefix ids shared by the group's questions, [(question ids, answer)])."""
+    rng = random.Random(f"{task}/{length}/{seed}/{group}")
+    keys = keys_for(task, needles, rng)
     values = [str(rng.randrange(10**6, 10**7)) for _ in keys]
     noun = "pass key" if task == "passkey" else "secret number"
-    needles = [tokenizer.encode(f" The {noun} of {k} is {v}. ") for k, v in zip(keys, values, strict=True)]
-    text = NOISE * (length // 10) if task == "passkey" else stdlib_text(HAYSTACK_MODULES)
+    needle_ids = [tokenizer.encode(f" The {noun} of {k} is {v}. ") for k, v in zip(keys, values, strict=True)]
+    if task == "passkey":
+        filler = tokenizer.encode(NOISE * (length // 10))
+    else:  # each group reads the standard library from its own offset
+        text = stdlib_text(HAYSTACK_MODULES)
+        filler = tokenizer.encode(text[group * len(text) // 16:] + text)
     head = tokenizer.encode(f"Below are {len(keys)} {noun}s hidden in a long text. Remember them.\n")
-    fill = length - len(head) - sum(map(len, needles)) - 40  # room for the question and answer
-    filler = tokenizer.encode(text)[:fill]
+    fill = length - len(head) - sum(map(len, needle_ids)) - 40  # room for the question and answer
+    filler = filler[:fill]
     order = list(range(len(keys)))
     rng.shuffle(order)
     ids = list(head)
-    for j, n in enumerate(order):  # needles spread evenly over the depth, in random key order
-        ids += filler[j * fill // len(order):(j + 1) * fill // len(order)] + needles[n]
+    cut = [j * fill // (len(order) + 1) for j in range(len(order) + 2)]
+    for j, n in enumerate(order):  # needles at depths 1/(n+1) .. n/(n+1), in random key order
+        ids += filler[cut[j]:cut[j + 1]] + needle_ids[n]
+    ids += filler[cut[-2]:]
     questions = [(tokenizer.encode(f"\nWhat is the {noun} of {k}? The {noun} of {k} is"), v)
                  for k, v in zip(keys, values, strict=True)]
     return ids, questions
 
 
-def accuracy(llm: LLM, prefix: list[int], questions, override: AttentionOverride | None) -> float:
-    params = SamplingParams(temperature=0.0, max_tokens=9, attention=override)
-    first = llm.generate([prefix + questions[0][0]], params)  # fills the prefix cache for the rest
-    rest = llm.generate([prefix + q for q, _ in questions[1:]], params)
-    hits = [answer in out.outputs[0].text.replace(" ", "")[:9] for out, (_, answer)
-            in zip(first + rest, questions, strict=True)]
-    return 100.0 * sum(hits) / len(hits)
+def answers_right(llm: LLM, prompts: list[list[int]], overrides: list[AttentionOverride],
+                  expected: list[str]) -> list[bool]:
+    """Greedy answers; the first prompt runs alone so the rest find its prefix in the cache."""
+    params = [SamplingParams(temperature=0.0, max_tokens=9, attention=o) for o in overrides]
+    outs = llm.generate(prompts[:1], params[:1]) + llm.generate(prompts[1:], params[1:])
+    texts = [out.outputs[0].text.replace(" ", "")[:9] for out in outs]
+    return [answer in text for text, answer in zip(texts, expected, strict=True)]
 
 
-def decode_perplexity(llm: LLM, ids: list[int], eval_tokens: int, budget: int | None) -> float:
-    """exp(mean NLL) of the last eval_tokens of ids, each predicted by a decode step (teacher forcing).
-    Drives the model directly over pages 0.. of the pool: run it on an otherwise idle engine."""
+def rows(args) -> list[tuple[str, int | None]]:
+    """(row, budget): dense first, then every policy (the streaming baseline included) at every budget."""
+    return [("dense", None)] + [(p, b) for p in args.policies for b in args.budgets]
+
+
+def retrieval(llm: LLM, args, task: str, length: int) -> dict[str, float]:
+    """Accuracy (%) of every row on one task and length, over samples // needles haystacks."""
+    hits: dict[str, int] = {}
+    groups = max(1, args.samples // args.needles)
+    for group in tqdm(range(groups), desc=f"{task} {length}", leave=False):
+        prefix, questions = haystack(llm.tokenizer, task, length, args.needles, args.seed, group)
+        prompts = [prefix + q for q, _ in questions]
+        expected = [a for _, a in questions]
+        right = answers_right(llm, prompts, [AttentionOverride(mode="dense")] * len(prompts), expected)
+        hits["dense/None"] = hits.get("dense/None", 0) + sum(right)
+        for policy in args.policies:
+            _set_policy(llm, policy)
+            budgets = [b for b in args.budgets for _ in prompts]
+            overrides = [AttentionOverride(mode="sparse", token_budget=b) for b in budgets]
+            right = answers_right(llm, prompts * len(args.budgets), overrides, expected * len(args.budgets))
+            for j, b in enumerate(args.budgets):
+                key = f"{policy}/{b}"
+                hits[key] = hits.get(key, 0) + sum(right[j * len(prompts):(j + 1) * len(prompts)])
+    return {key: 100.0 * n / (groups * args.needles) for key, n in hits.items()}
+
+
+def perplexities(llm: LLM, args) -> dict[str, float]:
+    """exp(mean NLL) of the document's last ppl_tokens, each predicted by a decode step (teacher forcing),
+    for every row. Drives the model directly over pages 0.. of the pool, so it must run last on an engine
+    (it overwrites pages the prefix cache may still name)."""
+    ids = llm.tokenizer.encode(stdlib_text(PPL_MODULES))[: args.ppl_length]
+    split = len(ids) - args.ppl_tokens
+    out = {}
+    for mode in ("dense", "sparse"):
+        mode_rows = [(r, b) for r, b in rows(args) if (r == "dense") == (mode == "dense")]
+        _forward(llm, ids, 0, split, mode, mode_rows[0][1] or 0)  # the shared prefill
+        for row, budget in mode_rows:
+            if row != "dense":
+                _set_policy(llm, row)
+            nll = 0.0
+            for pos in range(split, len(ids)):  # the forward at position pos - 1 predicts ids[pos]
+                logits = _forward(llm, ids, pos - 1, 1, mode, budget or 0)
+                nll -= torch.log_softmax(logits.float(), -1)[0, ids[pos]].item()
+            out[f"{row}/{budget}"] = math.exp(nll / args.ppl_tokens)
+            llm.engine.runner.backend.release(0)
+    return out
+
+
+def _forward(llm: LLM, ids: list[int], start: int, n: int, mode: str, budget: int) -> torch.Tensor:
+    """Run positions start..start+n of ids as sequence 0 over pages 0..; -> logits of the last one."""
     engine = llm.engine
     backend, model, page = engine.runner.backend, engine.model, engine.pool.spec.page_size
     table = torch.arange(-(-len(ids) // page), dtype=torch.int32)[None]
-    mode = "dense" if engine.args.attention == "dense" else "sparse"
-    nll, start, chunk = 0.0, 0, engine.args.max_num_batched_tokens
-    split = len(ids) - eval_tokens
+    chunk = engine.args.max_num_batched_tokens
     with torch.inference_mode():
-        while start < len(ids) - 1:  # the last forward is position len - 2, predicting len - 1
-            n = min(chunk, split - start) if start < split else 1
-            meta = _single_meta(start, n, table, page, mode, budget or 0)
+        for s in range(start, start + n, chunk):
+            m = min(chunk, start + n - s)
+            pos = torch.arange(s, s + m)
+            meta = AttentionMetadata(
+                seq_ids=[0], query_lens=[m], context_lens=[s + m], query_start_loc=torch.tensor([0, m]),
+                context_lens_t=torch.tensor([s + m], dtype=torch.int32), block_tables=table,
+                slot_mapping=table[0, pos // page].long() * page + pos % page, positions=pos,
+                modes=[mode], token_budgets=[budget])
             backend.begin_step(meta)
-            hidden = model(torch.tensor(ids[start:start + n]), backend, meta)
-            start += n
-            if start >= split:
-                logits = model.logits(hidden[-1:]).float()
-                nll -= torch.log_softmax(logits, -1)[0, ids[start]].item()
-        backend.release(0)
-    return math.exp(nll / eval_tokens)
+            hidden = model(torch.tensor(ids[s:s + m]), backend, meta)
+        return model.logits(hidden[-1:])
 
 
-def _single_meta(start: int, n: int, table: torch.Tensor, page: int, mode: str, budget: int):
-    pos = torch.arange(start, start + n)
-    slots = table[0, pos // page].long() * page + pos % page
-    return AttentionMetadata(
-        seq_ids=[0], query_lens=[n], context_lens=[start + n], query_start_loc=torch.tensor([0, n]),
-        context_lens_t=torch.tensor([start + n], dtype=torch.int32), block_tables=table, slot_mapping=slots,
-        positions=pos, modes=[mode], token_budgets=[budget])
+def run(args) -> dict:
+    results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    llm = LLM(attention="sparse", max_num_seqs=args.batch, sparse_recall_sample=0.0,
+              kv_cache_memory=args.kv_cache, **dict(_engine_arg(kv) for kv in args.engine_arg))
+    todo = [(t, n) for t in args.tasks for n in args.lengths
+            if any(f"{t}/{n}/{r}/{b}" not in results for r, b in rows(args))]
+    for task, length in tqdm(todo, desc="tasks"):
+        t0 = time.time()
+        for key, acc in retrieval(llm, args, task, length).items():
+            results[f"{task}/{length}/{key}"] = acc
+        print(f"{task}/{length} ({time.time() - t0:.0f}s): " + ", ".join(
+            f"{r}/{b} {results[f'{task}/{length}/{r}/{b}']:.0f}" for r, b in rows(args)), flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))  # saved after each, as runs are long
+    if args.ppl and any(f"ppl/{r}/{b}" not in results for r, b in rows(args)):
+        results.update({f"ppl/{key}": v for key, v in perplexities(llm, args).items()})
+        print("ppl: " + ", ".join(f"{r}/{b} {results[f'ppl/{r}/{b}']:.3f}" for r, b in rows(args)),
+              flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return results
 
 
-def configs(args) -> list[tuple[str, dict, list[tuple[str, int | None]]]]:
-    """(engine label, engine args, [(row name, budget)]): every row shares its engine's prefill. The most
-    telling engines come first, so a run cut short still compares sparse with dense."""
-    common = dict(max_num_seqs=args.batch, sparse_recall_sample=0.0, kv_cache_memory=args.kv_cache,
-                  **dict(_engine_arg(kv) for kv in args.engine_arg))
-    rows = [(p, b) for p in args.policies for b in args.budgets]
-    sparse = ("sparse", dict(common, attention="sparse"), rows)
-    dense = ("dense", dict(common, attention="dense"), [("dense", None)])
-    streaming = [(f"streaming-{b}", dict(common, attention="sparse", streaming_ratio=1.0, local_tokens=b - 64,
-                                         sink_tokens=64), [("streaming", b)]) for b in args.budgets]
-    return [sparse, dense, *streaming]
+def _set_policy(llm: LLM, row: str) -> None:
+    """Row "quest" uses the engine's page score, "quest:bound" names its own."""
+    name, _, score = row.partition(":")
+    llm.engine.runner.backend.set_policy(name, score or llm.engine.args.sparse_page_score)
 
 
 def _engine_arg(text: str) -> tuple[str, object]:
@@ -143,49 +199,16 @@ def _engine_arg(text: str) -> tuple[str, object]:
         return key, value
 
 
-def run(args) -> dict:
-    results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-    for label, engine_args, rows in configs(args):
-        todo = [(t, n) for t in args.tasks for n in args.lengths
-                if any(f"{t}/{n}/{r}/{b}" not in results for r, b in rows)]
-        if not todo and not (args.ppl and any(f"ppl/{r}/{b}" not in results for r, b in rows)):
-            continue
-        llm = LLM(**engine_args)
-        for task, length in tqdm(todo, desc=label):
-            prefix, questions = haystack(llm.tokenizer, task, length, args.samples, args.seed)
-            for row, budget in rows:
-                override = AttentionOverride(mode="sparse", token_budget=budget) if budget else None
-                _record(results, f"{task}/{length}/{row}/{budget}", llm, row, args.out,
-                        functools.partial(accuracy, llm, prefix, questions, override))
-        if args.ppl:
-            doc = llm.tokenizer.encode(stdlib_text(PPL_MODULES))[: args.ppl_length]
-            for row, budget in rows:
-                _record(results, f"ppl/{row}/{budget}", llm, row, args.out,
-                        functools.partial(decode_perplexity, llm, doc, args.ppl_tokens, budget))
-        del llm
-    return results
-
-
-def _record(results: dict, key: str, llm: LLM, row: str, out: str, measure) -> None:
-    """Measure one result unless the (resumed) results hold it; save after each, as runs are long."""
-    if key in results:
-        return
-    if row in POLICIES:
-        llm.engine.runner.backend.set_policy(row)
-    t0 = time.time()
-    results[key] = measure()
-    print(f"{key}: {results[key]:.3f} ({time.time() - t0:.0f}s)", flush=True)
-    Path(out).write_text(json.dumps(results, indent=1))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["passkey", "needle", "multikey"])
     parser.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192])
     parser.add_argument("--budgets", nargs="+", type=int, default=[256, 512, 1024, 2048])
-    parser.add_argument("--policies", nargs="+", default=["hierarchical", "quest", "hip"])
-    parser.add_argument("--samples", type=int, default=50)
-    parser.add_argument("--batch", type=int, default=16, help="max_num_seqs of each engine")
+    parser.add_argument("--policies", nargs="+", default=["hierarchical", "quest", "hip", "streaming"],
+                        help="sparse rows; POLICY:SCORE picks the page score (e.g. quest:bound)")
+    parser.add_argument("--samples", type=int, default=50, help="questions per task and length")
+    parser.add_argument("--needles", type=int, default=10, help="needles (and questions) per haystack")
+    parser.add_argument("--batch", type=int, default=64, help="max_num_seqs of the engine")
     parser.add_argument("--kv-cache", default="2GiB")
     parser.add_argument("--ppl", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--ppl-length", type=int, default=8192)
@@ -193,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="quality.json", help="results, resumed if present")
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra EngineArgs for every engine, e.g. prefill_local_tokens=8192 (repeatable)")
+                        help="extra EngineArgs for the engine, e.g. prefill_local_tokens=8192 (repeatable)")
     run(parser.parse_args(argv))
     return 0
 

@@ -24,14 +24,19 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | None = None,
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run all prompts to completion in one continuous batch; results in prompt order."""
+        """Run all prompts to completion in one continuous batch; results in prompt order. As in vLLM,
+        sampling_params is one for all prompts or a list with one per prompt."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = sampling_params or SamplingParams()
+        if not isinstance(sampling_params, Seq):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
         order = []
-        for prompt in prompts:
+        for prompt, params in zip(prompts, sampling_params, strict=True):
             rid = str(next(self._ids))
             self.engine.add_request(rid, prompt, params)
             order.append(rid)
