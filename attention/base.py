@@ -56,6 +56,10 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] (RoPE applied) -> [T, Hq, D]."""
 
+    def kv_key(self, mode: str, budget: int) -> str:
+        """What a sequence's KV depends on beyond its tokens (salts its prefix-cache hashes)."""
+        return mode
+
     def begin_step(self, meta: AttentionMetadata) -> None:  # noqa: B027 - optional hook
         """Called once before layer 0 of each step."""
 

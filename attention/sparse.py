@@ -90,7 +90,7 @@ class SparseBackend(AttentionBackend):
         self._selection: dict[int, dict[int, torch.Tensor]] = {}  # seq_id -> layer -> [H, k] units
         self._age: dict[int, tuple[int, int]] = {}  # seq_id -> (decode steps since selection, its budget)
         self.sparse_page_size = args.sparse_page_size
-        self.set_policy(args.sparse_policy)
+        self.set_policy(args.sparse_policy, args.sparse_page_score)
         self._rng = random.Random(args.seed)
         dev = pool.device
         self._streaming = [torch.tensor([h for h, s in enumerate(row) if s], dtype=torch.long, device=dev)
@@ -100,10 +100,11 @@ class SparseBackend(AttentionBackend):
         self._step: _Step | None = None
         self._stats = StepStats()
 
-    def set_policy(self, name: str) -> None:
+    def set_policy(self, name: str, page_score: str) -> None:
         """Switch the page-selection policy (kept selections are dropped); the quality harness compares
         policies over one prefilled cache this way."""
-        self.policy: SparsePolicy = POLICIES[name](self.sparse_page_size, self.pool.spec.summary_block)
+        self.policy: SparsePolicy = POLICIES[name](self.sparse_page_size, self.pool.spec.summary_block,
+                                                   page_score)
         self.unit = self.policy.unit_tokens
         self.num_sink_units = -(-self.sink_tokens // self.unit)
         self.num_recent_units = 1 + -(-self.sparse_page_size // self.unit)  # newest partial + one page
@@ -119,15 +120,30 @@ class SparseBackend(AttentionBackend):
     def budget_of(self, meta: AttentionMetadata, i: int) -> int:
         """The sequence's token budget, rounded down to whole units (never below the always-kept ones)."""
         budget = meta.token_budgets[i] if meta.token_budgets and meta.token_budgets[i] else self.token_budget
+        return self._whole_units(budget)
+
+    def _whole_units(self, budget: int) -> int:
         floor = (self.num_sink_units + self.num_recent_units) * self.unit
         return max(floor, budget // self.unit * self.unit)
+
+    def dense_prefill_span(self, budget: int) -> int:
+        """Longest context a prefill chunk attends densely: the budget, or the streaming heads' window
+        (sinks + prefill_local_tokens) when wider, as a window covering the whole context is dense."""
+        return max(self._whole_units(budget), self.sink_tokens + self.prefill_local_tokens)
+
+    def kv_key(self, mode: str, budget: int) -> str:
+        """Sparse-prefilled KV depends on the budget only through the dense prefill span, so budgets
+        within the prefill window share cached prefixes (the quality harness relies on it)."""
+        return mode if mode == "dense" else f"{mode}:{self.dense_prefill_span(budget)}"
 
     def begin_step(self, meta: AttentionMetadata) -> None:
         self._flush_step_stats()
         dense, prefill, decode = [], [], []
         for i in range(meta.num_seqs):
             sparse_mode = not meta.modes or meta.modes[i] != "dense"
-            if not sparse_mode or meta.context_lens[i] <= self.budget_of(meta, i):
+            budget = self.budget_of(meta, i)
+            span = budget if meta.query_lens[i] == 1 else self.dense_prefill_span(budget)
+            if not sparse_mode or meta.context_lens[i] <= span:
                 dense.append(i)
                 if sparse_mode:
                     self._stats.sparse_dense_fallbacks += 1

@@ -33,9 +33,8 @@ from kvcache.pool import KVPool
 
 def append(pool: KVPool, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """Write the step's K/V and keep the key summaries exact (when the pool has them)."""
-    kmin = pool.kmin[layer] if pool.kmin is not None else None
-    kmax = pool.kmax[layer] if pool.kmax is not None else None
-    kv_append(pool.k[layer], pool.v[layer], kmin, kmax, k, v, slots, pool.spec.summary_block)
+    summaries = None if pool.kmin is None else (pool.kmin[layer], pool.kmax[layer], pool.kmean[layer])
+    kv_append(pool.k[layer], pool.v[layer], summaries, k, v, slots, pool.spec.summary_block)
 
 
 class TritonDenseBackend(DenseBackend):
@@ -145,7 +144,10 @@ class TritonSparseBackend(SparseBackend):
             u = torch.arange(num_units, device=q.device)
             newest_allowed = (ctx.long() - 1) // self.unit - self.num_recent_units + 1
             allowed = (u[None, :] >= self.num_sink_units) & (u[None, :] < newest_allowed[:, None])
-            sel.copy_(select_units(q, pool.kmin[layer], pool.kmax[layer], meta.block_tables, ctx, allowed, kk,
+            # q . kmean is the bound kernel fed the mean as both min and max (exact, see page_select)
+            mean = self.policy.page_score == "mean"
+            lo, hi = (pool.kmean, pool.kmean) if mean else (pool.kmin, pool.kmax)
+            sel.copy_(select_units(q, lo[layer], hi[layer], meta.block_tables, ctx, allowed, kk,
                                    page_size=pool.spec.page_size, unit_tokens=self.unit,
                                    shared=not self.per_query_head))
         return sparse_decode(q, pool.k[layer], pool.v[layer], meta.block_tables, meta.context_lens_t, sel,

@@ -171,15 +171,14 @@ def append_rows(rows: list[dict]) -> None:
         pages = 4096
         k_cache = torch.randn(pages, PAGE, HKV, D, dtype=DT, device="cuda")
         v_cache = torch.randn_like(k_cache)
-        kmin = torch.randn(pages, PAGE // SB, HKV, D, dtype=DT, device="cuda")
-        kmax = torch.randn_like(kmin)
+        summaries = tuple(torch.randn(pages, PAGE // SB, HKV, D, dtype=DT, device="cuda") for _ in range(3))
         k = torch.randn(t, HKV, D, dtype=DT, device="cuda")
         v = torch.randn_like(k)
         if t == 2048:
             slots = torch.arange(t, device="cuda") + 5 * PAGE
         else:
             slots = torch.randperm(pages, device="cuda")[:t] * PAGE + 3
-        ms = bench(kv_append, k_cache, v_cache, kmin, kmax, k, v, slots, SB)
+        ms = bench(kv_append, k_cache, v_cache, summaries, k, v, slots, SB)
         rows.append({"kv_append_tokens": t, "ms": ms})
         print(json.dumps(rows[-1]), flush=True)
 
@@ -311,6 +310,7 @@ def fill_pool(pool) -> None:
             blocks = pool.k[layer].view(pool.num_pages, -1, sb, pool.spec.num_kv_heads, pool.spec.head_dim)
             pool.kmin[layer].copy_(blocks.amin(2))
             pool.kmax[layer].copy_(blocks.amax(2))
+            pool.kmean[layer].copy_(blocks.mean(2))
 
 
 def decode_meta(batch: int, ctx: int, page_size: int, first_page: int, device):

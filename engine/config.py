@@ -55,8 +55,13 @@ class EngineArgs:
         "help": "dense: every head reads the whole context; sparse: streaming heads read sinks + a "
                 "local window, retrieval heads read the top-k pages.", "choices": ["dense", "sparse"]})
     sparse_policy: str = field(default="hierarchical", metadata={
-        "help": "Page selection for retrieval heads: hierarchical (LServe), quest (flat page top-k) "
-                "or hip (tree search).", "choices": ["hierarchical", "quest", "hip"]})
+        "help": "Page selection for retrieval heads: hierarchical (LServe), quest (flat page top-k), "
+                "hip (tree search) or streaming (StreamingLLM baseline: the newest pages).",
+        "choices": ["hierarchical", "quest", "hip", "streaming"]})
+    sparse_page_score: str = field(default="mean", metadata={
+        "help": "How quest/hierarchical score a 16-token page from its key summary: mean (q . mean key, "
+                "ShadowKV's landmarks) or bound (Quest's upper bound from the key min/max).",
+        "choices": ["mean", "bound"]})
     sparse_token_budget: int | None = field(default=None, metadata={
         "help": "Tokens each retrieval head reads per decode step (default: 1024 on CPU, 4096 on CUDA)."})
     sparse_page_size: int = field(default=64, metadata={

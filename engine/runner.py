@@ -89,8 +89,7 @@ class ModelRunner:
 
     def attention_key(self, seq: Sequence) -> str:
         """What the sequence's KV depends on beyond its tokens: its attention mode (and sparse budget)."""
-        mode = self._mode(seq)
-        return mode if mode == "dense" else f"{mode}:{self._budget(seq)}"
+        return self.backend.kv_key(self._mode(seq), self._budget(seq))
 
     def _mode(self, seq: Sequence) -> str:
         override = seq.params.attention

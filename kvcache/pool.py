@@ -13,7 +13,7 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
     page_size: int = 16
-    summary_block: int = 16  # tokens per logical page summarised by key min/max
+    summary_block: int = 16  # tokens per logical page summarised by key min/max/mean
     dtype: torch.dtype = torch.float32
 
     def bytes_per_page(self, with_summaries: bool) -> int:
@@ -22,7 +22,7 @@ class KVCacheSpec:
         if not with_summaries:
             return kv
         blocks = self.page_size // self.summary_block
-        return kv + 2 * self.num_layers * blocks * self.num_kv_heads * self.head_dim * elem
+        return kv + 3 * self.num_layers * blocks * self.num_kv_heads * self.head_dim * elem
 
 
 class KVPool:
@@ -39,11 +39,13 @@ class KVPool:
         self.v = torch.zeros(shape, dtype=spec.dtype, device=device)
         self.kmin: torch.Tensor | None = None
         self.kmax: torch.Tensor | None = None
+        self.kmean: torch.Tensor | None = None
         if with_summaries:
             sshape = (spec.num_layers, num_pages, spec.page_size // spec.summary_block,
                       spec.num_kv_heads, spec.head_dim)
             self.kmin = torch.full(sshape, float("inf"), dtype=spec.dtype, device=device)
             self.kmax = torch.full(sshape, float("-inf"), dtype=spec.dtype, device=device)
+            self.kmean = torch.zeros(sshape, dtype=spec.dtype, device=device)
 
     @property
     def capacity_tokens(self) -> int:

@@ -56,9 +56,9 @@ def slots_for(bt, starts, ends, page_size):
 def make_cache(num_pages, page_size, hkv, d, dtype, gen, sb=16):
     k = torch.randn(num_pages, page_size, hkv, d, generator=gen).to(dtype)
     v = torch.randn(num_pages, page_size, hkv, d, generator=gen).to(dtype)
-    kmin = torch.randn(num_pages, page_size // sb, hkv, d, generator=gen).to(dtype)  # stale junk
-    kmax = torch.randn(num_pages, page_size // sb, hkv, d, generator=gen).to(dtype)
-    return [t.to(DEVICE) for t in (k, v, kmin, kmax)]
+    kmin, kmax, kmean = (torch.randn(num_pages, page_size // sb, hkv, d, generator=gen).to(dtype).to(DEVICE)
+                         for _ in range(3))  # stale junk
+    return k.to(DEVICE), v.to(DEVICE), (kmin, kmax, kmean)
 
 
 @needs_kernels
@@ -71,7 +71,7 @@ def test_kv_append_matches_reference(page_size, hkv, d, dtype):
     lens = [1, 17, 70, 33]
     bt = random_tables([n + 40 for n in lens], page_size, 64, gen)
     cache = make_cache(64, page_size, hkv, d, dtype, gen)
-    mine = [t.clone() for t in cache]
+    mine = (cache[0].clone(), cache[1].clone(), tuple(t.clone() for t in cache[2]))
     steps = [([0] * 4, lens), (lens, [n + 1 for n in lens]), ([n + 1 for n in lens], [n + 9 for n in lens])]
     for starts, ends in steps:  # prefill chunk, one decode token, an 8-token chunk crossing pages
         slots = slots_for(bt, starts, ends, page_size).to(DEVICE)
@@ -81,13 +81,15 @@ def test_kv_append_matches_reference(page_size, hkv, d, dtype):
         v = torch.randn(t, hkv, d, generator=gen).to(dtype).to(DEVICE)
         ref.kv_append_ref(*cache, k, v, slots, 16)
         kv_append(*mine, k, v, slots, 16)
-        for got, want in zip(mine, cache, strict=True):
+        for got, want in zip([*mine[:2], *mine[2][:2]], [*cache[:2], *cache[2][:2]], strict=True):
             assert torch.equal(got, want)
+        # the mean folds the stored (rounded) mean back in: equal up to the cache dtype's rounding
+        torch.testing.assert_close(mine[2][2].float(), cache[2][2].float(), rtol=2e-2, atol=2e-2)
 
 
 def _decode_case(gen, hq, hkv, d, dtype, lens, page_size=16):
     bt = random_tables(lens, page_size, 256, gen).to(DEVICE)
-    k, v, kmin, kmax = make_cache(256, page_size, hkv, d, dtype, gen)
+    k, v, (kmin, kmax, _) = make_cache(256, page_size, hkv, d, dtype, gen)
     q = torch.randn(len(lens), hq, d, generator=gen).to(dtype).to(DEVICE)
     ctx = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     return q, k, v, kmin, kmax, bt, ctx
@@ -151,6 +153,22 @@ def test_page_scores_match_reference(hq, hkv, shared, page_size, ut):
     want = ref.page_scores_ref(q, kmin, kmax, bt, ctx, 16, ut, shared=shared)
     fin = torch.isfinite(want)
     assert torch.equal(fin, torch.isfinite(got))
+    assert rel_err(got[fin], want[fin]) < 1e-5
+
+
+@needs_kernels
+def test_page_scores_fed_the_mean_as_both_bounds_give_the_mean_logit():
+    """The mean page score reuses the bound kernel: relu(q).m + min(q, 0).m = q.m."""
+    from attention.kernels.page_select import page_scores
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, _, kmean, bt, ctx = _decode_case(gen, 8, 2, 128, torch.bfloat16, [700, 70], 16)
+    got = page_scores(q, kmean, kmean, bt, ctx, page_size=16, unit_tokens=16, shared=False)
+    pages = kmean[bt.long()].reshape(2, -1, 2, 128).float()  # [B, L, Hkv, D]
+    want = torch.einsum("bhgd,blhd->bhgl", q.float().view(2, 2, 4, 128), pages).reshape(2, 8, -1)
+    fin = torch.isfinite(got)
+    for row, pages_used in ((0, 44), (1, 5)):  # contexts 700 and 70: -inf past the last page
+        assert fin[row, :, :pages_used].all() and not fin[row, :, pages_used:].any()
     assert rel_err(got[fin], want[fin]) < 1e-5
 
 

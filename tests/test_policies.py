@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from attention.policies import POLICIES, SelectionRequest
+from attention.policies.base import PAGE_SCORES
 from kvcache.pool import KVCacheSpec, KVPool
 from kvcache.summaries import update_summaries
 
@@ -32,11 +33,14 @@ def _request(policy_name: str, needle: range, k: int, heads: int = 2) -> tuple[S
     return req, policy.unit_tokens
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
-def test_selection_is_distinct_allowed_units_and_finds_the_needle(name: str):
+QUERY_DRIVEN = [("hip", "bound"), *[(n, s) for n in ("quest", "hierarchical") for s in PAGE_SCORES]]
+
+
+@pytest.mark.parametrize("name,score", QUERY_DRIVEN)
+def test_selection_is_distinct_allowed_units_and_finds_the_needle(name: str, score: str):
     needle = range(1200, 1328)  # two 64-token units, eight logical pages
     req, unit = _request(name, needle, k=12)
-    units = POLICIES[name](64, 16).select(req)
+    units = POLICIES[name](64, 16, score).select(req)
     assert units.shape == (1, 2, 12)
     for head in units[0]:
         assert len(set(head.tolist())) == 12
@@ -48,11 +52,19 @@ def test_selection_is_distinct_allowed_units_and_finds_the_needle(name: str):
 
 
 @pytest.mark.parametrize("name", ["quest", "hierarchical"])
-def test_bound_policies_rank_a_single_page_needle_first(name: str):
-    """The min/max bound sees one 16-token page of outliers; the needle's unit comes first."""
+@pytest.mark.parametrize("score", PAGE_SCORES)
+def test_summary_policies_rank_a_single_page_needle_first(name: str, score: str):
+    """Both page scores see one 16-token page of aligned keys; the needle's unit comes first."""
     req, unit = _request(name, range(1616, 1632), k=4)
-    units = POLICIES[name](64, 16).select(req)
+    units = POLICIES[name](64, 16, score).select(req)
     assert torch.all(units[0, :, 0] == 1616 // unit)
+
+
+def test_streaming_baseline_reads_the_newest_allowed_units_whatever_the_query():
+    req, unit = _request("streaming", range(1200, 1328), k=12)
+    units = POLICIES["streaming"](64, 16).select(req)
+    newest = req.allowed.shape[1] - 3  # the last two units are the backend's recent ones
+    assert units[0].tolist() == [list(range(newest, newest - 12, -1))] * 2
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))

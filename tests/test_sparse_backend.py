@@ -102,6 +102,16 @@ def test_sparse_equals_dense_exactly_when_the_budget_covers_the_context(policy: 
         assert torch.equal(got, want)
 
 
+def test_prefill_inside_the_streaming_window_is_dense_whatever_the_budget():
+    """Sinks + prefill window cover these chunks, so their KV (and the prefix-cache key) is the same for
+    every budget up to that span: budgets share cached prefixes, while a wider budget does not."""
+    sparse = _backend(sparse_token_budget=96, prefill_local_tokens=112)  # span: 16 sinks + 112
+    for _, got, want in _run_both([{1: 60, 2: 100}, {1: 60}], sparse, budgets={1: 96, 2: 128}):
+        assert torch.equal(got, want)
+    assert sparse.kv_key("sparse", 96) == sparse.kv_key("sparse", 128) != sparse.kv_key("sparse", 512)
+    assert sparse.kv_key("dense", 96) == "dense"
+
+
 def test_dense_mode_sequences_match_dense_inside_a_sparse_batch():
     """Sequence 2 asks for dense: it matches the dense backend (up to the batch shape's rounding: the dense
     backend sees it in a smaller batch), while sequence 1 beside it runs sparse."""

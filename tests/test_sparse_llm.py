@@ -52,8 +52,9 @@ def test_per_request_budget_and_dense_override(llm: LLM):
     assert dense.sparse_dense_fallbacks == 0 and not dense.sparse_tokens_read
 
 
-def test_prefix_cache_is_not_shared_across_attention_modes(llm: LLM):
-    """Streaming heads change the hidden states, so sparse-prefilled KV must never serve a dense request."""
+def test_prefix_cache_is_shared_only_where_the_kv_is_the_same(llm: LLM):
+    """Streaming heads change the hidden states, so sparse-prefilled KV must never serve a dense request;
+    budgets within the streaming heads' prefill window prefill alike and share, a wider one does not."""
     prompt, _, _ = passkey_prompt(llm.tokenizer, 600, 0.5, random.Random(5))
     prompt = llm.tokenizer.encode("A preface no other test in this module sends. " * 3) + prompt
     engine = llm.engine
@@ -68,5 +69,7 @@ def test_prefix_cache_is_not_shared_across_attention_modes(llm: LLM):
 
     cached_tokens(AttentionOverride(mode="sparse", token_budget=256))
     assert cached_tokens(AttentionOverride(mode="sparse", token_budget=256)) > 0
+    assert cached_tokens(AttentionOverride(mode="sparse", token_budget=512)) > 0
+    assert cached_tokens(AttentionOverride(mode="sparse", token_budget=4096)) == 0
     assert cached_tokens(AttentionOverride(mode="dense")) == 0
     assert cached_tokens(AttentionOverride(mode="dense")) > 0

@@ -1,4 +1,5 @@
-"""Key summaries stay exact: appends across page boundaries, partial pages, pages reused after free."""
+"""Key summaries (min, max, mean) stay exact: appends across page boundaries, partial pages, pages reused
+after free."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def _assert_exact(pool: KVPool, pages: list[int], keys: torch.Tensor) -> None:
             chunk = keys[block * sb:(block + 1) * sb]
             torch.testing.assert_close(pool.kmin[layer, page, sub], chunk.amin(0), rtol=0, atol=0)
             torch.testing.assert_close(pool.kmax[layer, page, sub], chunk.amax(0), rtol=0, atol=0)
+            torch.testing.assert_close(pool.kmean[layer, page, sub], chunk.mean(0), rtol=1e-6, atol=1e-6)
 
 
 def test_appends_across_page_boundaries_keep_summaries_exact():

@@ -1,10 +1,11 @@
-"""KV append: store a step's keys/values into their page slots and keep the key min/max summaries exact.
+"""KV append: store a step's keys/values into their page slots and keep the key summaries exact.
 
 One program per new token stores all its KV heads. The token that ends its run inside a logical page
 (the next token is not the next row of the same logical page) owns that page's summary: it folds the keys
 of the run (read from the step's input, never from the cache other programs are writing) and, unless the
-run starts at the page's row 0, the summary already stored. A run that starts at row 0 resets the summary,
-so a reused page never keeps a stale min/max. Slots < 0 (padded batch rows of a CUDA graph) are skipped.
+run starts at the page's row 0, the summary already stored (the mean weighted by the rows it covers).
+A run that starts at row 0 resets the summary, so a reused page never keeps a stale min/max/mean.
+Slots < 0 (padded batch rows of a CUDA graph) are skipped.
 Reference: reference.kv_append_ref.
 """
 
@@ -17,7 +18,7 @@ from attention.kernels import HAS_TRITON, tl, triton
 if HAS_TRITON:
 
     @triton.jit
-    def _kv_append_kernel(k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, T,
+    def _kv_append_kernel(k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, kmean_ptr, T,
                           HKV: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, SB: tl.constexpr,
                           SUMMARIES: tl.constexpr):
         t = tl.program_id(0)
@@ -39,6 +40,7 @@ if HAS_TRITON:
                     kf = kt.to(tl.float32)
                     lo = kf
                     hi = kf
+                    total = kf
                     run = r * 0 + 1
                     for i in tl.static_range(1, SB):
                         prev = tl.load(slot_ptr + t - i, mask=t - i >= 0, other=-1).to(tl.int64)
@@ -47,27 +49,32 @@ if HAS_TRITON:
                                      other=0.0).to(tl.float32)
                         lo = tl.where(ok, tl.minimum(lo, kp), lo)
                         hi = tl.where(ok, tl.maximum(hi, kp), hi)
+                        total = tl.where(ok, total + kp, total)
                         run = tl.where(ok, run + 1, run)
                     blk = slot // SB
                     if run <= r:  # the page's earlier rows were written by earlier steps
                         lo = tl.minimum(lo, tl.load(kmin_ptr + blk * HKV * D + src, mask=m).to(tl.float32))
                         hi = tl.maximum(hi, tl.load(kmax_ptr + blk * HKV * D + src, mask=m).to(tl.float32))
+                        old = tl.load(kmean_ptr + blk * HKV * D + src, mask=m).to(tl.float32)
+                        total += old * (r + 1 - run).to(tl.float32)
                     tl.store(kmin_ptr + blk * HKV * D + src, lo.to(kmin_ptr.dtype.element_ty), mask=m)
                     tl.store(kmax_ptr + blk * HKV * D + src, hi.to(kmax_ptr.dtype.element_ty), mask=m)
+                    mean = total / (r + 1).to(tl.float32)
+                    tl.store(kmean_ptr + blk * HKV * D + src, mean.to(kmean_ptr.dtype.element_ty), mask=m)
 
 
-def kv_append(k_cache: torch.Tensor, v_cache: torch.Tensor, kmin: torch.Tensor | None,
-              kmax: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
-              summary_block: int) -> None:
-    """One layer: k_cache/v_cache [pages, page_size, Hkv, D], kmin/kmax [pages, page_size // sb, Hkv, D]
-    or None; k, v [T, Hkv, D]; slot_mapping [T] (consecutive positions of a sequence in consecutive rows)."""
+def kv_append(k_cache: torch.Tensor, v_cache: torch.Tensor, summaries: tuple[torch.Tensor, ...] | None,
+              k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, summary_block: int) -> None:
+    """One layer: k_cache/v_cache [pages, page_size, Hkv, D]; summaries (kmin, kmax, kmean), each
+    [pages, page_size // sb, Hkv, D], or None; k, v [T, Hkv, D]; slot_mapping [T] (consecutive positions
+    of a sequence in consecutive rows)."""
     t, hkv, d = k.shape
     if t == 0:
         return
     k = k.to(k_cache.dtype).contiguous()
     v = v.to(v_cache.dtype).contiguous()
-    with_sum = kmin is not None
+    kmin, kmax, kmean = summaries or (k_cache, k_cache, k_cache)
     _kv_append_kernel[(t,)](
-        k, v, slot_mapping, k_cache, v_cache, kmin if with_sum else k_cache, kmax if with_sum else k_cache,
-        t, HKV=hkv, HP=triton.next_power_of_2(hkv), D=d, SB=summary_block, SUMMARIES=with_sum,
+        k, v, slot_mapping, k_cache, v_cache, kmin, kmax, kmean,
+        t, HKV=hkv, HP=triton.next_power_of_2(hkv), D=d, SB=summary_block, SUMMARIES=summaries is not None,
         num_warps=4 if hkv * d >= 512 else 1)

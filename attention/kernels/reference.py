@@ -1,7 +1,7 @@
 """Plain-torch references for every kernel in this package: slow, obvious, and the tests' ground truth.
 
 Shapes follow attention/base.py: one layer's cache is k, v [pages, page_size, Hkv, D] and
-kmin, kmax [pages, page_size // summary_block, Hkv, D]; a sequence's token at position p lives in
+kmin, kmax, kmean [pages, page_size // summary_block, Hkv, D]; a sequence's token at position p lives in
 page block_tables[b, p // page_size], row p % page_size.
 """
 
@@ -10,17 +10,18 @@ from __future__ import annotations
 import torch
 
 
-def kv_append_ref(k_cache, v_cache, kmin, kmax, k, v, slot_mapping, summary_block: int) -> None:
+def kv_append_ref(k_cache, v_cache, summaries, k, v, slot_mapping, summary_block: int) -> None:
     """Store k, v [T, Hkv, D] at their flat slots (slot < 0: skip) and make every touched logical page's
-    kmin/kmax the exact min/max over its rows 0..last row written (older rows stay, later rows of a reused
-    page are ignored)."""
+    summaries (kmin, kmax, kmean) the exact min/max/mean over its rows 0..last row written (older rows
+    stay, later rows of a reused page are ignored)."""
     keep = slot_mapping >= 0
     slots, k, v = slot_mapping[keep], k[keep], v[keep]
     hkv, d = k_cache.shape[-2], k_cache.shape[-1]
     k_cache.view(-1, hkv, d)[slots] = k.to(k_cache.dtype)
     v_cache.view(-1, hkv, d)[slots] = v.to(v_cache.dtype)
-    if kmin is None or slots.numel() == 0:
+    if summaries is None or slots.numel() == 0:
         return
+    kmin, kmax, kmean = summaries
     sb = summary_block
     touched, inverse = torch.unique(slots // sb, return_inverse=True)
     last = torch.full_like(touched, -1).scatter_reduce_(0, inverse, slots % sb, reduce="amax")
@@ -29,6 +30,8 @@ def kv_append_ref(k_cache, v_cache, kmin, kmax, k, v, slot_mapping, summary_bloc
     inf = torch.tensor(float("inf"), dtype=rows.dtype, device=rows.device)
     kmin.view(-1, hkv, d)[touched] = torch.where(valid, rows, inf).amin(dim=1)
     kmax.view(-1, hkv, d)[touched] = torch.where(valid, rows, -inf).amax(dim=1)
+    total = torch.where(valid, rows.float(), 0).sum(dim=1)
+    kmean.view(-1, hkv, d)[touched] = (total / (last + 1)[:, None, None]).to(kmean.dtype)
 
 
 def gather_tokens(cache: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

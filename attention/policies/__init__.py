@@ -5,9 +5,10 @@ from attention.policies.base import SelectionRequest, SparsePolicy
 from attention.policies.hierarchical import HierarchicalPolicy
 from attention.policies.hip import HipPolicy
 from attention.policies.quest import QuestPolicy
+from attention.policies.streaming import StreamingPolicy
 
 POLICIES: dict[str, type[SparsePolicy]] = {
-    p.name: p for p in (HierarchicalPolicy, QuestPolicy, HipPolicy)
+    p.name: p for p in (HierarchicalPolicy, QuestPolicy, HipPolicy, StreamingPolicy)
 }
 
 __all__ = ["POLICIES", "SelectionRequest", "SparsePolicy"]

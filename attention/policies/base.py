@@ -35,12 +35,16 @@ class SelectionRequest:
 
 
 class SparsePolicy(ABC):
-    """Ranks selection units of `unit_tokens` tokens for each selector head (default: one logical page)."""
+    """Ranks selection units of `unit_tokens` tokens for each selector head (default: one logical page);
+    policies that read page summaries score logical pages by `page_score` (see logical_page_scores)."""
 
     name: str
 
-    def __init__(self, sparse_page_size: int, summary_block: int):
+    def __init__(self, sparse_page_size: int, summary_block: int, page_score: str = "bound"):
+        if page_score not in PAGE_SCORES:
+            raise ValueError(f"unknown page score {page_score!r}; expected one of {PAGE_SCORES}")
         self.unit_tokens = summary_block
+        self.page_score = page_score
 
     @abstractmethod
     def select(self, req: SelectionRequest) -> torch.Tensor:
@@ -62,19 +66,34 @@ def gather_heads(cache: torch.Tensor, slots: torch.Tensor, kv_heads: torch.Tenso
     return cache.reshape(-1, d)[flat]
 
 
-def logical_page_bounds(req: SelectionRequest) -> torch.Tensor:
-    """Quest's upper bound of q.k per logical page: sum_c max(q_c * kmin_c, q_c * kmax_c), taken as the
-    max over the G query heads of a selector head -> [B, H, P * pages_per_block] (unwritten pages: junk,
-    the caller masks them with `allowed`)."""
-    pool = req.pool
-    assert pool.kmin is not None and pool.kmax is not None, "the pool keeps no key summaries"
-    b, p = req.block_tables.shape
-    hkv, d = pool.spec.num_kv_heads, pool.spec.head_dim
-    pages = req.block_tables.long()
-    kmax = pool.kmax[req.layer][pages].view(b, -1, hkv, d)[:, :, req.kv_heads].permute(0, 2, 3, 1)
-    kmin = pool.kmin[req.layer][pages].view(b, -1, hkv, d)[:, :, req.kv_heads].permute(0, 2, 3, 1)
-    bound = req.q.clamp(min=0) @ kmax + req.q.clamp(max=0) @ kmin  # [B, H, G, L]
-    return bound.amax(dim=2)
+PAGE_SCORES = ("mean", "bound")
+
+
+def logical_page_scores(req: SelectionRequest, kind: str) -> torch.Tensor:
+    """Score of every logical page for each selector head, the max over its G query heads
+    -> [B, H, P * pages_per_block] (unwritten pages: junk, the caller masks them with `allowed`).
+
+    bound: Quest's upper bound of q.k in the page, sum_c max(q_c * kmin_c, q_c * kmax_c);
+    mean:  q.kmean, the page's mean logit (ShadowKV's landmarks). The bound never ranks a page below
+    its best key, but is loose where key channels spread widely (then every page looks alike).
+    """
+    if kind == "bound":
+        kmin, kmax = _summary(req, req.pool.kmin), _summary(req, req.pool.kmax)
+        score = req.q.clamp(min=0) @ kmax + req.q.clamp(max=0) @ kmin
+    elif kind == "mean":
+        score = req.q @ _summary(req, req.pool.kmean)
+    else:
+        raise ValueError(f"unknown page score {kind!r}; expected one of {PAGE_SCORES}")
+    return score.amax(dim=2)
+
+
+def _summary(req: SelectionRequest, summary: torch.Tensor | None) -> torch.Tensor:
+    """One layer's summary of each sequence's logical pages, for each selector head -> [B, H, D, L]."""
+    assert summary is not None, "the pool keeps no key summaries"
+    b = req.block_tables.shape[0]
+    hkv, d = req.pool.spec.num_kv_heads, req.pool.spec.head_dim
+    rows = summary[req.layer][req.block_tables.long()].view(b, -1, hkv, d)
+    return rows[:, :, req.kv_heads].permute(0, 2, 3, 1)
 
 
 def top_units(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from attention.policies.base import SelectionRequest, SparsePolicy, logical_page_bounds, top_units
+from attention.policies.base import SelectionRequest, SparsePolicy, logical_page_scores, top_units
 
 
 class QuestPolicy(SparsePolicy):
@@ -13,5 +13,5 @@ class QuestPolicy(SparsePolicy):
     name = "quest"
 
     def select(self, req: SelectionRequest) -> torch.Tensor:
-        scores = logical_page_bounds(req)
+        scores = logical_page_scores(req, self.page_score)
         return top_units(scores[..., : req.allowed.shape[1]], req.allowed, req.k)
