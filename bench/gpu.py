@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 HQ, HKV, D = 32, 8, 128
 PAGE, SB, UNIT = 16, 16, 64
-BUDGET, SINK, LOCAL = 4096, 64, 256
+BUDGET, SINK, LOCAL = 2048, 64, 256
 DT = torch.bfloat16
 CONTEXTS = (8192, 32768, 131072)
 BATCHES = (1, 8, 16)

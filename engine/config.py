@@ -63,7 +63,7 @@ class EngineArgs:
                 "ShadowKV's landmarks) or bound (Quest's upper bound from the key min/max).",
         "choices": ["mean", "bound"]})
     sparse_token_budget: int | None = field(default=None, metadata={
-        "help": "Tokens each retrieval head reads per decode step (default: 1024 on CPU, 4096 on CUDA)."})
+        "help": "Tokens each retrieval head reads per decode step (default: 1024 on CPU, 2048 on CUDA)."})
     sparse_page_size: int = field(default=64, metadata={
         "help": "Tokens per selection unit (hierarchical: physical page scored by the max of its "
                 "16-token logical pages)."})
@@ -83,8 +83,8 @@ class EngineArgs:
         "help": "Fraction of sparse decode steps that also run dense attention to measure recall."})
 
     def token_budget(self, device_type: str) -> int:
-        """The sparse token budget: the flag, else 1/8 of an 8K context on CPU and LServe's 4096 on CUDA."""
-        return self.sparse_token_budget or (4096 if device_type == "cuda" else 1024)
+        """The sparse token budget: the flag, else 1/8 of an 8K context on CPU and 2048 on CUDA."""
+        return self.sparse_token_budget or (2048 if device_type == "cuda" else 1024)
 
     @property
     def kv_cache_bytes(self) -> int | None:
