@@ -7,8 +7,9 @@ so the questions of one haystack share its prefilled prefix (prefix caching): a 
 question prefill plus ~8 decode steps; the answer is right when its 7 digits match.
   passkey:  "The pass key of <name> is <value>." lines in a repetitive noise haystack;
   needle:   "The secret number of <name> is <value>." sentences in Python standard-library source;
-  multikey: like needle, but every key has a twin sharing its first word (amber-falcon, amber-heron),
-            and both are asked, so the model must tell near-identical keys apart.
+  multikey: like needle, but every key (all but the last when the count is odd) has a twin sharing
+            its first word (amber-falcon, amber-heron), and both are asked, so the model must tell
+            near-identical keys apart.
 Perplexity: the last `--ppl-tokens` tokens of a long standard-library document, teacher-forced one
 decode step at a time after a prefill of the rest, so the sparse decode path (selection) is measured.
 
@@ -56,8 +57,8 @@ def keys_for(task: str, count: int, rng: random.Random) -> list[str]:
     pairs = [f"{w}-{a}" for w in WORDS for a in ANIMALS]
     if task != "multikey":
         return rng.sample(pairs, count)
-    first = rng.sample(WORDS, count // 2)
-    return [f"{w}-{a}" for w in first for a in rng.sample(ANIMALS, 2)]
+    first = rng.sample(WORDS, -(-count // 2))
+    return [f"{w}-{a}" for w in first for a in rng.sample(ANIMALS, 2)][:count]
 
 
 def haystack(tokenizer, task: str, length: int, needles: int, seed: int, group: int):
@@ -87,11 +88,21 @@ def haystack(tokenizer, task: str, length: int, needles: int, seed: int, group: 
     return ids, questions
 
 
+def page_aligned(prefix: list[int], question: list[int], newline: list[int], page: int) -> list[int]:
+    """prefix + newlines + question, padded so that every token but the last fills whole KV pages: once
+    one row has run a question, the prefix cache holds all of it, and the other rows (policies and
+    budgets prefill alike) only recompute the last token before decoding."""
+    pad = (1 - len(prefix) - len(question)) % page
+    return prefix + newline * pad + question
+
+
 def answers_right(llm: LLM, prompts: list[list[int]], overrides: list[AttentionOverride],
-                  expected: list[str]) -> list[bool]:
-    """Greedy answers; the first prompt runs alone so the rest find its prefix in the cache."""
+                  expected: list[str], distinct: int) -> list[bool]:
+    """Greedy answers. The first prompt runs alone, then the rest of the first `distinct`, so that the
+    shared prefix and then every question are in the prefix cache before their repeats run."""
     params = [SamplingParams(temperature=0.0, max_tokens=9, attention=o) for o in overrides]
-    outs = llm.generate(prompts[:1], params[:1]) + llm.generate(prompts[1:], params[1:])
+    outs = [out for lo, hi in ((0, 1), (1, distinct), (distinct, len(prompts)))
+            for out in llm.generate(prompts[lo:hi], params[lo:hi])]
     texts = [out.outputs[0].text.replace(" ", "")[:9] for out in outs]
     return [answer in text for text, answer in zip(texts, expected, strict=True)]
 
@@ -104,22 +115,26 @@ def rows(args) -> list[tuple[str, int | None]]:
 def retrieval(llm: LLM, args, task: str, length: int) -> dict[str, float]:
     """Accuracy (%) of every row on one task and length, over samples // needles haystacks."""
     hits: dict[str, int] = {}
-    groups = max(1, args.samples // args.needles)
-    for group in tqdm(range(groups), desc=f"{task} {length}", leave=False):
+    asked = 0
+    for group in tqdm(range(max(1, args.samples // args.needles)), desc=f"{task} {length}", leave=False):
         prefix, questions = haystack(llm.tokenizer, task, length, args.needles, args.seed, group)
-        prompts = [prefix + q for q, _ in questions]
+        asked += len(questions)
+        newline = llm.tokenizer.encode("\n")
+        prompts = [page_aligned(prefix, q, newline, llm.engine.args.page_size) for q, _ in questions]
         expected = [a for _, a in questions]
-        right = answers_right(llm, prompts, [AttentionOverride(mode="dense")] * len(prompts), expected)
+        n = len(prompts)
+        right = answers_right(llm, prompts, [AttentionOverride(mode="dense")] * n, expected, n)
         hits["dense/None"] = hits.get("dense/None", 0) + sum(right)
         for policy in args.policies:
             _set_policy(llm, policy)
             budgets = [b for b in args.budgets for _ in prompts]
             overrides = [AttentionOverride(mode="sparse", token_budget=b) for b in budgets]
-            right = answers_right(llm, prompts * len(args.budgets), overrides, expected * len(args.budgets))
+            copies = len(args.budgets)
+            right = answers_right(llm, prompts * copies, overrides, expected * copies, n)
             for j, b in enumerate(args.budgets):
                 key = f"{policy}/{b}"
                 hits[key] = hits.get(key, 0) + sum(right[j * len(prompts):(j + 1) * len(prompts)])
-    return {key: 100.0 * n / (groups * args.needles) for key, n in hits.items()}
+    return {key: 100.0 * n / asked for key, n in hits.items()}
 
 
 def perplexities(llm: LLM, args) -> dict[str, float]:
@@ -185,6 +200,41 @@ def run(args) -> dict:
     return results
 
 
+def report(results: dict, args) -> str:
+    """Markdown tables of a results file: accuracy (%) per length, task and row by budget; perplexity."""
+    head = [f"| task | configuration | {' | '.join(map(str, args.budgets))} |",
+            f"|---|---|{'---|' * len(args.budgets)}"]
+    out = []
+    for length in sorted(args.lengths, reverse=True):
+        lines = [_line(task, row, [results.get(f"{task}/{length}/{row}/{_budget(row, b)}")
+                                   for b in args.budgets])
+                 for task in args.tasks for row in ["dense", *args.policies]]
+        if any(lines):
+            out += [f"### {length} tokens: accuracy (%)", "", *head, *filter(None, lines), ""]
+    dense = results.get("ppl/dense/None")
+    if dense:
+        lines = [_line("ppl", row, [results.get(f"ppl/{row}/{_budget(row, b)}") for b in args.budgets], dense)
+                 for row in ["dense", *args.policies]]
+        out += [f"### Perplexity at {args.ppl_length} tokens (change vs dense)", "", *head,
+                *filter(None, lines)]
+    return "\n".join(out)
+
+
+def _budget(row: str, budget: int) -> int | None:
+    return None if row == "dense" else budget
+
+
+def _line(task: str, row: str, cells: list[float | None], reference: float | None = None) -> str:
+    """One table row; accuracies as integers, perplexities with their change against the reference."""
+    if all(c is None for c in cells):
+        return ""
+    def fmt(c: float) -> str:
+        return f"{c:.0f}" if reference is None else f"{c:.3f} ({100 * (c / reference - 1):+.1f}%)"
+
+    text = ["-" if c is None else fmt(c) for c in cells]
+    return f"| {task} | {row} | {' | '.join(text)} |"
+
+
 def _set_policy(llm: LLM, row: str) -> None:
     """Row "quest" uses the engine's page score, "quest:bound" names its own."""
     name, _, score = row.partition(":")
@@ -207,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", nargs="+", default=["hierarchical", "quest", "hip", "streaming"],
                         help="sparse rows; POLICY:SCORE picks the page score (e.g. quest:bound)")
     parser.add_argument("--samples", type=int, default=50, help="questions per task and length")
-    parser.add_argument("--needles", type=int, default=10, help="needles (and questions) per haystack")
-    parser.add_argument("--batch", type=int, default=64, help="max_num_seqs of the engine")
+    parser.add_argument("--needles", type=int, default=25, help="needles (and questions) per haystack")
+    parser.add_argument("--batch", type=int, default=100, help="max_num_seqs of the engine")
     parser.add_argument("--kv-cache", default="2GiB")
     parser.add_argument("--ppl", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--ppl-length", type=int, default=8192)
@@ -217,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="quality.json", help="results, resumed if present")
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra EngineArgs for the engine, e.g. prefill_local_tokens=8192 (repeatable)")
-    run(parser.parse_args(argv))
+    parser.add_argument("--report", action="store_true", help="print --out's tables as markdown, run nothing")
+    args = parser.parse_args(argv)
+    if args.report:
+        print(report(json.loads(Path(args.out).read_text()), args))
+    else:
+        run(args)
     return 0
 
 
