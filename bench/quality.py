@@ -74,7 +74,7 @@ def haystack(tokenizer, task: str, length: int, needles: int, seed: int, group: 
         text = stdlib_text(HAYSTACK_MODULES)
         filler = tokenizer.encode(text[group * len(text) // 16:] + text)
     head = tokenizer.encode(f"Below are {len(keys)} {noun}s hidden in a long text. Remember them.\n")
-    fill = length - len(head) - sum(map(len, needle_ids)) - 40  # room for the question and answer
+    fill = length - len(head) - sum(map(len, needle_ids)) - 64  # room for padding, question and answer
     filler = filler[:fill]
     order = list(range(len(keys)))
     rng.shuffle(order)
