@@ -7,7 +7,8 @@ Per layer and KV head, the head profile says streaming or retrieval. Decode, per
 Prefill (also chunked): streaming heads attend to sinks + the last `prefill_local_tokens` before each
 query (a Lambda-shaped mask); retrieval heads attend densely, as in LServe.
 Dense, exactly as the dense backend computes it: the first `dense_layers` layers, sequences in "dense"
-mode, and sequences whose context fits their budget.
+mode, sequences whose context fits their budget, and prefill chunks whose context the streaming heads'
+window covers anyway (so sparse prefill is the same for every budget within that window).
 """
 
 from __future__ import annotations
