@@ -26,14 +26,15 @@ import argparse
 import json
 import math
 import random
-import sysconfig
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from attention.base import AttentionMetadata
+from bench.texts import stdlib_modules
 from engine.llm import LLM
 from engine.sampling_params import AttentionOverride, SamplingParams
 
@@ -45,12 +46,6 @@ ANIMALS = ("falcon heron otter badger lynx marten osprey raven stoat tapir viper
            "condor dingo egret ferret gecko ibis jackal koala lemur").split()
 HAYSTACK_MODULES = ("argparse", "textwrap", "difflib", "inspect", "pathlib", "typing", "dataclasses")
 PPL_MODULES = ("collections/__init__", "functools", "subprocess", "tarfile", "logging/__init__")
-
-
-def stdlib_text(modules: tuple[str, ...]) -> str:
-    """Source + docstrings of standard-library modules: natural English-and-code text on every install."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return "\n\n".join((root / f"{m}.py").read_text() for m in modules)
 
 
 def keys_for(task: str, count: int, rng: random.Random) -> list[str]:
@@ -71,7 +66,7 @@ def haystack(tokenizer, task: str, length: int, needles: int, seed: int, group: 
     if task == "passkey":
         filler = tokenizer.encode(NOISE * (length // 10))
     else:  # each group reads the standard library from its own offset
-        text = stdlib_text(HAYSTACK_MODULES)
+        text = stdlib_modules(HAYSTACK_MODULES)
         filler = tokenizer.encode(text[group * len(text) // 16:] + text)
     head = tokenizer.encode(f"Below are {len(keys)} {noun}s hidden in a long text. Remember them.\n")
     fill = length - len(head) - sum(map(len, needle_ids)) - 64  # room for padding, question and answer
@@ -114,34 +109,33 @@ def rows(args) -> list[tuple[str, int | None]]:
 
 def retrieval(llm: LLM, args, task: str, length: int) -> dict[str, float]:
     """Accuracy (%) of every row on one task and length, over samples // needles haystacks."""
-    hits: dict[str, int] = {}
+    hits: Counter[str] = Counter()
     asked = 0
+    newline, page = llm.tokenizer.encode("\n"), llm.engine.args.page_size
     for group in tqdm(range(max(1, args.samples // args.needles)), desc=f"{task} {length}", leave=False):
         prefix, questions = haystack(llm.tokenizer, task, length, args.needles, args.seed, group)
         asked += len(questions)
-        newline = llm.tokenizer.encode("\n")
-        prompts = [page_aligned(prefix, q, newline, llm.engine.args.page_size) for q, _ in questions]
+        prompts = [page_aligned(prefix, q, newline, page) for q, _ in questions]
         expected = [a for _, a in questions]
         n = len(prompts)
         right = answers_right(llm, prompts, [AttentionOverride(mode="dense")] * n, expected, n)
-        hits["dense/None"] = hits.get("dense/None", 0) + sum(right)
+        hits["dense/None"] += sum(right)
         for policy in args.policies:
             _set_policy(llm, policy)
-            budgets = [b for b in args.budgets for _ in prompts]
-            overrides = [AttentionOverride(mode="sparse", token_budget=b) for b in budgets]
             copies = len(args.budgets)
+            overrides = [AttentionOverride(mode="sparse", token_budget=b)
+                         for b in args.budgets for _ in range(n)]  # budget-major, like the prompts
             right = answers_right(llm, prompts * copies, overrides, expected * copies, n)
             for j, b in enumerate(args.budgets):
-                key = f"{policy}/{b}"
-                hits[key] = hits.get(key, 0) + sum(right[j * len(prompts):(j + 1) * len(prompts)])
-    return {key: 100.0 * n / asked for key, n in hits.items()}
+                hits[f"{policy}/{b}"] += sum(right[j * n:(j + 1) * n])
+    return {key: 100.0 * count / asked for key, count in hits.items()}
 
 
 def perplexities(llm: LLM, args) -> dict[str, float]:
     """exp(mean NLL) of the document's last ppl_tokens, each predicted by a decode step (teacher forcing),
     for every row. Drives the model directly over pages 0.. of the pool, so it must run last on an engine
     (it overwrites pages the prefix cache may still name)."""
-    ids = llm.tokenizer.encode(stdlib_text(PPL_MODULES))[: args.ppl_length]
+    ids = llm.tokenizer.encode(stdlib_modules(PPL_MODULES))[: args.ppl_length]
     split = len(ids) - args.ppl_tokens
     out = {}
     for mode in ("dense", "sparse"):

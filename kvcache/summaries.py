@@ -18,18 +18,27 @@ from kvcache.pool import KVPool
 
 def update_summaries(pool: KVPool, layer: int, slot_mapping: torch.Tensor) -> None:
     """Refresh the summaries of every logical page that `slot_mapping` wrote to in `layer` (after write)."""
-    if pool.kmin is None or pool.kmax is None or pool.kmean is None or slot_mapping.numel() == 0:
+    if pool.kmin is None or pool.kmax is None or pool.kmean is None:
         return
-    sb = pool.spec.summary_block
-    hkv, d = pool.spec.num_kv_heads, pool.spec.head_dim
-    block = slot_mapping // sb  # flat logical-page id (pages are whole multiples of summary_block)
-    row = slot_mapping % sb
-    touched, inverse = torch.unique(block, return_inverse=True)
-    last_row = torch.full_like(touched, -1).scatter_reduce_(0, inverse, row, reduce="amax")
-    keys = pool.k[layer].view(-1, sb, hkv, d)[touched]  # [U, sb, Hkv, D]
+    summarise_pages(pool.k[layer], (pool.kmin[layer], pool.kmax[layer], pool.kmean[layer]), slot_mapping,
+                    pool.spec.summary_block)
+
+
+def summarise_pages(k_cache: torch.Tensor, summaries: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                    slot_mapping: torch.Tensor, summary_block: int) -> None:
+    """One layer: k_cache [pages, page_size, Hkv, D]; recompute (kmin, kmax, kmean), each
+    [pages, page_size // summary_block, Hkv, D], of every logical page a slot in slot_mapping names."""
+    if slot_mapping.numel() == 0:
+        return
+    sb = summary_block
+    hkv, d = k_cache.shape[-2], k_cache.shape[-1]
+    touched, inverse = torch.unique(slot_mapping // sb, return_inverse=True)  # flat logical-page ids
+    last_row = torch.full_like(touched, -1).scatter_reduce_(0, inverse, slot_mapping % sb, reduce="amax")
+    keys = k_cache.view(-1, sb, hkv, d)[touched]  # [U, sb, Hkv, D]
     valid = (torch.arange(sb, device=keys.device)[None, :] <= last_row[:, None])[:, :, None, None]
     inf = torch.tensor(float("inf"), dtype=keys.dtype, device=keys.device)
-    pool.kmin[layer].view(-1, hkv, d)[touched] = torch.where(valid, keys, inf).amin(dim=1)
-    pool.kmax[layer].view(-1, hkv, d)[touched] = torch.where(valid, keys, -inf).amax(dim=1)
-    pool.kmean[layer].view(-1, hkv, d)[touched] = (torch.where(valid, keys, 0).sum(dim=1)
-                                                   / (last_row + 1).to(keys.dtype)[:, None, None])
+    kmin, kmax, kmean = summaries
+    kmin.view(-1, hkv, d)[touched] = torch.where(valid, keys, inf).amin(dim=1)
+    kmax.view(-1, hkv, d)[touched] = torch.where(valid, keys, -inf).amax(dim=1)
+    total = torch.where(valid, keys.float(), 0).sum(dim=1)
+    kmean.view(-1, hkv, d)[touched] = (total / (last_row + 1)[:, None, None]).to(kmean.dtype)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from kvcache.summaries import summarise_pages
+
 
 def kv_append_ref(k_cache, v_cache, summaries, k, v, slot_mapping, summary_block: int) -> None:
     """Store k, v [T, Hkv, D] at their flat slots (slot < 0: skip) and make every touched logical page's
@@ -19,19 +21,8 @@ def kv_append_ref(k_cache, v_cache, summaries, k, v, slot_mapping, summary_block
     hkv, d = k_cache.shape[-2], k_cache.shape[-1]
     k_cache.view(-1, hkv, d)[slots] = k.to(k_cache.dtype)
     v_cache.view(-1, hkv, d)[slots] = v.to(v_cache.dtype)
-    if summaries is None or slots.numel() == 0:
-        return
-    kmin, kmax, kmean = summaries
-    sb = summary_block
-    touched, inverse = torch.unique(slots // sb, return_inverse=True)
-    last = torch.full_like(touched, -1).scatter_reduce_(0, inverse, slots % sb, reduce="amax")
-    rows = k_cache.view(-1, sb, hkv, d)[touched]
-    valid = (torch.arange(sb, device=rows.device)[None, :] <= last[:, None])[:, :, None, None]
-    inf = torch.tensor(float("inf"), dtype=rows.dtype, device=rows.device)
-    kmin.view(-1, hkv, d)[touched] = torch.where(valid, rows, inf).amin(dim=1)
-    kmax.view(-1, hkv, d)[touched] = torch.where(valid, rows, -inf).amax(dim=1)
-    total = torch.where(valid, rows.float(), 0).sum(dim=1)
-    kmean.view(-1, hkv, d)[touched] = (total / (last + 1)[:, None, None]).to(kmean.dtype)
+    if summaries is not None:
+        summarise_pages(k_cache, summaries, slots, summary_block)  # the CPU path's own recomputation
 
 
 def gather_tokens(cache: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -80,10 +80,8 @@ def logical_page_scores(req: SelectionRequest, kind: str) -> torch.Tensor:
     if kind == "bound":
         kmin, kmax = _summary(req, req.pool.kmin), _summary(req, req.pool.kmax)
         score = req.q.clamp(min=0) @ kmax + req.q.clamp(max=0) @ kmin
-    elif kind == "mean":
-        score = req.q @ _summary(req, req.pool.kmean)
     else:
-        raise ValueError(f"unknown page score {kind!r}; expected one of {PAGE_SCORES}")
+        score = req.q @ _summary(req, req.pool.kmean)
     return score.amax(dim=2)
 
 
