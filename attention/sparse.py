@@ -2,8 +2,9 @@
 
 Per layer and KV head, the head profile says streaming or retrieval. Decode, per sequence:
   * streaming heads attend to the first `sink_tokens` and the last `local_tokens` positions;
-  * retrieval heads attend to the sink units, the newest units and the `k` units the policy ranks best
-    (k fills the sequence's token budget); a selection is kept for `selector_interval` steps.
+  * retrieval heads attend to the sink units, the newest units (`retrieval_local_tokens`) and the `k`
+    units the policy ranks best (k fills the sequence's token budget); a selection is kept for
+    `selector_interval` steps.
 Prefill (also chunked): streaming heads attend to sinks + the last `prefill_local_tokens` before each
 query (a Lambda-shaped mask); retrieval heads attend densely, as in LServe.
 Dense, exactly as the dense backend computes it: the first `dense_layers` layers, sequences in "dense"
@@ -91,6 +92,7 @@ class SparseBackend(AttentionBackend):
         self._selection: dict[int, dict[int, torch.Tensor]] = {}  # seq_id -> layer -> [H, k] units
         self._age: dict[int, tuple[int, int]] = {}  # seq_id -> (decode steps since selection, its budget)
         self.sparse_page_size = args.sparse_page_size
+        self.retrieval_local_tokens = args.retrieval_local_tokens
         self.set_policy(args.sparse_policy, args.sparse_page_score)
         self._rng = random.Random(args.seed)
         dev = pool.device
@@ -108,7 +110,7 @@ class SparseBackend(AttentionBackend):
                                                    page_score)
         self.unit = self.policy.unit_tokens
         self.num_sink_units = -(-self.sink_tokens // self.unit)
-        self.num_recent_units = 1 + -(-self.sparse_page_size // self.unit)  # newest partial + one page
+        self.num_recent_units = 1 + -(-self.retrieval_local_tokens // self.unit)  # + the newest partial
         self._selection.clear()
         self._age.clear()
 

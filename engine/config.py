@@ -73,6 +73,9 @@ class EngineArgs:
     sink_tokens: int = field(default=64, metadata={"help": "Attention-sink tokens kept by streaming heads."})
     local_tokens: int = field(default=256, metadata={
         "help": "Recent tokens kept by streaming heads at decode."})
+    retrieval_local_tokens: int = field(default=64, metadata={
+        "help": "Newest tokens retrieval heads always read at decode besides their chosen pages (whole "
+                "selection units, plus the newest partial one); taken out of the budget."})
     prefill_local_tokens: int = field(default=2048, metadata={
         "help": "Recent tokens kept by streaming heads during prefill."})
     head_profile: str | None = field(default=None, metadata={

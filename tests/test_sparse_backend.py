@@ -63,7 +63,8 @@ class Batch:
 
 def _args(**kw) -> EngineArgs:
     base = dict(sparse_token_budget=128, sparse_page_size=32, dense_layers=1, sink_tokens=16,
-                local_tokens=32, prefill_local_tokens=48, selector_interval=2, sparse_recall_sample=0.0)
+                local_tokens=32, retrieval_local_tokens=32, prefill_local_tokens=48, selector_interval=2,
+                sparse_recall_sample=0.0)
     base.update(kw)
     return EngineArgs(**base)
 
@@ -152,10 +153,12 @@ def test_streaming_head_prefill_matches_a_masked_dense_reference():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_retrieval_heads_read_sink_recent_and_best_pages_within_budget():
+@pytest.mark.parametrize("recent", [32, 96])
+def test_retrieval_heads_read_sink_recent_and_best_pages_within_budget(recent: int):
     """Keys are zero but for one planted page, so attention is uniform over what is read: value channels
     marking sink, recent and planted positions reveal how many keys each kind contributes."""
-    sparse = _backend(_profile([[False, False]] * LAYERS), sparse_token_budget=256, dense_layers=0)
+    sparse = _backend(_profile([[False, False]] * LAYERS), sparse_token_budget=256, dense_layers=0,
+                      retrieval_local_tokens=recent)
     batch = Batch()
     sparse.pool, sparse.dense.pool = batch.pool, batch.pool
     ctx, needle = 1000, range(480, 496)
@@ -164,7 +167,7 @@ def test_retrieval_heads_read_sink_recent_and_best_pages_within_budget():
     k[list(needle)] = 0.001
     v = torch.zeros(ctx, HKV, D)
     v[:16, :, 0] = 1  # sink
-    v[-32:, :, 1] = 1  # recent
+    v[-recent:, :, 1] = 1  # the retrieval heads' local window
     v[list(needle), :, 2] = 1
     meta = batch.meta({3: ctx - 1})
     sparse.begin_step(meta)
@@ -174,7 +177,7 @@ def test_retrieval_heads_read_sink_recent_and_best_pages_within_budget():
     out = sparse.forward(0, q, k[-1:], v[-1:], meta)[0]
     read = 16 / out[:, 0]  # every sink key is read, weights are ~uniform
     assert torch.all(read <= 256 + 1) and torch.all(read >= 256 - 32 - 1)
-    torch.testing.assert_close(out[:, 1] * read, torch.full((HQ,), 32.0), rtol=0.02, atol=0)
+    torch.testing.assert_close(out[:, 1] * read, torch.full((HQ,), float(recent)), rtol=0.02, atol=0)
     torch.testing.assert_close(out[:, 2] * read, torch.full((HQ,), 16.0), rtol=0.02, atol=0)
 
 
