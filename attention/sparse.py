@@ -92,8 +92,7 @@ class SparseBackend(AttentionBackend):
         self._selection: dict[int, dict[int, torch.Tensor]] = {}  # seq_id -> layer -> [H, k] units
         self._age: dict[int, tuple[int, int]] = {}  # seq_id -> (decode steps since selection, its budget)
         self.sparse_page_size = args.sparse_page_size
-        self.retrieval_local_tokens = args.retrieval_local_tokens
-        self.set_policy(args.sparse_policy, args.sparse_page_score)
+        self.set_policy(args.sparse_policy, args.sparse_page_score, args.retrieval_local_tokens)
         self._rng = random.Random(args.seed)
         dev = pool.device
         self._streaming = [torch.tensor([h for h, s in enumerate(row) if s], dtype=torch.long, device=dev)
@@ -103,14 +102,14 @@ class SparseBackend(AttentionBackend):
         self._step: _Step | None = None
         self._stats = StepStats()
 
-    def set_policy(self, name: str, page_score: str) -> None:
-        """Switch the page-selection policy (kept selections are dropped); the quality harness compares
-        policies over one prefilled cache this way."""
+    def set_policy(self, name: str, page_score: str, retrieval_local_tokens: int) -> None:
+        """Switch the page-selection policy and the retrieval heads' local window (kept selections are
+        dropped); the quality harness compares policies over one prefilled cache this way."""
         self.policy: SparsePolicy = POLICIES[name](self.sparse_page_size, self.pool.spec.summary_block,
                                                    page_score)
         self.unit = self.policy.unit_tokens
         self.num_sink_units = -(-self.sink_tokens // self.unit)
-        self.num_recent_units = 1 + -(-self.retrieval_local_tokens // self.unit)  # + the newest partial
+        self.num_recent_units = 1 + -(-retrieval_local_tokens // self.unit)  # + the newest partial
         self._selection.clear()
         self._age.clear()
 

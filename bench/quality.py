@@ -230,9 +230,12 @@ def _line(task: str, row: str, cells: list[float | None], reference: float | Non
 
 
 def _set_policy(llm: LLM, row: str) -> None:
-    """Row "quest" uses the engine's page score, "quest:bound" names its own."""
-    name, _, score = row.partition(":")
-    llm.engine.runner.backend.set_policy(name, score or llm.engine.args.sparse_page_score)
+    """Row "quest" uses the engine's page score and retrieval heads' local window; "quest:bound" names
+    its own score, "hierarchical:mean:256" its score and window (retrieval_local_tokens)."""
+    name, score, local = (row.split(":") + ["", ""])[:3]
+    args = llm.engine.args
+    llm.engine.runner.backend.set_policy(name, score or args.sparse_page_score,
+                                         int(local or args.retrieval_local_tokens))
 
 
 def _engine_arg(text: str) -> tuple[str, object]:
@@ -249,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192])
     parser.add_argument("--budgets", nargs="+", type=int, default=[256, 512, 1024, 2048])
     parser.add_argument("--policies", nargs="+", default=["hierarchical", "quest", "hip", "streaming"],
-                        help="sparse rows; POLICY:SCORE picks the page score (e.g. quest:bound)")
+                        help="sparse rows; POLICY:SCORE[:LOCAL] picks the page score and the retrieval "
+                             "heads' local window (e.g. quest:bound, hierarchical:mean:256)")
     parser.add_argument("--samples", type=int, default=50, help="questions per task and length")
     parser.add_argument("--needles", type=int, default=25, help="needles (and questions) per haystack")
     parser.add_argument("--batch", type=int, default=100, help="max_num_seqs of the engine")
