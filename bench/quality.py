@@ -28,6 +28,7 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -201,13 +202,17 @@ def report(results: dict, args) -> str:
     out = []
     for length in sorted(args.lengths, reverse=True):
         lines = [_line(task, row, [results.get(f"{task}/{length}/{row}/{_budget(row, b)}")
-                                   for b in args.budgets])
+                                   for b in args.budgets], lambda c: f"{c:.0f}")
                  for task in args.tasks for row in ["dense", *args.policies]]
         if any(lines):
             out += [f"### {length} tokens: accuracy (%)", "", *head, *filter(None, lines), ""]
     dense = results.get("ppl/dense/None")
     if dense:
-        lines = [_line("ppl", row, [results.get(f"ppl/{row}/{_budget(row, b)}") for b in args.budgets], dense)
+        def change(c: float) -> str:
+            return f"{c:.3f} ({100 * (c / dense - 1):+.1f}%)"
+
+        lines = [_line("ppl", row, [results.get(f"ppl/{row}/{_budget(row, b)}") for b in args.budgets],
+                       (lambda c: f"{c:.3f}") if row == "dense" else change)
                  for row in ["dense", *args.policies]]
         out += [f"### Perplexity at {args.ppl_length} tokens (change vs dense)", "", *head,
                 *filter(None, lines)]
@@ -218,15 +223,11 @@ def _budget(row: str, budget: int) -> int | None:
     return None if row == "dense" else budget
 
 
-def _line(task: str, row: str, cells: list[float | None], reference: float | None = None) -> str:
-    """One table row; accuracies as integers, perplexities with their change against the reference."""
+def _line(task: str, row: str, cells: list[float | None], fmt: Callable[[float], str]) -> str:
+    """One table row, "" when the row has no cell; missing cells print as "-"."""
     if all(c is None for c in cells):
         return ""
-    def fmt(c: float) -> str:
-        return f"{c:.0f}" if reference is None else f"{c:.3f} ({100 * (c / reference - 1):+.1f}%)"
-
-    text = ["-" if c is None else fmt(c) for c in cells]
-    return f"| {task} | {row} | {' | '.join(text)} |"
+    return f"| {task} | {row} | {' | '.join('-' if c is None else fmt(c) for c in cells)} |"
 
 
 def _set_policy(llm: LLM, row: str) -> None:
