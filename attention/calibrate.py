@@ -15,10 +15,10 @@ import random
 import torch
 from tqdm import tqdm
 
-from attention.base import AttentionMetadata
-from attention.dense import DenseBackend, gather_seq_kv
-from attention.head_profile import HeadProfile
-from engine.sampling_params import SamplingParams
+from needle.attention.base import AttentionMetadata
+from needle.attention.dense import DenseBackend, gather_seq_kv
+from needle.attention.head_profile import HeadProfile
+from needle.engine.sampling_params import SamplingParams
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    from engine.llm import LLM
+    from needle.engine.llm import LLM
 
     llm = LLM(args.model, attention="dense", device=args.device, enable_prefix_caching=False)
     scores = calibrate(llm, args.num_prompts, args.length, args.seed)

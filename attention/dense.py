@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attention.base import AttentionBackend, AttentionMetadata
-from kvcache.pool import KVPool
+from needle.attention.base import AttentionBackend, AttentionMetadata
+from needle.kvcache.pool import KVPool
 
 
 def gather_seq_kv(pool: KVPool, layer: int, block_table: torch.Tensor, ctx_len: int):

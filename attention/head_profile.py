@@ -72,7 +72,7 @@ class HeadProfile:
 
 def bundled_profile_path(model_name: str) -> Path:
     """Where the shipped profile of a model lives (attention/profiles/<name>.json)."""
-    return Path(str(resources.files("attention") / "profiles" / f"{model_name}.json"))
+    return Path(str(resources.files("needle.attention") / "profiles" / f"{model_name}.json"))
 
 
 def resolve_profile(path: str | None, model_name: str, num_layers: int, num_kv_heads: int,

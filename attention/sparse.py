@@ -23,15 +23,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from attention.base import AttentionBackend, AttentionMetadata
-from attention.dense import DenseBackend
-from attention.head_profile import HeadProfile, resolve_profile
-from attention.policies import POLICIES, SelectionRequest, SparsePolicy
-from attention.policies.base import gather_heads, token_slots
-from engine.config import EngineArgs
-from engine.stats import StepStats
-from kvcache.pool import KVPool
-from kvcache.summaries import update_summaries
+from needle.attention.base import AttentionBackend, AttentionMetadata
+from needle.attention.dense import DenseBackend
+from needle.attention.head_profile import HeadProfile, resolve_profile
+from needle.attention.policies import POLICIES, SelectionRequest, SparsePolicy
+from needle.attention.policies.base import gather_heads, token_slots
+from needle.engine.config import EngineArgs
+from needle.engine.stats import StepStats
+from needle.kvcache.pool import KVPool
+from needle.kvcache.summaries import update_summaries
 
 log = logging.getLogger(__name__)
 

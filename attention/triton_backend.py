@@ -21,14 +21,14 @@ import math
 
 import torch
 
-from attention.base import AttentionBackend, AttentionMetadata
-from attention.dense import DenseBackend
-from attention.kernels.kv_append import kv_append
-from attention.kernels.page_select import select_units
-from attention.kernels.paged_decode import paged_decode, sparse_decode
-from attention.kernels.prefill import gather_context, prefill_dense, prefill_streaming
-from attention.sparse import SparseBackend, _Step
-from kvcache.pool import KVPool
+from needle.attention.base import AttentionBackend, AttentionMetadata
+from needle.attention.dense import DenseBackend
+from needle.attention.kernels.kv_append import kv_append
+from needle.attention.kernels.page_select import select_units
+from needle.attention.kernels.paged_decode import paged_decode, sparse_decode
+from needle.attention.kernels.prefill import gather_context, prefill_dense, prefill_streaming
+from needle.attention.sparse import SparseBackend, _Step
+from needle.kvcache.pool import KVPool
 
 
 def append(pool: KVPool, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:

@@ -16,8 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bench.texts import long_prompt
-from engine import LLM, SamplingParams
-from engine.loader import bundled_gguf, gguf_to_directory
+from needle.engine import LLM, SamplingParams
+from needle.engine.loader import bundled_gguf, gguf_to_directory
 
 
 def hf_time(model, ids: list[int], new_tokens: int) -> float:

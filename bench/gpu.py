@@ -70,7 +70,7 @@ class Pool:
 
 
 def sparse_setup(batch: int, ctx: int, gen: torch.Generator):
-    from attention.kernels.page_select import allowed_units
+    from needle.attention.kernels.page_select import allowed_units
 
     nu = ctx // UNIT
     n_sink_u, n_recent_u = SINK // UNIT, 2
@@ -84,8 +84,8 @@ def sparse_setup(batch: int, ctx: int, gen: torch.Generator):
 
 
 def kernel_rows(bw: float, rows: list[dict]) -> None:
-    from attention.kernels.page_select import page_scores, select_units
-    from attention.kernels.paged_decode import paged_decode, sparse_decode
+    from needle.attention.kernels.page_select import page_scores, select_units
+    from needle.attention.kernels.paged_decode import paged_decode, sparse_decode
 
     gen = torch.Generator().manual_seed(0)
     scale = D ** -0.5
@@ -165,7 +165,7 @@ def kernel_rows(bw: float, rows: list[dict]) -> None:
 
 
 def append_rows(rows: list[dict]) -> None:
-    from attention.kernels.kv_append import kv_append
+    from needle.attention.kernels.kv_append import kv_append
 
     for t in (1, 16, 2048):
         pages = 4096
@@ -195,7 +195,7 @@ def timed(reps: int, fn, *args, **kwargs) -> float:
 
 
 def prefill_rows(rows: list[dict]) -> None:
-    from attention.kernels.prefill import prefill_dense, prefill_streaming
+    from needle.attention.kernels.prefill import prefill_dense, prefill_streaming
 
     scale = D ** -0.5
     for n in (32768, 131072):
@@ -290,8 +290,8 @@ def model_config_path(out: Path) -> str:
 
 
 def make_engine(model: str, attention: str, kv_gib: float, **kw):
-    from engine.config import EngineArgs
-    from engine.llm_engine import LLMEngine
+    from needle.engine.config import EngineArgs
+    from needle.engine.llm_engine import LLMEngine
 
     args = EngineArgs(model=model, load_format="dummy", attention=attention, kv_cache_memory=f"{kv_gib}GiB",
                       max_model_len=131072, enable_prefix_caching=False, streaming_ratio=0.5,
@@ -315,7 +315,7 @@ def fill_pool(pool) -> None:
 
 def decode_meta(batch: int, ctx: int, page_size: int, first_page: int, device):
     """One decode step of `batch` sequences at context ctx (the new token at position ctx)."""
-    from attention.base import AttentionMetadata
+    from needle.attention.base import AttentionMetadata
 
     pages = (ctx + 1 + page_size - 1) // page_size
     tables = (torch.randperm(batch * pages, device=device).view(batch, pages) + first_page).int()
@@ -407,7 +407,7 @@ def e2e(out: Path, bw: float, ttft_only: bool = False) -> dict:
                 result["decode"].append(row)
                 print(json.dumps(row), flush=True)
                 (out / "e2e.json").write_text(json.dumps(result, indent=1))
-        from engine.sampling_params import SamplingParams
+        from needle.engine.sampling_params import SamplingParams
 
         engine.add_request("warm-up", list(range(1, 9000)), SamplingParams(max_tokens=1, temperature=0.0))
         while engine.has_unfinished():  # one-time costs (kernel plans, allocator growth) stay out of TTFT
@@ -507,9 +507,9 @@ def parity(out: Path) -> dict:
     """Greedy tokens of the CUDA path (Triton + graphs) against the torch path (the CPU code) on CUDA, with
     the same dummy weights (the CPU draws other random numbers), float32, SmolLM2 shapes, dense and sparse
     (budget 256 so the sparse path runs)."""
-    from engine.config import EngineArgs
-    from engine.llm_engine import LLMEngine
-    from engine.sampling_params import SamplingParams
+    from needle.engine.config import EngineArgs
+    from needle.engine.llm_engine import LLMEngine
+    from needle.engine.sampling_params import SamplingParams
 
     path = out / "smollm2-shape.json"
     path.write_text(json.dumps(SMOLLM2_SHAPE))
@@ -549,7 +549,7 @@ def profile(out: Path) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from engine.sampling_params import SamplingParams
+    from needle.engine.sampling_params import SamplingParams
 
     os.environ["NEEDLE_CUDA_GRAPHS"] = "0"  # kernels by name; their GPU time is the same inside a graph
     engine = make_engine(model_config_path(out), "dense", 20)

@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from attention.base import AttentionMetadata
 from bench.texts import stdlib_modules
-from engine.llm import LLM
-from engine.sampling_params import AttentionOverride, SamplingParams
+from needle.attention.base import AttentionMetadata
+from needle.engine.llm import LLM
+from needle.engine.sampling_params import AttentionOverride, SamplingParams
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 WORDS = ("amber azure brisk cedar coral dusky ember frost golden hazel indigo jade lunar maple "

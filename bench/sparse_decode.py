@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from attention.base import AttentionMetadata
-from attention.dense import DenseBackend
-from engine.llm import LLM
-from kvcache.summaries import update_summaries
+from needle.attention.base import AttentionMetadata
+from needle.attention.dense import DenseBackend
+from needle.engine.llm import LLM
+from needle.kvcache.summaries import update_summaries
 
 
 def fill_pool(pool, num_tokens: int) -> None:

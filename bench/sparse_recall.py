@@ -14,11 +14,11 @@ import argparse
 import random
 import statistics
 
-from attention.calibrate import passkey_prompt
-from attention.head_profile import HeadProfile
-from attention.sparse import SparseBackend
-from engine.llm import LLM
-from engine.sampling_params import AttentionOverride, SamplingParams
+from needle.attention.calibrate import passkey_prompt
+from needle.attention.head_profile import HeadProfile
+from needle.attention.sparse import SparseBackend
+from needle.engine.llm import LLM
+from needle.engine.sampling_params import AttentionOverride, SamplingParams
 
 
 def recall(llm: LLM, backend: SparseBackend, prompt: list[int], budget: int, steps: int) -> float:

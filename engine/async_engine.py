@@ -13,11 +13,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
-from engine.config import EngineArgs
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.stats import StepStats
+from needle.engine.config import EngineArgs
+from needle.engine.llm_engine import LLMEngine
+from needle.engine.outputs import RequestOutput
+from needle.engine.sampling_params import SamplingParams
+from needle.engine.stats import StepStats
 
 log = logging.getLogger("needle.engine")
 MAX_CONSECUTIVE_FAULTS = 3

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from attention.base import AttentionBackend, AttentionMetadata
+from needle.attention.base import AttentionBackend, AttentionMetadata
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 

@@ -7,10 +7,10 @@ from collections.abc import Sequence as Seq
 
 from tqdm import tqdm
 
-from engine.config import EngineArgs
-from engine.llm_engine import LLMEngine
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampling_params import SamplingParams
+from needle.engine.config import EngineArgs
+from needle.engine.llm_engine import LLMEngine
+from needle.engine.outputs import CompletionOutput, RequestOutput
+from needle.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 

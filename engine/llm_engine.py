@@ -10,21 +10,21 @@ from pathlib import Path
 
 import torch
 
-from attention.base import AttentionBackend
-from attention.dense import DenseBackend
-from engine.config import EngineArgs
-from engine.detokenizer import TextState
-from engine.loader import ModelLoadError, load_config, load_model, resolve_model
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.runner import ModelRunner
-from engine.sampler import Sampler
-from engine.sampling_params import SamplingParams
-from engine.stats import StepStats
-from kvcache.block_manager import BlockManager
-from kvcache.pool import KVCacheSpec, KVPool
-from kvcache.prefix_hash import chain_hash
-from scheduler.scheduler import Scheduler
-from scheduler.sequence import Sequence, Status
+from needle.attention.base import AttentionBackend
+from needle.attention.dense import DenseBackend
+from needle.engine.config import EngineArgs
+from needle.engine.detokenizer import TextState
+from needle.engine.loader import ModelLoadError, load_config, load_model, resolve_model
+from needle.engine.outputs import CompletionOutput, RequestOutput
+from needle.engine.runner import ModelRunner
+from needle.engine.sampler import Sampler
+from needle.engine.sampling_params import SamplingParams
+from needle.engine.stats import StepStats
+from needle.kvcache.block_manager import BlockManager
+from needle.kvcache.pool import KVCacheSpec, KVPool
+from needle.kvcache.prefix_hash import chain_hash
+from needle.scheduler.scheduler import Scheduler
+from needle.scheduler.sequence import Sequence, Status
 
 log = logging.getLogger("needle.engine")
 
@@ -111,7 +111,7 @@ class LLMEngine:
     def _build_backend(self) -> AttentionBackend:
         if self.args.attention == "dense":
             return DenseBackend(self.pool)
-        from attention.sparse import build_sparse_backend
+        from needle.attention.sparse import build_sparse_backend
 
         return build_sparse_backend(self.pool, self.args, self.model_config)
 

@@ -18,8 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from engine.model_config import ModelConfig, UnsupportedModelError
-from engine.models.llama import LlamaForCausalLM, checkpoint_target, rope_inv_freq
+from needle.engine.model_config import ModelConfig, UnsupportedModelError
+from needle.engine.models.llama import LlamaForCausalLM, checkpoint_target, rope_inv_freq
 
 log = logging.getLogger("needle.loader")
 

@@ -9,10 +9,10 @@ import os
 
 import torch
 
-from attention.base import AttentionBackend, AttentionMetadata
-from engine.models.llama import LlamaForCausalLM
-from scheduler.scheduler import Batch
-from scheduler.sequence import Sequence
+from needle.attention.base import AttentionBackend, AttentionMetadata
+from needle.engine.models.llama import LlamaForCausalLM
+from needle.scheduler.scheduler import Batch
+from needle.scheduler.sequence import Sequence
 
 
 class ModelRunner:
@@ -26,11 +26,11 @@ class ModelRunner:
         self.default_budget = default_budget
         self.graphs = None
         if device.type == "cuda" and os.environ.get("NEEDLE_TRITON", "1") != "0":
-            from attention.kernels import HAS_TRITON
+            from needle.attention.kernels import HAS_TRITON
 
             if HAS_TRITON:  # Triton kernels + CUDA graphs for decode; the torch backends stay the CPU path
-                from attention.triton_backend import use_triton
-                from engine.cuda_graph import CudaGraphRunner
+                from needle.attention.triton_backend import use_triton
+                from needle.engine.cuda_graph import CudaGraphRunner
 
                 self.backend = use_triton(backend)
                 if os.environ.get("NEEDLE_CUDA_GRAPHS", "1") != "0":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from scheduler.sequence import Sequence
+from needle.scheduler.sequence import Sequence
 
 
 def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:

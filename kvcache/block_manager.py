@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvcache.prefix_hash import chain_hash
+from needle.kvcache.prefix_hash import chain_hash
 
 
 @dataclass

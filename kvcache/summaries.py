@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcache.pool import KVPool
+from needle.kvcache.pool import KVPool
 
 
 def update_summaries(pool: KVPool, layer: int, slot_mapping: torch.Tensor) -> None:

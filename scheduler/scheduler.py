@@ -12,8 +12,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvcache.block_manager import BlockManager
-from scheduler.sequence import Sequence, Status
+from needle.kvcache.block_manager import BlockManager
+from needle.scheduler.sequence import Sequence, Status
 
 
 @dataclass

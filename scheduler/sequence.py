@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.sampling_params import SamplingParams
-from kvcache.block_manager import SeqPages
+from needle.engine.sampling_params import SamplingParams
+from needle.kvcache.block_manager import SeqPages
 
 _ids = itertools.count()
 

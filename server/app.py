@@ -20,14 +20,19 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel, ValidationError
 
-from engine.config import EngineArgs
-from engine.stats import StepStats
-from server.chat import create_chat_completion
-from server.completions import create_completion
-from server.errors import APIError, bad_request, from_validation_error, install_error_handlers
-from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from server.state import ServerConfig, ServerState
+from needle.engine.config import EngineArgs
+from needle.engine.stats import StepStats
+from needle.server.chat import create_chat_completion
+from needle.server.completions import create_completion
+from needle.server.errors import APIError, bad_request, from_validation_error, install_error_handlers
+from needle.server.metrics import Metrics
+from needle.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from needle.server.state import ServerConfig, ServerState
 
 logger = logging.getLogger("needle.server")
 M = TypeVar("M", bound=BaseModel)
@@ -44,7 +49,7 @@ def needle_version() -> str:
 
 def default_engine_factory(args: EngineArgs) -> EngineFactory:
     def build(listener: Callable[[StepStats], None]) -> Any:
-        from engine import AsyncEngine  # torch and the model load only when a server really starts
+        from needle.engine import AsyncEngine  # torch and the model load only when a server really starts
 
         return AsyncEngine(args, stats_listener=listener)
 

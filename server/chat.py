@@ -8,8 +8,8 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from server.generation import ChoiceDelta, Generation
-from server.protocol import (
+from needle.server.generation import ChoiceDelta, Generation
+from needle.server.protocol import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -18,8 +18,8 @@ from server.protocol import (
     ChatMessageOut,
     UsageInfo,
 )
-from server.state import ServerState
-from server.streaming import chat_logprobs, event_stream, sse
+from needle.server.state import ServerState
+from needle.server.streaming import chat_logprobs, event_stream, sse
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, receive: Any) -> Any:

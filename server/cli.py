@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from engine.config import EngineArgs, parse_bytes
+from needle.engine.config import EngineArgs, parse_bytes
 
 _LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
 
@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 def serve(ns: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.app import build_app
-    from server.state import ServerConfig
+    from needle.server.app import build_app
+    from needle.server.state import ServerConfig
 
     if ns.model_positional and ns.model and ns.model_positional != ns.model:
         raise SystemExit(f"needle serve: MODEL {ns.model_positional!r} and --model {ns.model!r} disagree")
@@ -82,7 +82,7 @@ def serve(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["calibrate"]:
-        from attention.calibrate import main as calibrate
+        from needle.attention.calibrate import main as calibrate
 
         return calibrate(argv[1:]) or 0
     ns = build_parser().parse_args(argv)

@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from engine.outputs import CompletionOutput
-from engine.sampling_params import SamplingParams
-from server.errors import APIError, bad_request
-from server.metrics import Metrics, RequestTimer
-from server.protocol import UsageInfo
+from needle.engine.outputs import CompletionOutput
+from needle.engine.sampling_params import SamplingParams
+from needle.server.errors import APIError, bad_request
+from needle.server.metrics import Metrics, RequestTimer
+from needle.server.protocol import UsageInfo
 
 T = TypeVar("T")
 

@@ -19,7 +19,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from engine.stats import StepStats
+from needle.engine.stats import StepStats
 
 # A `_created` twin of every counter and histogram doubles the scrape and no dashboard reads it (vLLM
 # turns them off too). The switch is process-wide in prometheus_client, so it is thrown once here.

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.sampling_params import AttentionOverride, SamplingParams
-from server.errors import APIError, bad_request
+from needle.engine.sampling_params import AttentionOverride, SamplingParams
+from needle.server.errors import APIError, bad_request
 
 # SamplingParams' messages start with the field name ("top_p must be ..."); this maps it to the wire name.
 _PARAM_NAMES = {

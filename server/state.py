@@ -11,12 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config import EngineArgs
-from engine.sampling_params import SamplingParams
-from server.errors import APIError, bad_request, context_length_error
-from server.generation import Generation
-from server.metrics import Metrics
-from server.protocol import ChatMessage, model_not_found, new_id
+from needle.engine.config import EngineArgs
+from needle.engine.sampling_params import SamplingParams
+from needle.server.errors import APIError, bad_request, context_length_error
+from needle.server.generation import Generation
+from needle.server.metrics import Metrics
+from needle.server.protocol import ChatMessage, model_not_found, new_id
 
 
 @dataclass

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Callable
 
 from pydantic import BaseModel
 
-from server.errors import APIError
-from server.generation import ChoiceDelta
-from server.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
+from needle.server.errors import APIError
+from needle.server.generation import ChoiceDelta
+from needle.server.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
 
 DONE = "data: [DONE]\n\n"
 

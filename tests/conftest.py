@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.loader import bundled_gguf, gguf_to_directory
+from needle.engine.loader import bundled_gguf, gguf_to_directory
 
 
 @pytest.fixture(scope="session")

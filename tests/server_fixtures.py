@@ -55,7 +55,8 @@ def free_port() -> int:
 def run_server(*flags: str, load_timeout: float = 300.0) -> Iterator[LiveServer]:
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="needle-serve-", suffix=".log")[1])
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--api-key", API_KEY, *flags]
+    cmd = [sys.executable, "-m", "needle.server.cli", "serve", "--port", str(port), "--api-key", API_KEY,
+           *flags]
     with open(log, "w") as sink:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
                                 env={**os.environ, "NEEDLE_API_KEY": ""})

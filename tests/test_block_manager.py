@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcache.block_manager import BlockManager, SeqPages
+from needle.kvcache.block_manager import BlockManager, SeqPages
 
 PAGE = 4
 NUM_PAGES = 24

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.texts import long_prompt
-from engine import LLM, SamplingParams
+from needle.engine import LLM, SamplingParams
 
 NEW_TOKENS = 12
 LOGPROB_TOLERANCE = 2e-3

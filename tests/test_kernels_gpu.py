@@ -12,8 +12,8 @@ import os
 import pytest
 import torch
 
-from attention.kernels import HAS_TRITON
-from attention.kernels import reference as ref
+from needle.attention.kernels import HAS_TRITON
+from needle.attention.kernels import reference as ref
 
 pytestmark = pytest.mark.gpu
 
@@ -65,7 +65,7 @@ def make_cache(num_pages, page_size, hkv, d, dtype, gen, sb=16):
 @pytest.mark.parametrize("page_size,hkv,d,dtype", [(16, 8, 128, torch.bfloat16), (64, 3, 64, torch.float16),
                                                    (32, 1, 128, torch.bfloat16)])
 def test_kv_append_matches_reference(page_size, hkv, d, dtype):
-    from attention.kernels.kv_append import kv_append
+    from needle.attention.kernels.kv_append import kv_append
 
     gen = torch.Generator().manual_seed(1)
     lens = [1, 17, 70, 33]
@@ -100,7 +100,7 @@ def _decode_case(gen, hq, hkv, d, dtype, lens, page_size=16):
 @pytest.mark.parametrize("d,dtype", [(64, torch.float16), (128, torch.bfloat16)])
 @pytest.mark.parametrize("splits", [None, 3])
 def test_paged_decode_matches_reference(hq, hkv, d, dtype, splits):
-    from attention.kernels.paged_decode import paged_decode
+    from needle.attention.kernels.paged_decode import paged_decode
 
     gen = torch.Generator().manual_seed(hq * d + (splits or 0))
     lens = [1, 45, 300, 0, 129]  # partial last pages, an empty (padded) row
@@ -116,7 +116,7 @@ def test_paged_decode_matches_reference(hq, hkv, d, dtype, splits):
 @pytest.mark.parametrize("hq,hkv,shared", [(8, 2, False), (8, 2, True), (8, 8, False), (16, 2, False)])
 @pytest.mark.parametrize("d,dtype", [(64, torch.float16), (128, torch.bfloat16)])
 def test_sparse_decode_matches_reference(hq, hkv, shared, d, dtype):
-    from attention.kernels.paged_decode import sparse_decode
+    from needle.attention.kernels.paged_decode import sparse_decode
 
     gen = torch.Generator().manual_seed(7 * hq + d)
     ut = 32
@@ -144,7 +144,7 @@ def test_sparse_decode_matches_reference(hq, hkv, shared, d, dtype):
 @pytest.mark.parametrize("hq,hkv,shared", [(8, 2, False), (8, 2, True), (4, 4, False), (16, 2, True)])
 @pytest.mark.parametrize("page_size,ut", [(16, 64), (64, 64), (16, 16)])
 def test_page_scores_match_reference(hq, hkv, shared, page_size, ut):
-    from attention.kernels.page_select import page_scores
+    from needle.attention.kernels.page_select import page_scores
 
     gen = torch.Generator().manual_seed(hq + page_size + ut)
     lens = [1000, 33, 500]
@@ -159,7 +159,7 @@ def test_page_scores_match_reference(hq, hkv, shared, page_size, ut):
 @needs_kernels
 def test_page_scores_fed_the_mean_as_both_bounds_give_the_mean_logit():
     """The mean page score reuses the bound kernel: relu(q).m + min(q, 0).m = q.m."""
-    from attention.kernels.page_select import page_scores
+    from needle.attention.kernels.page_select import page_scores
 
     gen = torch.Generator().manual_seed(5)
     q, k, v, _, kmean, bt, ctx = _decode_case(gen, 8, 2, 128, torch.bfloat16, [700, 70], 16)
@@ -175,7 +175,7 @@ def test_page_scores_fed_the_mean_as_both_bounds_give_the_mean_logit():
 @needs_kernels
 @pytest.mark.parametrize("nu,k", [(40, 8), (300, 64), (2048, 64), (10, 16)])
 def test_top_units_matches_reference(nu, k):
-    from attention.kernels.page_select import allowed_units, top_units
+    from needle.attention.kernels.page_select import allowed_units, top_units
 
     gen = torch.Generator().manual_seed(nu + k)
     b, r = 3, 5
@@ -194,7 +194,7 @@ def test_top_units_matches_reference(nu, k):
 @pytest.mark.parametrize("hq,hkv,d,dtype", [(8, 2, 64, torch.float16), (8, 8, 128, torch.bfloat16)])
 @pytest.mark.parametrize("lq,lk", [(300, 300), (100, 450)])
 def test_prefill_matches_reference(hq, hkv, d, dtype, lq, lk):
-    from attention.kernels.prefill import prefill_dense, prefill_streaming
+    from needle.attention.kernels.prefill import prefill_dense, prefill_streaming
 
     gen = torch.Generator().manual_seed(lq + lk + d)
     q = torch.randn(lq, hq, d, generator=gen).to(dtype).to(DEVICE)

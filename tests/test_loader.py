@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.loader import ModelLoadError, load_config, resolve_model
+from needle.engine import LLM, SamplingParams
+from needle.engine.loader import ModelLoadError, load_config, resolve_model
 
 
 def test_dummy_llama_config_resolves_with_rope_scaling():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention.policies import POLICIES, SelectionRequest
-from attention.policies.base import PAGE_SCORES
-from kvcache.pool import KVCacheSpec, KVPool
-from kvcache.summaries import update_summaries
+from needle.attention.policies import POLICIES, SelectionRequest
+from needle.attention.policies.base import PAGE_SCORES
+from needle.kvcache.pool import KVCacheSpec, KVPool
+from needle.kvcache.summaries import update_summaries
 
 SPEC = KVCacheSpec(num_layers=1, num_kv_heads=2, head_dim=16, page_size=32)
 CTX = 2048

@@ -12,14 +12,14 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.config import EngineArgs
-from engine.stats import StepStats
-from server.app import build_app
-from server.cli import build_parser
-from server.errors import APIError, context_length_error
-from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.state import ServerConfig
+from needle.engine.config import EngineArgs
+from needle.engine.stats import StepStats
+from needle.server.app import build_app
+from needle.server.cli import build_parser
+from needle.server.errors import APIError, context_length_error
+from needle.server.metrics import Metrics
+from needle.server.protocol import ChatCompletionRequest, CompletionRequest
+from needle.server.state import ServerConfig
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple], float]:

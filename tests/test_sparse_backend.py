@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention.base import AttentionMetadata
-from attention.dense import DenseBackend
-from attention.head_profile import HeadProfile
-from attention.sparse import SparseBackend
-from engine.config import EngineArgs
-from engine.stats import StepStats
-from kvcache.pool import KVCacheSpec, KVPool
+from needle.attention.base import AttentionMetadata
+from needle.attention.dense import DenseBackend
+from needle.attention.head_profile import HeadProfile
+from needle.attention.sparse import SparseBackend
+from needle.engine.config import EngineArgs
+from needle.engine.stats import StepStats
+from needle.kvcache.pool import KVCacheSpec, KVPool
 
 LAYERS, HQ, HKV, D, PAGE = 3, 6, 2, 16, 16
 SPEC = KVCacheSpec(num_layers=LAYERS, num_kv_heads=HKV, head_dim=D, page_size=PAGE)

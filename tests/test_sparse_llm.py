@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from attention.calibrate import passkey_prompt
-from engine.llm import LLM
-from engine.sampling_params import AttentionOverride, SamplingParams
-from engine.stats import StepStats
+from needle.attention.calibrate import passkey_prompt
+from needle.engine.llm import LLM
+from needle.engine.sampling_params import AttentionOverride, SamplingParams
+from needle.engine.stats import StepStats
 
 
 @pytest.fixture(scope="module")

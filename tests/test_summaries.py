@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcache.pool import KVCacheSpec, KVPool
-from kvcache.summaries import update_summaries
+from needle.kvcache.pool import KVCacheSpec, KVPool
+from needle.kvcache.summaries import update_summaries
 
 SPEC = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, page_size=32, summary_block=16)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from attention.kernels import HAS_TRITON, tl, triton
+from needle.attention.kernels import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
 

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from attention.kernels import HAS_TRITON, tl, triton
+from needle.attention.kernels import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
 

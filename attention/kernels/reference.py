@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcache.summaries import summarise_pages
+from needle.kvcache.summaries import summarise_pages
 
 
 def kv_append_ref(k_cache, v_cache, summaries, k, v, slot_mapping, summary_block: int) -> None:

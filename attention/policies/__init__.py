@@ -1,11 +1,11 @@
 """Page-selection policies for retrieval heads, by name (`--sparse-policy`). A new policy is one file
 plus one line here."""
 
-from attention.policies.base import SelectionRequest, SparsePolicy
-from attention.policies.hierarchical import HierarchicalPolicy
-from attention.policies.hip import HipPolicy
-from attention.policies.quest import QuestPolicy
-from attention.policies.streaming import StreamingPolicy
+from needle.attention.policies.base import SelectionRequest, SparsePolicy
+from needle.attention.policies.hierarchical import HierarchicalPolicy
+from needle.attention.policies.hip import HipPolicy
+from needle.attention.policies.quest import QuestPolicy
+from needle.attention.policies.streaming import StreamingPolicy
 
 POLICIES: dict[str, type[SparsePolicy]] = {
     p.name: p for p in (HierarchicalPolicy, QuestPolicy, HipPolicy, StreamingPolicy)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcache.pool import KVPool
+from needle.kvcache.pool import KVPool
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attention.policies.base import SelectionRequest, SparsePolicy, logical_page_scores, top_units
+from needle.attention.policies.base import SelectionRequest, SparsePolicy, logical_page_scores, top_units
 
 
 class HierarchicalPolicy(SparsePolicy):

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from attention.policies.base import SelectionRequest, SparsePolicy, gather_heads, token_slots, top_units
+from needle.attention.policies.base import (
+    SelectionRequest,
+    SparsePolicy,
+    gather_heads,
+    token_slots,
+    top_units,
+)
 
 
 class HipPolicy(SparsePolicy):

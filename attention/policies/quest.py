@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from attention.policies.base import SelectionRequest, SparsePolicy, logical_page_scores, top_units
+from needle.attention.policies.base import SelectionRequest, SparsePolicy, logical_page_scores, top_units
 
 
 class QuestPolicy(SparsePolicy):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from attention.policies.base import SelectionRequest, SparsePolicy, top_units
+from needle.attention.policies.base import SelectionRequest, SparsePolicy, top_units
 
 
 class StreamingPolicy(SparsePolicy):

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention.base import AttentionBackend, AttentionMetadata
-from engine.model_config import ModelConfig
+from needle.attention.base import AttentionBackend, AttentionMetadata
+from needle.engine.model_config import ModelConfig
 
 
 class RMSNorm(nn.Module):
