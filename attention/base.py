@@ -1,39 +1,77 @@
-"""The contract between the model and its attention backends.
+"""The contract between the model and its attention backends, and the words they share.
+
+Words (one per idea, used the same way in kvcache/):
+    page        `page_size` consecutive tokens of one sequence's KV: the unit the allocator hands out.
+    page table  a sequence's pages in position order; token p lives in page_table[p // page_size],
+                row p % page_size, at flat slot page * page_size + row.
+    summary     per `summary_tokens` tokens (a page holds page_size // summary_tokens of them) and KV
+                head: the keys' min, max and mean, which page selection scores instead of the keys.
+    unit        what a selection policy picks: `unit_tokens` consecutive positions (a multiple of
+                summary_tokens). Sink units and the newest units are always read.
+    streaming head  a KV head that reads only the attention sinks and a local window (StreamingLLM);
+    retrieval head  a KV head that reads the units its policy picks.
+    ("SSE" is the HTTP event stream, in server/; the selection policy that ignores the query and
+    reads the newest units is called `recent`.)
 
 KV cache layout (one tensor pair for all layers, see kvcache/pool.py):
-    k, v:        [num_layers, num_pages, page_size, num_kv_heads, head_dim]
-    kmin, kmax:  [num_layers, num_pages, page_size // summary_block, num_kv_heads, head_dim]
-                 (only when the pool keeps key summaries, i.e. sparse attention is on)
-A token at position p of a sequence lives in page block_table[p // page_size], row p % page_size;
-its flat slot is page * page_size + row.
+    k, v:               [num_layers, num_pages, page_size, num_kv_heads, head_dim]
+    kmin, kmax, kmean:  [num_layers, num_pages, page_size // summary_tokens, num_kv_heads, head_dim]
+                        (only when the pool keeps summaries, i.e. sparse attention is on)
 
 A step's new tokens of all sequences are flattened into one [T, ...] batch; sequence i owns rows
 query_start_loc[i]:query_start_loc[i+1], which are its last query_lens[i] positions.
+
+This package may import kvcache/ only.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
 class AttentionMetadata:
-    """Everything a backend needs for one step; built once per step by the runner, shared by all layers."""
+    """Everything a backend needs for one step; built once per step (`build`), shared by all layers."""
 
     seq_ids: list[int]  # stable ids (a sparse backend keys its per-sequence state on them)
     query_lens: list[int]
     context_lens: list[int]  # tokens in the cache for each sequence after this step's write
     query_start_loc: torch.Tensor  # [B + 1] int64, on device
     context_lens_t: torch.Tensor  # [B] int32, on device
-    block_tables: torch.Tensor  # [B, max_pages] int32, padded with 0
+    page_tables: torch.Tensor  # [B, max_pages] int32, padded with 0
     slot_mapping: torch.Tensor  # [T] int64 flat slot of each new token
     positions: torch.Tensor  # [T] int64
-    # Per-sequence attention choice: "dense" or "sparse", and the sparse token budget.
+    # Per-sequence attention choice: "dense" or "sparse", and the sparse token budget (0: the default).
     modes: list[str]
     token_budgets: list[int]
+
+    @classmethod
+    def build(cls, seq_ids: list[int], query_lens: list[int], context_lens: list[int],
+              page_tables: list[list[int]], page_size: int, device: torch.device | str,
+              modes: list[str] | None = None, token_budgets: list[int] | None = None) -> AttentionMetadata:
+        """The one constructor: sequence i brings its last query_lens[i] of context_lens[i] positions."""
+        positions, slots = [], []
+        for n, ctx, table in zip(query_lens, context_lens, page_tables, strict=True):
+            for pos in range(ctx - n, ctx):
+                positions.append(pos)
+                slots.append(table[pos // page_size] * page_size + pos % page_size)
+        width = max(len(t) for t in page_tables)
+        padded = [t + [0] * (width - len(t)) for t in page_tables]
+        b = len(seq_ids)
+        return cls(
+            seq_ids=list(seq_ids), query_lens=list(query_lens), context_lens=list(context_lens),
+            query_start_loc=torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int64,
+                                         device=device),
+            context_lens_t=torch.tensor(context_lens, dtype=torch.int32, device=device),
+            page_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+            modes=list(modes) if modes is not None else ["sparse"] * b,
+            token_budgets=list(token_budgets) if token_budgets is not None else [0] * b)
 
     @property
     def num_seqs(self) -> int:
@@ -44,24 +82,76 @@ class AttentionMetadata:
         """True when every sequence brings exactly one new token (the hot path)."""
         return all(n == 1 for n in self.query_lens)
 
+    def rows_of(self, index: list[int]) -> torch.Tensor:
+        """The flattened token rows of the sequences at batch positions `index`."""
+        starts = self.query_start_loc.tolist()
+        rows = [torch.arange(starts[i], starts[i + 1]) for i in index]
+        return torch.cat(rows).to(self.query_start_loc.device)
 
-class AttentionBackend(ABC):
-    """Writes the step's K/V into the paged cache, then attends. One instance serves all layers."""
+    def subset(self, index: list[int]) -> AttentionMetadata:
+        """The metadata of some of the step's sequences (e.g. the ones a sparse backend runs dense)."""
+        lens = [self.query_lens[i] for i in index]
+        rows = self.rows_of(index)
+        dev = self.query_start_loc.device
+        return AttentionMetadata(
+            seq_ids=[self.seq_ids[i] for i in index], query_lens=lens,
+            context_lens=[self.context_lens[i] for i in index],
+            query_start_loc=torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int64, device=dev),
+            context_lens_t=self.context_lens_t[index], page_tables=self.page_tables[index],
+            slot_mapping=self.slot_mapping[rows], positions=self.positions[rows],
+            modes=[self.modes[i] for i in index], token_budgets=[self.token_budgets[i] for i in index])
+
+    def padded(self, num_seqs: int, **tensors: torch.Tensor) -> AttentionMetadata:
+        """A decode step's metadata padded to `num_seqs` rows (a CUDA-graph bucket): padded rows have
+        seq id -1 and context 0; the tensors are the caller's (static, already padded) buffers."""
+        pad = num_seqs - self.num_seqs
+        return dataclasses.replace(
+            self, seq_ids=self.seq_ids + [-1] * pad, query_lens=self.query_lens + [1] * pad,
+            context_lens=self.context_lens + [0] * pad, modes=self.modes + self.modes[-1:] * pad,
+            token_budgets=self.token_budgets + self.token_budgets[-1:] * pad, **tensors)
+
+
+@dataclass
+class AttentionStats:
+    """Telemetry a backend gathered since its last drain (a dense backend leaves it empty)."""
+
+    recall_samples: list[float] = field(default_factory=list)  # attention mass kept, on sampled steps
+    tokens_read: list[int] = field(default_factory=list)  # per decoding sequence and step
+    dense_fallbacks: int = 0  # sequences in sparse mode that ran dense
+
+
+class AttentionBackend:
+    """Writes the step's K/V into the paged cache, then attends. One instance serves all layers.
+
+    Besides `forward`, a backend answers the engine's hooks; the defaults here suit a stateless
+    backend that runs every step eagerly.
+    """
 
     name: str
 
-    @abstractmethod
-    def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] (RoPE applied) -> [T, Hq, D]."""
+        raise NotImplementedError
 
     def kv_key(self, mode: str, budget: int) -> str:
         """What a sequence's KV depends on beyond its tokens (salts its prefix-cache hashes)."""
         return mode
 
-    def begin_step(self, meta: AttentionMetadata) -> None:  # noqa: B027 - optional hook
+    def begin_step(self, meta: AttentionMetadata) -> None:
         """Called once before layer 0 of each step."""
 
-    def release(self, seq_id: int) -> None:  # noqa: B027 - optional hook
+    def release(self, seq_id: int) -> None:
         """Called when a sequence leaves the batch (finished, aborted or preempted)."""
+
+    def reserve(self, max_batch: int) -> None:
+        """Allocate, before CUDA graphs are captured, every buffer a graph will read: it must not move."""
+
+    def graph_key(self, meta: AttentionMetadata) -> object | None:
+        """The CUDA graph this decode step can replay (steps with equal keys share one), or None to run
+        the step eagerly."""
+        return None
+
+    def drain_stats(self) -> AttentionStats:
+        """Telemetry since the last call (the engine calls this once per step)."""
+        return AttentionStats()

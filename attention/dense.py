@@ -9,10 +9,10 @@ from needle.attention.base import AttentionBackend, AttentionMetadata
 from needle.kvcache.pool import KVPool
 
 
-def gather_seq_kv(pool: KVPool, layer: int, block_table: torch.Tensor, ctx_len: int):
+def gather_seq_kv(pool: KVPool, layer: int, page_table: torch.Tensor, ctx_len: int):
     """K and V of one sequence's first ctx_len tokens, contiguous: ([ctx, Hkv, D], [ctx, Hkv, D])."""
     n_pages = -(-ctx_len // pool.spec.page_size)
-    pages = block_table[:n_pages].long()
+    pages = page_table[:n_pages].long()
     shape = (-1, pool.spec.num_kv_heads, pool.spec.head_dim)
     k = pool.k[layer].index_select(0, pages).reshape(shape)[:ctx_len]
     v = pool.v[layer].index_select(0, pages).reshape(shape)[:ctx_len]
@@ -60,11 +60,11 @@ class DenseBackend(AttentionBackend):
         starts = meta.query_start_loc.tolist()
         for i, ctx in enumerate(meta.context_lens):
             rows = slice(starts[i], starts[i + 1])
-            out[rows] = self.prefill_one(layer, q[rows], meta.block_tables[i], ctx)
+            out[rows] = self.prefill_one(layer, q[rows], meta.page_tables[i], ctx)
         return out
 
-    def prefill_one(self, layer: int, q: torch.Tensor, block_table: torch.Tensor, ctx: int) -> torch.Tensor:
-        k, v = gather_seq_kv(self.pool, layer, block_table, ctx)
+    def prefill_one(self, layer: int, q: torch.Tensor, page_table: torch.Tensor, ctx: int) -> torch.Tensor:
+        k, v = gather_seq_kv(self.pool, layer, page_table, ctx)
         num_q = q.shape[0]
         if num_q == ctx:
             return attend(q, k.to(q.dtype), v.to(q.dtype), causal=True)
@@ -75,7 +75,7 @@ class DenseBackend(AttentionBackend):
         spec = self.pool.spec
         max_ctx = max(meta.context_lens)
         n_pages = -(-max_ctx // spec.page_size)
-        tables = meta.block_tables[:, :n_pages].long()
+        tables = meta.page_tables[:, :n_pages].long()
         b = tables.shape[0]
         k = self.pool.k[layer][tables].reshape(b, -1, spec.num_kv_heads, spec.head_dim)[:, :max_ctx]
         v = self.pool.v[layer][tables].reshape(b, -1, spec.num_kv_heads, spec.head_dim)[:, :max_ctx]

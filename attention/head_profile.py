@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -21,6 +21,7 @@ class HeadProfile:
     model: str
     scores: list[list[float]]  # [num_layers][num_kv_heads]
     streaming: list[list[bool]]  # [num_layers][num_kv_heads]
+    identity: dict = field(default_factory=dict)  # the model's ModelConfig.identity, for matching
 
     @property
     def num_layers(self) -> int:
@@ -36,7 +37,8 @@ class HeadProfile:
                    [[False] * num_kv_heads for _ in range(num_layers)])
 
     @classmethod
-    def from_scores(cls, model: str, scores: list[list[float]], streaming_ratio: float) -> HeadProfile:
+    def from_scores(cls, model: str, scores: list[list[float]], streaming_ratio: float,
+                    identity: dict | None = None) -> HeadProfile:
         """The round(ratio * heads) lowest-scoring heads, ranked over all layers, become streaming heads."""
         if not 0.0 <= streaming_ratio <= 1.0:
             raise ValueError(f"streaming ratio must lie in [0, 1], got {streaming_ratio}")
@@ -45,10 +47,10 @@ class HeadProfile:
         streaming = [[False] * len(row) for row in scores]
         for _, layer, head in sorted(flat, key=lambda t: t[0])[:num_streaming]:
             streaming[layer][head] = True
-        return cls(model, [list(map(float, row)) for row in scores], streaming)
+        return cls(model, [list(map(float, row)) for row in scores], streaming, dict(identity or {}))
 
     def with_streaming_ratio(self, ratio: float) -> HeadProfile:
-        return HeadProfile.from_scores(self.model, self.scores, ratio)
+        return HeadProfile.from_scores(self.model, self.scores, ratio, self.identity)
 
     @property
     def streaming_ratio(self) -> float:
@@ -56,35 +58,54 @@ class HeadProfile:
         return sum(flags) / max(1, len(flags))
 
     def save(self, path: str | Path) -> None:
-        data = {"model": self.model, "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
-                "streaming_ratio": self.streaming_ratio, "scores": self.scores, "streaming": self.streaming}
+        data = {"model": self.model, "identity": self.identity, "num_layers": self.num_layers,
+                "num_kv_heads": self.num_kv_heads, "streaming_ratio": self.streaming_ratio,
+                "scores": self.scores, "streaming": self.streaming}
         Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> HeadProfile:
         data = json.loads(Path(path).read_text())
-        profile = cls(data["model"], data["scores"], [[bool(f) for f in row] for row in data["streaming"]])
+        profile = cls(data["model"], data["scores"], [[bool(f) for f in row] for row in data["streaming"]],
+                      data.get("identity") or {})
         if any(len(row) != profile.num_kv_heads for row in profile.scores + profile.streaming) or \
                 len(profile.streaming) != profile.num_layers:
             raise ValueError(f"{path}: scores and streaming flags must both be [num_layers][num_kv_heads]")
         return profile
 
 
-def bundled_profile_path(model_name: str) -> Path:
-    """Where the shipped profile of a model lives (attention/profiles/<name>.json)."""
-    return Path(str(resources.files("needle.attention") / "profiles" / f"{model_name}.json"))
+def fits(profile_identity: dict, identity: dict) -> bool:
+    """Same architecture and shape; the names must agree only where both sides have one."""
+    if not profile_identity:
+        return False
+    for key, want in identity.items():
+        have = profile_identity.get(key)
+        if key == "name" and (have is None or want is None):
+            continue
+        if have != want:
+            return False
+    return True
 
 
-def resolve_profile(path: str | None, model_name: str, num_layers: int, num_kv_heads: int,
+def bundled_profile(identity: dict) -> Path | None:
+    """The shipped profile (attention/profiles/*.json) made for this model, found by its identity."""
+    for path in sorted(Path(str(resources.files("needle.attention") / "profiles")).glob("*.json")):
+        if fits(json.loads(path.read_text()).get("identity") or {}, identity):
+            return path
+    return None
+
+
+def resolve_profile(path: str | None, model_name: str, identity: dict, num_layers: int, num_kv_heads: int,
                     streaming_ratio: float | None) -> HeadProfile:
-    """The profile to run with: `path`, else the bundled one, else all-retrieval (with a warning);
-    then the streaming ratio override, if any."""
-    candidate = Path(path) if path else bundled_profile_path(model_name)
-    if candidate.is_file():
+    """The profile to run with: `path`, else the shipped one that fits the model, else all-retrieval
+    (with a warning); then the streaming ratio override, if any."""
+    candidate = Path(path) if path else bundled_profile(identity)
+    if candidate is not None and candidate.is_file():
         profile = HeadProfile.load(candidate)
         if (profile.num_layers, profile.num_kv_heads) != (num_layers, num_kv_heads):
             raise ValueError(f"head profile {candidate} is for {profile.num_layers} layers x "
                              f"{profile.num_kv_heads} KV heads, the model has {num_layers} x {num_kv_heads}")
+        log.info("head profile %s (%.0f%% streaming heads)", candidate, 100 * profile.streaming_ratio)
     elif path:
         raise FileNotFoundError(f"head profile {path} does not exist")
     else:

@@ -14,8 +14,6 @@ window covers anyway (so sparse prefill is the same for every budget within that
 
 from __future__ import annotations
 
-import itertools
-import logging
 import math
 import random
 from dataclasses import dataclass, field
@@ -23,18 +21,41 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from needle.attention.base import AttentionBackend, AttentionMetadata
+from needle.attention.base import AttentionBackend, AttentionMetadata, AttentionStats
 from needle.attention.dense import DenseBackend
-from needle.attention.head_profile import HeadProfile, resolve_profile
+from needle.attention.head_profile import HeadProfile
 from needle.attention.policies import POLICIES, SelectionRequest, SparsePolicy
 from needle.attention.policies.base import gather_heads, token_slots
-from needle.engine.config import EngineArgs
-from needle.engine.stats import StepStats
 from needle.kvcache.pool import KVPool
 from needle.kvcache.summaries import update_summaries
 
-log = logging.getLogger(__name__)
 
+@dataclass(frozen=True)
+class SparseConfig:
+    """The sparse backend's settings, built once from the engine arguments (EngineArgs.sparse_config)."""
+
+    policy: str = "hierarchical"
+    page_score: str = "mean"
+    token_budget: int = 1024  # default per-sequence budget; requests may override it
+    unit_tokens: int = 64  # selection unit of the hierarchical policy
+    per_query_head: bool = False  # select per query head instead of per KV head (GQA group vote)
+    selector_interval: int = 4
+    dense_layers: int = 2
+    sink_tokens: int = 64
+    local_tokens: int = 256
+    retrieval_local_tokens: int = 64
+    prefill_local_tokens: int = 2048
+    recall_sample: float = 0.01
+    seed: int = 0
+
+
+def allowed_units(context_lens: torch.Tensor, num_units: int, unit_tokens: int, num_sink_units: int,
+                  num_recent_units: int) -> torch.Tensor:
+    """[B, num_units] bool: the units a policy may choose, i.e. written, past the sink units and older
+    than the always-read newest `num_recent_units` (the newest partial unit counts as one)."""
+    units = torch.arange(num_units, device=context_lens.device)
+    newest_allowed = (context_lens.long() - 1) // unit_tokens - num_recent_units + 1
+    return (units[None, :] >= num_sink_units) & (units[None, :] < newest_allowed[:, None])
 
 
 @dataclass
@@ -45,7 +66,7 @@ class _Decode:
     seq_ids: list[int]
     rows: torch.Tensor  # [B] query row of each sequence
     ctx: torch.Tensor  # [B] int64 context lengths
-    block_tables: torch.Tensor  # [B, P]
+    page_tables: torch.Tensor  # [B, P]
     stream_pos: torch.Tensor  # [B, Ns] positions read by streaming heads (clamped inside the context)
     stream_valid: torch.Tensor  # [B, Ns]
     sink_units: torch.Tensor  # [S] unit indices always read by retrieval heads
@@ -71,8 +92,8 @@ class SparseBackend(AttentionBackend):
 
     name = "sparse"
 
-    def __init__(self, pool: KVPool, args: EngineArgs, profile: HeadProfile, num_q_heads: int,
-                 num_kv_heads: int, per_query_head: bool = False):
+    def __init__(self, pool: KVPool, config: SparseConfig, profile: HeadProfile, num_q_heads: int,
+                 num_kv_heads: int):
         if pool.kmin is None:
             raise ValueError("sparse attention needs a KV pool created with_summaries=True")
         self.pool = pool
@@ -82,30 +103,30 @@ class SparseBackend(AttentionBackend):
         self.group = num_q_heads // num_kv_heads
         self.head_dim = pool.spec.head_dim
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.per_query_head = per_query_head
-        self.token_budget = args.token_budget(pool.device.type)
-        self.dense_layers = args.dense_layers
-        self.sink_tokens, self.local_tokens = args.sink_tokens, args.local_tokens
-        self.prefill_local_tokens = args.prefill_local_tokens
-        self.selector_interval = max(1, args.selector_interval)
-        self.recall_sample = args.sparse_recall_sample
+        self.config = config
+        self.per_query_head = config.per_query_head
+        self.token_budget = config.token_budget
+        self.dense_layers = config.dense_layers
+        self.sink_tokens, self.local_tokens = config.sink_tokens, config.local_tokens
+        self.prefill_local_tokens = config.prefill_local_tokens
+        self.selector_interval = config.selector_interval
+        self.recall_sample = config.recall_sample
         self._selection: dict[int, dict[int, torch.Tensor]] = {}  # seq_id -> layer -> [H, k] units
         self._age: dict[int, tuple[int, int]] = {}  # seq_id -> (decode steps since selection, its budget)
-        self.sparse_page_size = args.sparse_page_size
-        self.set_policy(args.sparse_policy, args.sparse_page_score, args.retrieval_local_tokens)
-        self._rng = random.Random(args.seed)
+        self.set_policy(config.policy, config.page_score, config.retrieval_local_tokens)
+        self._rng = random.Random(config.seed)
         dev = pool.device
         self._streaming = [torch.tensor([h for h, s in enumerate(row) if s], dtype=torch.long, device=dev)
                            for row in profile.streaming]
         self._retrieval = [torch.tensor([h for h, s in enumerate(row) if not s], dtype=torch.long, device=dev)
                            for row in profile.streaming]
         self._step: _Step | None = None
-        self._stats = StepStats()
+        self._stats = AttentionStats()
 
     def set_policy(self, name: str, page_score: str, retrieval_local_tokens: int) -> None:
         """Switch the page-selection policy and the retrieval heads' local window (kept selections are
         dropped); the quality harness compares policies over one prefilled cache this way."""
-        self.policy: SparsePolicy = POLICIES[name](self.sparse_page_size, self.pool.spec.summary_block,
+        self.policy: SparsePolicy = POLICIES[name](self.config.unit_tokens, self.pool.spec.summary_tokens,
                                                    page_score)
         self.unit = self.policy.unit_tokens
         self.num_sink_units = -(-self.sink_tokens // self.unit)
@@ -148,7 +169,7 @@ class SparseBackend(AttentionBackend):
             if not sparse_mode or meta.context_lens[i] <= span:
                 dense.append(i)
                 if sparse_mode:
-                    self._stats.sparse_dense_fallbacks += 1
+                    self._stats.dense_fallbacks += 1
             elif meta.query_lens[i] == 1:
                 decode.append(i)
             else:
@@ -166,9 +187,8 @@ class SparseBackend(AttentionBackend):
         stream_valid = torch.cat([sink < ctx[:, None], local >= max(self.sink_tokens, 0)], dim=1)
         last = (ctx - 1) // self.unit
         recent = last[:, None] - torch.arange(self.num_recent_units, device=dev)
-        num_units = int(last.max()) + 1
-        units = torch.arange(num_units, device=dev)
-        allowed = (units >= self.num_sink_units) & (units[None, :] < recent[:, -1:])
+        allowed = allowed_units(ctx, int(last.max()) + 1, self.unit, self.num_sink_units,
+                                self.num_recent_units)
         budgets = [self.budget_of(meta, i) for i in index]
         fixed = self.num_sink_units + self.num_recent_units
         k = torch.tensor([b // self.unit - fixed for b in budgets], dtype=torch.long, device=dev)
@@ -181,7 +201,7 @@ class SparseBackend(AttentionBackend):
         return _Decode(
             index=index, seq_ids=[meta.seq_ids[i] for i in index],
             rows=torch.tensor([starts[i] for i in index], dtype=torch.long, device=dev), ctx=ctx,
-            block_tables=meta.block_tables[index],
+            page_tables=meta.page_tables[index],
             stream_pos=stream_pos.clamp(min=0).minimum(ctx[:, None] - 1),
             stream_valid=stream_valid, sink_units=torch.arange(self.num_sink_units, device=dev),
             recent_units=recent.clamp(min=0),
@@ -202,8 +222,8 @@ class SparseBackend(AttentionBackend):
         update_summaries(self.pool, layer, meta.slot_mapping)
         out = torch.empty_like(q)
         if step.dense:
-            rows = _rows_of(meta, step.dense)
-            out[rows] = self.dense.attend(layer, q[rows], _sub_meta(meta, step.dense))
+            rows = meta.rows_of(step.dense)
+            out[rows] = self.dense.attend(layer, q[rows], meta.subset(step.dense))
         for i in step.prefill:
             rows = slice(int(meta.query_start_loc[i]), int(meta.query_start_loc[i + 1]))
             out[rows] = self._prefill(layer, q[rows], meta, i)
@@ -224,14 +244,14 @@ class SparseBackend(AttentionBackend):
             hs = streaming.numel()
             pos = plan.stream_pos[:, None, :].expand(b, hs, -1)
             valid = plan.stream_valid[:, None, :].expand(b, hs, -1)
-            o, s = self._attend(layer, qg[:, streaming], pos, valid, streaming, plan.block_tables)
+            o, s = self._attend(layer, qg[:, streaming], pos, valid, streaming, plan.page_tables)
             out[:, streaming], lse[:, streaming] = o, s
             read += valid.sum(dim=(1, 2)) * self.group
         if retrieval.numel():
             kv_heads = retrieval.repeat_interleave(self.group) if self.per_query_head else retrieval
             qr = qg[:, retrieval].reshape(b, kv_heads.numel(), -1, self.head_dim)
             pos, valid = self._retrieval_positions(layer, qr, kv_heads, plan)
-            o, s = self._attend(layer, qr, pos, valid, kv_heads, plan.block_tables)
+            o, s = self._attend(layer, qr, pos, valid, kv_heads, plan.page_tables)
             out[:, retrieval] = o.view(b, retrieval.numel(), self.group, self.head_dim)
             lse[:, retrieval] = s.view(b, retrieval.numel(), self.group)
             read += valid.sum(dim=(1, 2)) * (qr.shape[2])
@@ -269,7 +289,7 @@ class SparseBackend(AttentionBackend):
             plan.seq_ids[j], {})]
         if due:
             idx = torch.tensor(due, dtype=torch.long, device=q.device)
-            req = SelectionRequest(self.pool, layer, q[idx], kv_heads, plan.block_tables[idx], plan.ctx[idx],
+            req = SelectionRequest(self.pool, layer, q[idx], kv_heads, plan.page_tables[idx], plan.ctx[idx],
                                    plan.allowed[idx], k)
             for j, units in zip(due, self.policy.select(req), strict=True):
                 self._selection.setdefault(plan.seq_ids[j], {})[layer] = units[:, : int(plan.k[j])]
@@ -292,7 +312,7 @@ class SparseBackend(AttentionBackend):
         """Log-sum-exp of every head's scores over the whole context: the dense reference for recall."""
         b = q.shape[0]
         pos = torch.arange(int(plan.ctx.max()), device=q.device).expand(b, -1)
-        slots = token_slots(plan.block_tables, pos.minimum(plan.ctx[:, None] - 1), self.pool.spec.page_size)
+        slots = token_slots(plan.page_tables, pos.minimum(plan.ctx[:, None] - 1), self.pool.spec.page_size)
         keys = self._rows(self.pool.k[layer], slots, q.dtype)  # [B, L, Hkv, D]
         scores = (q @ keys.permute(0, 2, 3, 1)) * self.scale  # [B, Hkv, G, L]
         scores = scores.masked_fill(~(pos < plan.ctx[:, None])[:, None, None, :], float("-inf"))
@@ -308,7 +328,7 @@ class SparseBackend(AttentionBackend):
         qpos = torch.arange(ctx - n, ctx, device=dev)
         out = torch.empty_like(q).view(n, self.num_kv_heads, self.group, self.head_dim)
         qg = q.view(n, self.num_kv_heads, self.group, self.head_dim)
-        table = meta.block_tables[i: i + 1]
+        table = meta.page_tables[i: i + 1]
         kinds = ((self._retrieval[layer], None), (self._streaming[layer], self.prefill_local_tokens))
         for heads, window in kinds:
             if not heads.numel():
@@ -341,25 +361,23 @@ class SparseBackend(AttentionBackend):
         per_layer = (self.dense_layers * self.num_q_heads, self.num_layers_sparse * self.num_q_heads)
         for sid, ctx in zip(step.decode.seq_ids, step.decode.ctx.tolist(), strict=True):
             total = ctx * per_layer[0] + step.tokens_read.get(sid, 0.0)
-            self._stats.sparse_tokens_read.append(round(total / (per_layer[0] + per_layer[1])))
-        self._stats.sparse_recall_samples.extend(sum(r) / len(r) for r in step.recall.values())
+            self._stats.tokens_read.append(round(total / (per_layer[0] + per_layer[1])))
+        self._stats.recall_samples.extend(sum(r) / len(r) for r in step.recall.values())
 
     @property
     def num_layers_sparse(self) -> int:
         return self.profile.num_layers - self.dense_layers
 
-    def drain_stats(self, stats: StepStats) -> None:
-        """Move the telemetry gathered since the last drain into `stats` (the runner calls this per step).
+    def drain_stats(self) -> AttentionStats:
+        """The telemetry gathered since the last drain.
 
-        sparse_tokens_read: per decoding sequence and step, keys read per (layer, query head), averaged.
-        sparse_recall_samples: per sampled step and sequence, the dense attention mass the read keys hold,
-        averaged over sparse layers and heads. sparse_dense_fallbacks: sequences run dense in sparse mode.
+        tokens_read: per decoding sequence and step, keys read per (layer, query head), averaged.
+        recall_samples: per sampled step and sequence, the dense attention mass the read keys hold,
+        averaged over sparse layers and heads. dense_fallbacks: sequences run dense in sparse mode.
         """
         self._flush_step_stats()
-        stats.sparse_recall_samples.extend(self._stats.sparse_recall_samples)
-        stats.sparse_tokens_read.extend(self._stats.sparse_tokens_read)
-        stats.sparse_dense_fallbacks += self._stats.sparse_dense_fallbacks
-        self._stats = StepStats()
+        stats, self._stats = self._stats, AttentionStats()
+        return stats
 
 
 def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -368,30 +386,3 @@ def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     k = k.transpose(0, 1)[:, None].expand(-1, g, -1, -1)
     v = v.transpose(0, 1)[:, None].expand(-1, g, -1, -1)
     return F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k, v, attn_mask=mask).permute(2, 0, 1, 3)
-
-
-def _rows_of(meta: AttentionMetadata, index: list[int]) -> torch.Tensor:
-    starts = meta.query_start_loc.tolist()
-    return torch.cat([torch.arange(starts[i], starts[i + 1]) for i in index]).to(meta.query_start_loc.device)
-
-
-def _sub_meta(meta: AttentionMetadata, index: list[int]) -> AttentionMetadata:
-    """The metadata of a subset of the step's sequences (for handing them to the dense backend)."""
-    lens = [meta.query_lens[i] for i in index]
-    dev = meta.query_start_loc.device
-    rows = _rows_of(meta, index)
-    return AttentionMetadata(
-        seq_ids=[meta.seq_ids[i] for i in index], query_lens=lens,
-        context_lens=[meta.context_lens[i] for i in index],
-        query_start_loc=torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.long, device=dev),
-        context_lens_t=meta.context_lens_t[index], block_tables=meta.block_tables[index],
-        slot_mapping=meta.slot_mapping[rows], positions=meta.positions[rows],
-        modes=[meta.modes[i] for i in index] if meta.modes else [],
-        token_budgets=[meta.token_budgets[i] for i in index] if meta.token_budgets else [])
-
-
-def build_sparse_backend(pool: KVPool, args: EngineArgs, model_config) -> SparseBackend:
-    """The runner's entry point: resolve the head profile for the model, then build the backend."""
-    profile = resolve_profile(args.head_profile, model_config.name, model_config.num_layers,
-                              model_config.num_kv_heads, args.streaming_ratio)
-    return SparseBackend(pool, args, profile, model_config.num_heads, model_config.num_kv_heads)

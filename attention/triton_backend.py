@@ -1,11 +1,10 @@
 """CUDA attention backends on the Triton kernels (attention/kernels/): the same results as dense.py and
 sparse.py, which stay the CPU path and the reference.
 
-`use_triton(backend)` switches an engine's DenseBackend or SparseBackend to its Triton version in place
-(same object, so the engine's release hooks stay wired).
+`build_backend` (attention/__init__.py) picks these classes on CUDA for --attention-backend triton.
 
 Decode steps are CUDA-graph safe (engine/cuda_graph.py): every op reads only device tensors whose shapes
-depend on the batch size and the block-table width, and `graph_key` names the graph a step needs.
+depend on the batch size and the page-table width, and `graph_key` names the graph a step needs.
 
 Sparse decode keeps sparse.py's semantics (streaming heads: sinks + local window; retrieval heads: sink
 units + newest units + the policy's top-k units, chosen per KV head or per query head), with one change
@@ -21,20 +20,21 @@ import math
 
 import torch
 
-from needle.attention.base import AttentionBackend, AttentionMetadata
+from needle.attention.base import AttentionMetadata
 from needle.attention.dense import DenseBackend
+from needle.attention.head_profile import HeadProfile
 from needle.attention.kernels.kv_append import kv_append
 from needle.attention.kernels.page_select import select_units
 from needle.attention.kernels.paged_decode import paged_decode, sparse_decode
 from needle.attention.kernels.prefill import gather_context, prefill_dense, prefill_streaming
-from needle.attention.sparse import SparseBackend, _Step
+from needle.attention.sparse import SparseBackend, SparseConfig, _Step, allowed_units
 from needle.kvcache.pool import KVPool
 
 
 def append(pool: KVPool, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """Write the step's K/V and keep the key summaries exact (when the pool has them)."""
     summaries = None if pool.kmin is None else (pool.kmin[layer], pool.kmax[layer], pool.kmean[layer])
-    kv_append(pool.k[layer], pool.v[layer], summaries, k, v, slots, pool.spec.summary_block)
+    kv_append(pool.k[layer], pool.v[layer], summaries, k, v, slots, pool.spec.summary_tokens)
 
 
 class TritonDenseBackend(DenseBackend):
@@ -45,7 +45,7 @@ class TritonDenseBackend(DenseBackend):
         append(self.pool, layer, k, v, meta.slot_mapping)
         scale = 1.0 / math.sqrt(q.shape[-1])
         if meta.is_decode:
-            return paged_decode(q, self.pool.k[layer], self.pool.v[layer], meta.block_tables,
+            return paged_decode(q, self.pool.k[layer], self.pool.v[layer], meta.page_tables,
                                 meta.context_lens_t, scale)
         out = torch.empty_like(q)
         starts = meta.query_start_loc.tolist()
@@ -53,19 +53,19 @@ class TritonDenseBackend(DenseBackend):
         if dec:
             rows = torch.tensor([starts[i] for i in dec], device=q.device)
             idx = torch.tensor(dec, device=q.device)
-            out[rows] = paged_decode(q[rows], self.pool.k[layer], self.pool.v[layer], meta.block_tables[idx],
+            out[rows] = paged_decode(q[rows], self.pool.k[layer], self.pool.v[layer], meta.page_tables[idx],
                                      meta.context_lens_t[idx], scale)
         for i, n in enumerate(meta.query_lens):
             if n > 1:
                 rows = slice(starts[i], starts[i] + n)
-                out[rows] = self.prefill(layer, q[rows], k[rows], v[rows], meta.block_tables[i],
+                out[rows] = self.prefill(layer, q[rows], k[rows], v[rows], meta.page_tables[i],
                                          meta.context_lens[i])
         return out
 
-    def prefill(self, layer: int, q, k, v, block_table: torch.Tensor, ctx: int) -> torch.Tensor:
+    def prefill(self, layer: int, q, k, v, page_table: torch.Tensor, ctx: int) -> torch.Tensor:
         if ctx > q.shape[0]:  # a later chunk: attend to the whole context in the pages
-            k = gather_context(self.pool.k[layer], block_table, ctx)
-            v = gather_context(self.pool.v[layer], block_table, ctx)
+            k = gather_context(self.pool.k[layer], page_table, ctx)
+            v = gather_context(self.pool.v[layer], page_table, ctx)
         return prefill_dense(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
 
     def graph_key(self, meta: AttentionMetadata):
@@ -75,7 +75,9 @@ class TritonDenseBackend(DenseBackend):
 class TritonSparseBackend(SparseBackend):
     name = "triton-sparse"
 
-    def _init_triton(self) -> None:
+    def __init__(self, pool: KVPool, config: SparseConfig, profile: HeadProfile, num_q_heads: int,
+                 num_kv_heads: int):
+        super().__init__(pool, config, profile, num_q_heads, num_kv_heads)
         self.dense = TritonDenseBackend(self.pool)
         dev = self.pool.device
         self._stream_flags = [torch.tensor(row, dtype=torch.int32, device=dev)
@@ -88,7 +90,10 @@ class TritonSparseBackend(SparseBackend):
         self._rows = 0
         self._version = 0
 
-    def reserve(self, batch: int, k: int | None = None) -> None:
+    def reserve(self, max_batch: int) -> None:
+        self._reserve(max_batch)
+
+    def _reserve(self, batch: int, k: int | None = None) -> None:
         """Selection buffers for up to `batch` rows and k units (fixed addresses, as CUDA graphs need;
         a reallocation bumps the graph key so stale graphs are never replayed)."""
         rows = self.num_q_heads if self.per_query_head else self.num_kv_heads
@@ -122,7 +127,7 @@ class TritonSparseBackend(SparseBackend):
             return
         self._flush_step_stats()
         self._step = _Step([], [], None, False)
-        self.reserve(meta.num_seqs, self._fast[1])
+        self._reserve(meta.num_seqs, self._fast[1])
 
     def graph_key(self, meta: AttentionMetadata):
         return None if self._fast is None else ("sparse", self._fast[0], self._fast[1], self._version)
@@ -140,17 +145,15 @@ class TritonSparseBackend(SparseBackend):
         sel = self._sel[layer][:b, :, :kk]
         if reselect:
             ctx = meta.context_lens_t
-            num_units = meta.block_tables.shape[1] * pool.spec.page_size // self.unit
-            u = torch.arange(num_units, device=q.device)
-            newest_allowed = (ctx.long() - 1) // self.unit - self.num_recent_units + 1
-            allowed = (u[None, :] >= self.num_sink_units) & (u[None, :] < newest_allowed[:, None])
+            num_units = meta.page_tables.shape[1] * pool.spec.page_size // self.unit
+            allowed = allowed_units(ctx, num_units, self.unit, self.num_sink_units, self.num_recent_units)
             # q . kmean is the bound kernel fed the mean as both min and max (exact, see page_select)
             mean = self.policy.page_score == "mean"
             lo, hi = (pool.kmean, pool.kmean) if mean else (pool.kmin, pool.kmax)
-            sel.copy_(select_units(q, lo[layer], hi[layer], meta.block_tables, ctx, allowed, kk,
+            sel.copy_(select_units(q, lo[layer], hi[layer], meta.page_tables, ctx, allowed, kk,
                                    page_size=pool.spec.page_size, unit_tokens=self.unit,
                                    shared=not self.per_query_head))
-        return sparse_decode(q, pool.k[layer], pool.v[layer], meta.block_tables, meta.context_lens_t, sel,
+        return sparse_decode(q, pool.k[layer], pool.v[layer], meta.page_tables, meta.context_lens_t, sel,
                              self._stream_flags[layer], unit_tokens=self.unit,
                              sink=self.num_sink_units * self.unit, recent_units=self.num_recent_units,
                              stream_sink=self.sink_tokens, stream_local=self.local_tokens, scale=self.scale)
@@ -158,8 +161,8 @@ class TritonSparseBackend(SparseBackend):
     def _prefill(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, i: int) -> torch.Tensor:
         """Retrieval heads: causal over the whole context; streaming heads: sinks + prefill window."""
         ctx, n = meta.context_lens[i], q.shape[0]
-        keys = gather_context(self.pool.k[layer], meta.block_tables[i], ctx)
-        values = gather_context(self.pool.v[layer], meta.block_tables[i], ctx)
+        keys = gather_context(self.pool.k[layer], meta.page_tables[i], ctx)
+        values = gather_context(self.pool.v[layer], meta.page_tables[i], ctx)
         qg = q.view(n, self.num_kv_heads, self.group, self.head_dim)
         out = torch.empty_like(qg)
         for heads, streaming in ((self._retrieval[layer], False), (self._streaming[layer], True)):
@@ -174,13 +177,3 @@ class TritonSparseBackend(SparseBackend):
                 o = prefill_dense(qh, kh, vh, self.scale)
             out[:, heads] = o.view(n, heads.numel(), self.group, self.head_dim)
         return out.view(n, self.num_q_heads, self.head_dim)
-
-
-def use_triton(backend: AttentionBackend) -> AttentionBackend:
-    """Switch a torch backend to its Triton version in place; other backends are returned unchanged."""
-    if isinstance(backend, SparseBackend) and not isinstance(backend, TritonSparseBackend):
-        backend.__class__ = TritonSparseBackend
-        backend._init_triton()
-    elif type(backend) is DenseBackend:
-        backend.__class__ = TritonDenseBackend
-    return backend

@@ -60,7 +60,7 @@ class Pool:
         self.kmin = self.k.view(self.layers, self.num_pages, PAGE // SB, SB, HKV, D).amin(3)
         self.kmax = self.k.view(self.layers, self.num_pages, PAGE // SB, SB, HKV, D).amax(3)
         perm = torch.randperm(self.num_pages - 1, generator=gen)[: batch * pages_per_seq] + 1
-        self.block_tables = perm.view(batch, pages_per_seq).int().cuda()
+        self.page_tables = perm.view(batch, pages_per_seq).int().cuda()
         self.ctx = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
         self.i = 0
 
@@ -102,22 +102,22 @@ def kernel_rows(bw: float, rows: list[dict]) -> None:
 
             def dense(pool=pool, q=q):
                 i = pool.next()
-                return paged_decode(q, pool.k[i], pool.v[i], pool.block_tables, pool.ctx, scale)
+                return paged_decode(q, pool.k[i], pool.v[i], pool.page_tables, pool.ctx, scale)
 
             def sparse(pool=pool, q=q, units=units, streaming=streaming):
                 i = pool.next()
-                return sparse_decode(q, pool.k[i], pool.v[i], pool.block_tables, pool.ctx, units, streaming,
+                return sparse_decode(q, pool.k[i], pool.v[i], pool.page_tables, pool.ctx, units, streaming,
                                      unit_tokens=UNIT, sink=SINK, recent_units=2, stream_sink=SINK,
                                      stream_local=LOCAL, scale=scale)
 
             def select(pool=pool, q=q, allowed=allowed, k=k):
                 i = pool.next()
-                return select_units(q, pool.kmin[i], pool.kmax[i], pool.block_tables, pool.ctx, allowed, k,
+                return select_units(q, pool.kmin[i], pool.kmax[i], pool.page_tables, pool.ctx, allowed, k,
                                     page_size=PAGE, unit_tokens=UNIT, shared=True)
 
             def score(pool=pool, q=q):
                 i = pool.next()
-                return page_scores(q, pool.kmin[i], pool.kmax[i], pool.block_tables, pool.ctx,
+                return page_scores(q, pool.kmin[i], pool.kmax[i], pool.page_tables, pool.ctx,
                                    page_size=PAGE, unit_tokens=UNIT, shared=True)
 
             kv_bytes = batch * ctx * HKV * D * 2 * 2
@@ -148,7 +148,7 @@ def kernel_rows(bw: float, rows: list[dict]) -> None:
                         for stages in (1, 2, 3):
                             def fn(pool=pool, q=q, bn=bn, warps=warps, stages=stages):
                                 i = pool.next()
-                                return paged_decode(q, pool.k[i], pool.v[i], pool.block_tables, pool.ctx,
+                                return paged_decode(q, pool.k[i], pool.v[i], pool.page_tables, pool.ctx,
                                                     scale, block_n=bn, num_warps=warps, num_stages=stages)
                             try:
                                 sweep[f"bn{bn}_w{warps}_s{stages}"] = bench(fn, rep_ms=100)
@@ -306,7 +306,7 @@ def fill_pool(pool) -> None:
         pool.k[layer].normal_()
         pool.v[layer].normal_()
         if pool.kmin is not None:
-            sb = pool.spec.summary_block
+            sb = pool.spec.summary_tokens
             blocks = pool.k[layer].view(pool.num_pages, -1, sb, pool.spec.num_kv_heads, pool.spec.head_dim)
             pool.kmin[layer].copy_(blocks.amin(2))
             pool.kmax[layer].copy_(blocks.amax(2))
@@ -318,14 +318,9 @@ def decode_meta(batch: int, ctx: int, page_size: int, first_page: int, device):
     from needle.attention.base import AttentionMetadata
 
     pages = (ctx + 1 + page_size - 1) // page_size
-    tables = (torch.randperm(batch * pages, device=device).view(batch, pages) + first_page).int()
-    pos = torch.full((batch,), ctx, dtype=torch.int64, device=device)
-    slots = tables[:, ctx // page_size].long() * page_size + ctx % page_size
-    return AttentionMetadata(
-        seq_ids=list(range(batch)), query_lens=[1] * batch, context_lens=[ctx + 1] * batch,
-        query_start_loc=torch.arange(batch + 1, device=device), context_lens_t=torch.full(
-            (batch,), ctx + 1, dtype=torch.int32, device=device), block_tables=tables, slot_mapping=slots,
-        positions=pos, modes=["sparse"] * batch, token_budgets=[BUDGET] * batch)
+    tables = (torch.randperm(batch * pages).view(batch, pages) + first_page).tolist()
+    return AttentionMetadata.build(list(range(batch)), [1] * batch, [ctx + 1] * batch, tables, page_size,
+                                   device, ["sparse"] * batch, [BUDGET] * batch)
 
 
 def decode_step_ms(engine, batch: int, ctx: int, steps: int = 24) -> float:
@@ -335,11 +330,7 @@ def decode_step_ms(engine, batch: int, ctx: int, steps: int = 24) -> float:
     ids = torch.randint(0, 1000, (batch,), device=engine.device)
 
     def step():
-        runner.backend.begin_step(meta)
-        hidden = runner.graphs.run(ids, meta) if runner.graphs is not None else None
-        if hidden is None:
-            hidden = runner.model(ids, runner.backend, meta)
-        return runner.model.logits(hidden)
+        return runner.model.logits(runner.forward(ids, meta))
 
     with torch.inference_mode():
         for _ in range(6):  # capture + warm-up, through a reselect and a reuse step
@@ -369,7 +360,7 @@ def kv_read_bytes(engine, mode: str, batch: int, ctx: int) -> int:
     half = spec.num_kv_heads // 2
     per_head = spec.head_dim * 2 * 2
     read = half * min(ctx, BUDGET) * per_head + half * (SINK + LOCAL) * per_head
-    summaries = (ctx // spec.summary_block) * spec.num_kv_heads * spec.head_dim * 2 * 2 / b.selector_interval
+    summaries = (ctx // spec.summary_tokens) * spec.num_kv_heads * spec.head_dim * 2 * 2 / b.selector_interval
     return int(batch * (ctx * per_tok * dense_l + (read + summaries) * sparse_l))
 
 
@@ -407,7 +398,7 @@ def e2e(out: Path, bw: float, ttft_only: bool = False) -> dict:
                 result["decode"].append(row)
                 print(json.dumps(row), flush=True)
                 (out / "e2e.json").write_text(json.dumps(result, indent=1))
-        from needle.engine.sampling_params import SamplingParams
+        from needle.scheduler.sampling_params import SamplingParams
 
         engine.add_request("warm-up", list(range(1, 9000)), SamplingParams(max_tokens=1, temperature=0.0))
         while engine.has_unfinished():  # one-time costs (kernel plans, allocator growth) stay out of TTFT
@@ -509,7 +500,7 @@ def parity(out: Path) -> dict:
     (budget 256 so the sparse path runs)."""
     from needle.engine.config import EngineArgs
     from needle.engine.llm_engine import LLMEngine
-    from needle.engine.sampling_params import SamplingParams
+    from needle.scheduler.sampling_params import SamplingParams
 
     path = out / "smollm2-shape.json"
     path.write_text(json.dumps(SMOLLM2_SHAPE))
@@ -549,7 +540,7 @@ def profile(out: Path) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from needle.engine.sampling_params import SamplingParams
+    from needle.scheduler.sampling_params import SamplingParams
 
     os.environ["NEEDLE_CUDA_GRAPHS"] = "0"  # kernels by name; their GPU time is the same inside a graph
     engine = make_engine(model_config_path(out), "dense", 20)

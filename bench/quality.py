@@ -37,7 +37,7 @@ from tqdm import tqdm
 from bench.texts import stdlib_modules
 from needle.attention.base import AttentionMetadata
 from needle.engine.llm import LLM
-from needle.engine.sampling_params import AttentionOverride, SamplingParams
+from needle.scheduler.sampling_params import AttentionOverride, SamplingParams
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 WORDS = ("amber azure brisk cedar coral dusky ember frost golden hazel indigo jade lunar maple "
@@ -150,25 +150,20 @@ def perplexities(llm: LLM, args) -> dict[str, float]:
                 logits = _forward(llm, ids, pos - 1, 1, mode, budget or 0)
                 nll -= torch.log_softmax(logits.float(), -1)[0, ids[pos]].item()
             out[f"{row}/{budget}"] = math.exp(nll / args.ppl_tokens)
-            llm.engine.runner.backend.release(0)
+            llm.engine.backend.release(0)
     return out
 
 
 def _forward(llm: LLM, ids: list[int], start: int, n: int, mode: str, budget: int) -> torch.Tensor:
     """Run positions start..start+n of ids as sequence 0 over pages 0..; -> logits of the last one."""
     engine = llm.engine
-    backend, model, page = engine.runner.backend, engine.model, engine.pool.spec.page_size
-    table = torch.arange(-(-len(ids) // page), dtype=torch.int32)[None]
+    backend, model, page = engine.backend, engine.model, engine.pool.spec.page_size
+    table = list(range(-(-len(ids) // page)))
     chunk = engine.args.max_num_batched_tokens
     with torch.inference_mode():
         for s in range(start, start + n, chunk):
             m = min(chunk, start + n - s)
-            pos = torch.arange(s, s + m)
-            meta = AttentionMetadata(
-                seq_ids=[0], query_lens=[m], context_lens=[s + m], query_start_loc=torch.tensor([0, m]),
-                context_lens_t=torch.tensor([s + m], dtype=torch.int32), block_tables=table,
-                slot_mapping=table[0, pos // page].long() * page + pos % page, positions=pos,
-                modes=[mode], token_budgets=[budget])
+            meta = AttentionMetadata.build([0], [m], [s + m], [table], page, "cpu", [mode], [budget])
             backend.begin_step(meta)
             hidden = model(torch.tensor(ids[s:s + m]), backend, meta)
         return model.logits(hidden[-1:])
@@ -235,7 +230,7 @@ def _set_policy(llm: LLM, row: str) -> None:
     its own score, "hierarchical:mean:256" its score and window (retrieval_local_tokens)."""
     name, score, local = (row.split(":") + ["", ""])[:3]
     args = llm.engine.args
-    llm.engine.runner.backend.set_policy(name, score or args.sparse_page_score,
+    llm.engine.backend.set_policy(name, score or args.sparse_page_score,
                                          int(local or args.retrieval_local_tokens))
 
 
@@ -252,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=["passkey", "needle", "multikey"])
     parser.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192])
     parser.add_argument("--budgets", nargs="+", type=int, default=[256, 512, 1024, 2048])
-    parser.add_argument("--policies", nargs="+", default=["hierarchical", "quest", "hip", "streaming"],
+    parser.add_argument("--policies", nargs="+", default=["hierarchical", "quest", "hip", "recent"],
                         help="sparse rows; POLICY:SCORE[:LOCAL] picks the page score and the retrieval "
                              "heads' local window (e.g. quest:bound, hierarchical:mean:256)")
     parser.add_argument("--samples", type=int, default=50, help="questions per task and length")

@@ -34,13 +34,9 @@ def fill_pool(pool, num_tokens: int) -> None:
 
 
 def decode_meta(seqs: int, ctx: int, pages_per_seq: int, page: int, mode: str) -> AttentionMetadata:
-    tables = torch.arange(seqs * pages_per_seq, dtype=torch.int32).view(seqs, pages_per_seq)
-    pos = torch.full((seqs,), ctx - 1)
-    slots = tables[:, (ctx - 1) // page].long() * page + (ctx - 1) % page
-    return AttentionMetadata(
-        seq_ids=list(range(seqs)), query_lens=[1] * seqs, context_lens=[ctx] * seqs,
-        query_start_loc=torch.arange(seqs + 1), context_lens_t=torch.full((seqs,), ctx, dtype=torch.int32),
-        block_tables=tables, slot_mapping=slots, positions=pos, modes=[mode] * seqs, token_budgets=[0] * seqs)
+    tables = [list(range(s * pages_per_seq, (s + 1) * pages_per_seq)) for s in range(seqs)]
+    return AttentionMetadata.build(list(range(seqs)), [1] * seqs, [ctx] * seqs, tables, page, "cpu",
+                                   [mode] * seqs)
 
 
 def tokens_per_second(llm: LLM, backends: dict[str, object], args) -> dict[str, float]:
@@ -74,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(attention="sparse", sparse_policy=args.policy, sparse_token_budget=args.budget,
               sparse_recall_sample=0.0, kv_cache_memory=str(int(pages * 1.05 * 16 * 48 * 1024)))
     fill_pool(llm.engine.pool, pages * 16)
-    sparse = llm.engine.runner.backend
+    sparse = llm.engine.backend
     tps = tokens_per_second(llm, {"dense": DenseBackend(llm.engine.pool), "sparse": sparse}, args)
     rows = [("dense", tps["dense"]), (f"sparse ({args.policy}, budget {sparse.token_budget})", tps["sparse"])]
     print(f"decode, {args.seqs} sequences x {args.context} tokens context, {torch.get_num_threads()} threads")

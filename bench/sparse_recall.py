@@ -11,26 +11,27 @@ reads `group` times more distinct pages for the same budget; it is worth it only
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 
-from needle.attention.calibrate import passkey_prompt
 from needle.attention.head_profile import HeadProfile
 from needle.attention.sparse import SparseBackend
+from needle.engine.calibrate import passkey_prompt
 from needle.engine.llm import LLM
-from needle.engine.sampling_params import AttentionOverride, SamplingParams
+from needle.scheduler.sampling_params import AttentionOverride, SamplingParams
 
 
 def recall(llm: LLM, backend: SparseBackend, prompt: list[int], budget: int, steps: int) -> float:
     engine = llm.engine
-    engine.runner.backend = engine.backend = backend
+    engine.set_backend(backend)
     params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True,
                             attention=AttentionOverride(mode="sparse", token_budget=budget))
     engine.add_request(f"r{budget}{backend.per_query_head}", prompt, params)
     samples: list[float] = []
     while engine.has_unfinished():
         _, stats = engine.step()
-        samples += stats.sparse_recall_samples
+        samples += stats.attention.recall_samples
     return statistics.mean(samples)
 
 
@@ -48,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| budget | shared per KV group | per query head |  ({args.policy}, {args.length} tokens)")
     print("|---|---|---|")
     for budget in args.budgets:
-        row = [recall(llm, SparseBackend(engine.pool, engine.args, profile, cfg.num_heads, cfg.num_kv_heads,
-                                         per_query_head=per_q), prompt, budget, args.steps)
-               for per_q in (False, True)]
+        configs = [dataclasses.replace(engine.sparse_config, per_query_head=per_q) for per_q in (False, True)]
+        row = [recall(llm, SparseBackend(engine.pool, config, profile, cfg.num_heads, cfg.num_kv_heads),
+                      prompt, budget, args.steps)
+               for config in configs]
         print(f"| {budget} | {row[0]:.4f} | {row[1]:.4f} |", flush=True)
     return 0
 

@@ -5,7 +5,7 @@ from needle.engine.config import EngineArgs
 from needle.engine.llm import LLM
 from needle.engine.llm_engine import LLMEngine
 from needle.engine.outputs import CompletionOutput, RequestOutput
-from needle.engine.sampling_params import AttentionOverride, SamplingParams
+from needle.scheduler.sampling_params import AttentionOverride, SamplingParams
 
 __all__ = ["LLM", "AsyncEngine", "EngineArgs", "EngineFault", "LLMEngine", "SamplingParams",
            "AttentionOverride", "RequestOutput", "CompletionOutput"]

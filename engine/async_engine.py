@@ -7,6 +7,7 @@ a thread-safe queue and receives outputs through per-request asyncio queues.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -16,11 +17,12 @@ from collections.abc import AsyncIterator, Callable
 from needle.engine.config import EngineArgs
 from needle.engine.llm_engine import LLMEngine
 from needle.engine.outputs import RequestOutput
-from needle.engine.sampling_params import SamplingParams
 from needle.engine.stats import StepStats
+from needle.scheduler.sampling_params import SamplingParams
 
 log = logging.getLogger("needle.engine")
 MAX_CONSECUTIVE_FAULTS = 3
+ACCEPTED = object()  # first item of a request's stream: the engine took it
 
 
 class EngineFault(RuntimeError):
@@ -47,6 +49,10 @@ class AsyncEngine:
         return self.engine.model_name
 
     @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
+
+    @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
@@ -64,18 +70,39 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
-        """Yield incremental outputs; cancelling the iteration (client gone) aborts the request."""
+    async def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+                          prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Queue a request and wait until the engine thread has validated it (its refusal is raised here,
+        a RequestError, before any output); -> the iterator of its incremental outputs. Closing the
+        iterator early (the client left) aborts the request."""
         if not self.healthy:
             raise EngineFault("the engine has stopped; see the server log")
-        ids = await asyncio.to_thread(self.engine.encode_prompt, prompt)
-        self.engine.check_length(len(ids), params)
-        self.engine.check_token_ids(params)
+        ids = prompt if not isinstance(prompt, str) else await asyncio.to_thread(self.engine.encode_prompt,
+                                                                                  prompt)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
         self._commands.put(("add", request_id, ids, params, time.monotonic(),
-                            prompt if isinstance(prompt, str) else None))
+                            prompt if isinstance(prompt, str) else prompt_text))
+        try:
+            first = await stream.get()
+        except BaseException:  # cancelled while waiting: the engine may have taken it already
+            self._streams.pop(request_id, None)
+            self._commands.put(("abort", request_id))
+            raise
+        if isinstance(first, BaseException):
+            self._streams.pop(request_id, None)
+            raise first
+        return self._outputs(request_id, stream)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+                       prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
+        """add_request and its outputs in one iterator."""
+        outputs = await self.add_request(prompt, params, request_id, prompt_text)
+        async with contextlib.aclosing(outputs):
+            async for out in outputs:
+                yield out
+
+    async def _outputs(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while True:
@@ -138,10 +165,11 @@ class AsyncEngine:
             if rid not in self._streams:
                 return  # the client left before the engine saw the request
             try:
-                self.engine.add_request(rid, ids, params, arrival)
-                self.engine.requests[rid].prompt = text
+                self.engine.add_request(rid, ids, params, arrival, prompt_text=text)
             except ValueError as e:
                 self._deliver(rid, e)
+                return
+            self._deliver(rid, ACCEPTED)
         elif cmd[0] == "abort":
             self.engine.abort(cmd[1])
             for out in self.engine.collect_outputs():
@@ -149,7 +177,7 @@ class AsyncEngine:
             if self.stats_listener is not None:
                 self.stats_listener(self.engine.gauges())
 
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException | object) -> None:
         stream = self._streams.get(request_id)
         if stream is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(stream.put_nowait, item)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
+
+from needle.attention.sparse import SparseConfig
 
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -55,18 +58,23 @@ class EngineArgs:
         "help": "dense: every head reads the whole context; sparse: streaming heads read sinks + a "
                 "local window, retrieval heads read the top-k pages.", "choices": ["dense", "sparse"]})
     sparse_policy: str = field(default="hierarchical", metadata={
-        "help": "Page selection for retrieval heads: hierarchical (LServe), quest (flat page top-k), "
-                "hip (tree search) or streaming (StreamingLLM baseline: the newest pages).",
-        "choices": ["hierarchical", "quest", "hip", "streaming"]})
+        "help": "Unit selection for retrieval heads: hierarchical (LServe), quest (flat top-k of "
+                "16-token summaries), hip (tree search) or recent (the StreamingLLM baseline: the newest "
+                "units, whatever the query).",
+        "choices": ["hierarchical", "quest", "hip", "recent"]})
     sparse_page_score: str = field(default="mean", metadata={
         "help": "How quest/hierarchical score a 16-token page from its key summary: mean (q . mean key, "
                 "ShadowKV's landmarks) or bound (Quest's upper bound from the key min/max).",
         "choices": ["mean", "bound"]})
     sparse_token_budget: int | None = field(default=None, metadata={
         "help": "Tokens each retrieval head reads per decode step (default: 1024 on CPU, 2048 on CUDA)."})
-    sparse_page_size: int = field(default=64, metadata={
-        "help": "Tokens per selection unit (hierarchical: physical page scored by the max of its "
-                "16-token logical pages)."})
+    sparse_unit_tokens: int = field(default=64, metadata={
+        "help": "Tokens per selection unit of the hierarchical policy (a unit scores as the best of its "
+                "16-token summaries); quest, hip and recent select single summaries."})
+    sparse_selection: str = field(default="kv-head", metadata={
+        "help": "Who picks a retrieval head's units: kv-head (the query heads of a GQA group vote, one "
+                "selection per KV head) or query-head (each query head selects its own, as LServe).",
+        "choices": ["kv-head", "query-head"]})
     selector_interval: int = field(default=4, metadata={
         "help": "Decode steps a page selection is reused for before it is recomputed."})
     dense_layers: int = field(default=2, metadata={"help": "The first N layers always attend densely."})
@@ -85,9 +93,42 @@ class EngineArgs:
     sparse_recall_sample: float = field(default=0.01, metadata={
         "help": "Fraction of sparse decode steps that also run dense attention to measure recall."})
 
-    def token_budget(self, device_type: str) -> int:
-        """The sparse token budget: the flag, else 1/8 of an 8K context on CPU and 2048 on CUDA."""
-        return self.sparse_token_budget or (2048 if device_type == "cuda" else 1024)
+    # Execution.
+    attention_backend: str = field(default="auto", metadata={
+        "help": "Attention kernels: torch (plain torch, the CPU path and the reference), triton (Triton "
+                "kernels, CUDA only) or auto (triton on CUDA when Triton is installed, else torch). "
+                "NEEDLE_TRITON=0 in the environment means torch.", "choices": ["auto", "torch", "triton"]})
+    enforce_eager: bool = field(default=False, metadata={
+        "help": "Never capture CUDA graphs (they are captured for decode batches up to --max-num-seqs on "
+                "the triton backend). NEEDLE_CUDA_GRAPHS=0 in the environment means the same."})
+
+    def sparse_config(self, device_type: str) -> SparseConfig:
+        """The sparse backend's settings; the budget default is 1/8 of an 8K context on CPU, 2048 on CUDA."""
+        return SparseConfig(
+            policy=self.sparse_policy, page_score=self.sparse_page_score,
+            token_budget=self.sparse_token_budget or (2048 if device_type == "cuda" else 1024),
+            unit_tokens=self.sparse_unit_tokens, per_query_head=self.sparse_selection == "query-head",
+            selector_interval=max(1, self.selector_interval), dense_layers=self.dense_layers,
+            sink_tokens=self.sink_tokens, local_tokens=self.local_tokens,
+            retrieval_local_tokens=self.retrieval_local_tokens,
+            prefill_local_tokens=self.prefill_local_tokens,
+            recall_sample=self.sparse_recall_sample, seed=self.seed)
+
+    def kernel_backend(self, device_type: str) -> str:
+        """torch or triton: the flag, with NEEDLE_TRITON=0 as an alias for torch."""
+        if self.attention_backend == "triton" and device_type != "cuda":
+            raise ValueError("--attention-backend triton needs a CUDA device")
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        if device_type != "cuda" or os.environ.get("NEEDLE_TRITON", "1") == "0":
+            return "torch"
+        from needle.attention.kernels import HAS_TRITON
+
+        return "triton" if HAS_TRITON else "torch"
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        return not self.enforce_eager and os.environ.get("NEEDLE_CUDA_GRAPHS", "1") != "0"
 
     @property
     def kv_cache_bytes(self) -> int | None:

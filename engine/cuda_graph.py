@@ -2,9 +2,9 @@
 inputs copied into static buffers, so a small-batch decode step is one launch instead of ~20 per layer.
 
 A step runs through a graph when the backend names one (`backend.graph_key(meta)`, None = run eagerly)
-and the batch fits the largest bucket. Batches are padded up to their bucket: padded rows write no KV
-(slot -1) and attend to nothing (context length 0). A wider block table than the static one drops the
-graphs and re-captures at the next power of two.
+and the batch fits the largest bucket, which is --max-num-seqs. Batches are padded up to their bucket:
+padded rows write no KV (slot -1) and attend to nothing (context length 0). A wider page table than the
+static one drops the graphs and re-captures at the next power of two.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 class CudaGraphRunner:
     def __init__(self, model, backend: AttentionBackend, device: torch.device, max_batch: int = 64):
         self.model, self.backend, self.device = model, backend, device
-        self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
+        self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         self.width = 0
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.mempool = None  # the first capture's private pool, shared by the later ones
@@ -30,18 +30,15 @@ class CudaGraphRunner:
         self.ctx = torch.zeros(n, dtype=torch.int32, device=device)
         self.starts = torch.arange(n + 1, dtype=torch.int64, device=device)
         self.tables = torch.zeros(n, 0, dtype=torch.int32, device=device)
-        reserve = getattr(backend, "reserve", None)
-        if reserve is not None:  # buffers the graphs read must never move
-            reserve(n)
+        backend.reserve(n)  # buffers the graphs read must never move
 
     def run(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
         """Hidden states [B, hidden] from a graph replay, or None when this step must run eagerly."""
-        key_of = getattr(self.backend, "graph_key", None)
-        key = key_of(meta) if key_of else None
+        key = self.backend.graph_key(meta)
         b = meta.num_seqs
         if key is None or b > self.buckets[-1]:
             return None
-        width = meta.block_tables.shape[1]
+        width = meta.page_tables.shape[1]
         if width > self.width:
             self._grow(width)
         bucket = next(x for x in self.buckets if x >= b)
@@ -51,7 +48,7 @@ class CudaGraphRunner:
         self.slots[b:bucket].fill_(-1)
         self.ctx[:b].copy_(meta.context_lens_t)
         self.ctx[b:bucket].fill_(0)
-        self.tables[:b, :width].copy_(meta.block_tables)
+        self.tables[:b, :width].copy_(meta.page_tables)
         entry = self.graphs.get((bucket, key))
         if entry is None:
             entry = self.graphs[(bucket, key)] = self._capture(bucket, meta)
@@ -66,15 +63,9 @@ class CudaGraphRunner:
         self.mempool = None  # the old pool dies with its graphs; reusing its id trips the allocator
 
     def _static_meta(self, bucket: int, meta: AttentionMetadata) -> AttentionMetadata:
-        pad = bucket - meta.num_seqs
-        return AttentionMetadata(
-            seq_ids=list(meta.seq_ids) + [-1] * pad, query_lens=[1] * bucket,
-            context_lens=list(meta.context_lens) + [0] * pad, query_start_loc=self.starts[:bucket + 1],
-            context_lens_t=self.ctx[:bucket], block_tables=self.tables[:bucket],
-            slot_mapping=self.slots[:bucket], positions=self.positions[:bucket],
-            modes=list(meta.modes) + [meta.modes[-1]] * pad if meta.modes else [],
-            token_budgets=list(meta.token_budgets) + [meta.token_budgets[-1]] * pad
-            if meta.token_budgets else [])
+        return meta.padded(bucket, query_start_loc=self.starts[:bucket + 1], context_lens_t=self.ctx[:bucket],
+                           page_tables=self.tables[:bucket], slot_mapping=self.slots[:bucket],
+                           positions=self.positions[:bucket])
 
     def _capture(self, bucket: int, meta: AttentionMetadata):
         static = self._static_meta(bucket, meta)

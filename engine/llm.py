@@ -10,7 +10,7 @@ from tqdm import tqdm
 from needle.engine.config import EngineArgs
 from needle.engine.llm_engine import LLMEngine
 from needle.engine.outputs import CompletionOutput, RequestOutput
-from needle.engine.sampling_params import SamplingParams
+from needle.scheduler.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 

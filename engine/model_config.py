@@ -32,7 +32,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     qkv_bias: bool
     eos_token_ids: tuple[int, ...]
-    bos_token_id: int | None
+    metadata_name: str | None = None  # the name the checkpoint gives itself (a GGUF's general.name)
 
     @classmethod
     def from_dict(cls, cfg: dict, name: str) -> ModelConfig:
@@ -65,8 +65,17 @@ class ModelConfig:
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             qkv_bias=SUPPORTED[model_type][1] or cfg.get("attention_bias", False),
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,),
-            bos_token_id=cfg.get("bos_token_id"),
+            metadata_name=cfg.get("_model_name_or_path"),
         )
+
+    @property
+    def identity(self) -> dict:
+        """What makes a head profile fit this model, whatever its file is called: architecture, shape and
+        the checkpoint's own name where it has one."""
+        return {"architecture": self.model_type, "num_layers": self.num_layers,
+                "hidden_size": self.hidden_size, "num_heads": self.num_heads,
+                "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim, "vocab_size": self.vocab_size,
+                "name": self.metadata_name}
 
     @classmethod
     def from_file(cls, path: Path, name: str) -> ModelConfig:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from needle.attention.base import AttentionStats
+
 
 @dataclass
 class StepStats:
@@ -17,11 +19,4 @@ class StepStats:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found
-    # Attention telemetry (sparse backends fill these; dense leaves them empty).
-    sparse_recall_samples: list[float] = field(default_factory=list)
-    sparse_tokens_read: list[int] = field(default_factory=list)
-    sparse_dense_fallbacks: int = 0
-    # Speculative decoding.
-    spec_num_drafts: int = 0
-    spec_num_draft_tokens: int = 0
-    spec_num_accepted_tokens: int = 0
+    attention: AttentionStats = field(default_factory=AttentionStats)  # sparse telemetry

@@ -13,7 +13,7 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
     page_size: int = 16
-    summary_block: int = 16  # tokens per logical page summarised by key min/max/mean
+    summary_tokens: int = 16  # tokens per summary summarised by key min/max/mean
     dtype: torch.dtype = torch.float32
 
     def bytes_per_page(self, with_summaries: bool) -> int:
@@ -21,7 +21,7 @@ class KVCacheSpec:
         kv = 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * elem
         if not with_summaries:
             return kv
-        blocks = self.page_size // self.summary_block
+        blocks = self.page_size // self.summary_tokens
         return kv + 3 * self.num_layers * blocks * self.num_kv_heads * self.head_dim * elem
 
 
@@ -29,8 +29,8 @@ class KVPool:
     """All pages of all layers in two tensors, so a page id means the same slot in every layer."""
 
     def __init__(self, spec: KVCacheSpec, num_pages: int, device: torch.device, with_summaries: bool):
-        if spec.page_size % spec.summary_block:
-            raise ValueError(f"page_size {spec.page_size} must be a multiple of {spec.summary_block}")
+        if spec.page_size % spec.summary_tokens:
+            raise ValueError(f"page_size {spec.page_size} must be a multiple of {spec.summary_tokens}")
         self.spec = spec
         self.num_pages = num_pages
         self.device = device
@@ -41,7 +41,7 @@ class KVPool:
         self.kmax: torch.Tensor | None = None
         self.kmean: torch.Tensor | None = None
         if with_summaries:
-            sshape = (spec.num_layers, num_pages, spec.page_size // spec.summary_block,
+            sshape = (spec.num_layers, num_pages, spec.page_size // spec.summary_tokens,
                       spec.num_kv_heads, spec.head_dim)
             self.kmin = torch.full(sshape, float("inf"), dtype=spec.dtype, device=device)
             self.kmax = torch.full(sshape, float("-inf"), dtype=spec.dtype, device=device)

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from needle.kvcache.block_manager import BlockManager
+from needle.kvcache.page_allocator import PageAllocator
 from needle.scheduler.sequence import Sequence, Status
 
 
@@ -24,15 +24,11 @@ class Batch:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+    def __init__(self, allocator: PageAllocator, max_num_seqs: int, max_num_batched_tokens: int,
                  on_release: Callable[[Sequence], None]):
-        self.bm = block_manager
+        self.bm = allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.on_release = on_release  # the attention backend drops per-sequence state here
@@ -41,9 +37,6 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
 
     def schedule(self) -> Batch:
         batch = Batch()
@@ -113,6 +106,6 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _release(self, seq: Sequence) -> None:
-        if seq.pages.block_table:
+        if seq.pages.page_table:
             self.bm.release(seq.pages)
         self.on_release(seq)

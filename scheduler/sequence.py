@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from needle.engine.sampling_params import SamplingParams
-from needle.kvcache.block_manager import SeqPages
+from needle.kvcache.page_allocator import SeqPages
+from needle.scheduler.sampling_params import SamplingParams
 
 _ids = itertools.count()
 

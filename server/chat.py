@@ -29,12 +29,10 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     top_n = body.logprobs_count()
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = body.sampling_params(max_tokens, top_n)
-    state.check_params(params)
     text = state.chat_prompt(body.messages, body.add_generation_prompt)
     # The template already wrote any BOS / special tokens into the text.
     prompt = await asyncio.to_thread(state.encode, text, False)
-    state.check_context(prompt, max_tokens)
-    gen = state.generation("chatcmpl", [prompt], params)
+    gen = await state.generation("chatcmpl", [prompt], params)
     if body.stream:
         return _stream(state, body, gen, top_n)
     results = await gen.run(receive)

@@ -82,7 +82,7 @@ def serve(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["calibrate"]:
-        from needle.attention.calibrate import main as calibrate
+        from needle.engine.calibrate import main as calibrate
 
         return calibrate(argv[1:]) or 0
     ns = build_parser().parse_args(argv)

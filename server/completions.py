@@ -25,9 +25,7 @@ async def prompt_ids(state: ServerState, prompt: Any) -> list[list[int]]:
         prompt = [prompt]
     prompts = []
     for item in prompt:
-        ids = await asyncio.to_thread(state.encode, item) if isinstance(item, str) else list(item)
-        state.check_token_ids(ids, "prompt")
-        prompts.append(ids)
+        prompts.append(await asyncio.to_thread(state.encode, item) if isinstance(item, str) else list(item))
     return prompts
 
 
@@ -38,11 +36,8 @@ async def create_completion(state: ServerState, body: CompletionRequest, receive
     if body.echo and body.logprobs is not None:
         raise bad_request("echo together with logprobs is not supported", param="echo")
     params = body.sampling_params(body.max_tokens, body.logprobs)
-    state.check_params(params)
     prompts = await prompt_ids(state, body.prompt)
-    for ids in prompts:
-        state.check_context(ids, body.max_tokens)
-    gen = state.generation("cmpl", prompts, params)
+    gen = await state.generation("cmpl", prompts, params)
     echoes = [state.tokenizer.decode(ids) if body.echo else "" for ids in prompts]
     if body.stream:
         return _stream(state, body, gen, echoes)

@@ -52,15 +52,6 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
 
 
-def context_length_error(max_model_len: int, prompt_tokens: int, completion_tokens: int) -> APIError:
-    """The exact wording vLLM and OpenAI use; clients parse the numbers out of it."""
-    total = prompt_tokens + completion_tokens
-    return bad_request(
-        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-        f"{total} tokens ({prompt_tokens} in the messages, {completion_tokens} in the completion). "
-        "Please reduce the length of the messages or completion.", param="messages")
-
-
 def from_validation_error(err: ValidationError | RequestValidationError) -> APIError:
     """The first pydantic complaint, with its field path as `param`."""
     first = err.errors()[0]

@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from needle.engine.outputs import CompletionOutput
-from needle.engine.sampling_params import SamplingParams
+from needle.engine.outputs import CompletionOutput, RequestOutput
+from needle.engine.validation import ContextLengthError, RequestError
+from needle.scheduler.sampling_params import SamplingParams
 from needle.server.errors import APIError, bad_request
 from needle.server.metrics import Metrics, RequestTimer
 from needle.server.protocol import UsageInfo
@@ -65,13 +66,33 @@ class Generation:
     params: SamplingParams
     background: set[asyncio.Task]  # keeps abort tasks alive after the request handler is gone
     release: Callable[[], None]  # gives back the admission slot; idempotent
+    prompt_param: str = "prompt"  # the request field a context-length refusal names
     completion_tokens: int = 0
+    arrival: float = 0.0
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     _unfinished: set[str] = field(default_factory=set)
+    _outputs: list[AsyncIterator[RequestOutput]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        """Hand every prompt to the engine and wait until it has taken them all, so that a refusal (400)
+        comes before a streamed response sends its headers; on a refusal the others are aborted."""
+        self.arrival = time.monotonic()
+        try:
+            for k, prompt in enumerate(self.prompts):
+                rid = f"{self.request_id}-{k}"
+                self._outputs.append(await self.engine.add_request(prompt, self.params, rid))
+                self._unfinished.add(rid)
+        except BaseException as err:
+            for outputs in self._outputs:
+                await outputs.aclose()  # aborts the engine request
+            self._unfinished.clear()
+            self.release()
+            if isinstance(err, Exception):
+                raise _as_api_error(err, self.prompt_param) from err
+            raise
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
-        arrival = time.monotonic()
-        pumps = [asyncio.create_task(self._pump(k, prompt, arrival)) for k, prompt in enumerate(self.prompts)]
+        pumps = [asyncio.create_task(self._pump(k, outputs)) for k, outputs in enumerate(self._outputs)]
         live = len(pumps)
         try:
             while live:
@@ -79,7 +100,7 @@ class Generation:
                 if item is None:
                     live -= 1
                 elif isinstance(item, BaseException):
-                    raise _as_api_error(item)
+                    raise _as_api_error(item, self.prompt_param)
                 else:
                     yield item
         finally:
@@ -89,13 +110,12 @@ class Generation:
                 self._spawn(self.engine.abort(rid))
                 self.metrics.request_success["abort"].inc(self.params.n)
 
-    async def _pump(self, k: int, prompt: list[int], arrival: float) -> None:
+    async def _pump(self, k: int, outputs: AsyncIterator[RequestOutput]) -> None:
         rid = f"{self.request_id}-{k}"
-        timer = RequestTimer(self.metrics, arrival)
+        timer = RequestTimer(self.metrics, self.arrival)
         generated, reasons = 0, []
-        self._unfinished.add(rid)
         try:
-            async for out in self.engine.generate(prompt, self.params, rid):
+            async for out in outputs:
                 new_tokens = sum(len(c.token_ids) for c in out.outputs)
                 if new_tokens:
                     timer.on_tokens()
@@ -139,10 +159,15 @@ class Generation:
         task.add_done_callback(self.background.discard)
 
 
-def _as_api_error(err: BaseException) -> APIError:
-    """The engine raises ValueError for requests it refuses; anything else is an engine fault (500)."""
+def _as_api_error(err: BaseException, prompt_param: str) -> APIError:
+    """The engine raises ValueError (a RequestError naming the field) for requests it refuses; anything
+    else is an engine fault (500)."""
     if isinstance(err, APIError):
         return err
+    if isinstance(err, ContextLengthError):
+        return APIError(400, str(err), param=prompt_param, code=err.code)
+    if isinstance(err, RequestError):
+        return APIError(400, str(err), param=err.param, code=err.code)
     if isinstance(err, ValueError):
         return bad_request(str(err))
     return APIError(500, f"the engine failed this request: {type(err).__name__}: {err}")

@@ -89,11 +89,6 @@ class Metrics:
                                             _TOKEN_BUCKETS)
         self.sparse_dense_fallbacks = counter("sparse_dense_fallbacks_total",
                                               "Sparse decode steps that ran dense (context within budget).")
-        # Speculative decoding.
-        self.spec_num_drafts = counter("spec_decode_num_drafts_total", "Draft proposals verified.")
-        self.spec_num_draft_tokens = counter("spec_decode_num_draft_tokens_total", "Draft tokens proposed.")
-        self.spec_num_accepted_tokens = counter("spec_decode_num_accepted_tokens_total",
-                                                "Draft tokens accepted.")
 
     def on_step(self, stats: StepStats) -> None:
         """Engine listener; runs on the engine thread (prometheus_client collectors are thread-safe)."""
@@ -108,14 +103,11 @@ class Metrics:
         step_tokens = stats.num_prompt_tokens + stats.num_generation_tokens
         if step_tokens:
             self.iteration_tokens.observe(step_tokens)
-        for recall in stats.sparse_recall_samples:
+        for recall in stats.attention.recall_samples:
             self.sparse_recall.observe(recall)
-        for tokens in stats.sparse_tokens_read:
+        for tokens in stats.attention.tokens_read:
             self.sparse_tokens_read.observe(tokens)
-        self.sparse_dense_fallbacks.inc(stats.sparse_dense_fallbacks)
-        self.spec_num_drafts.inc(stats.spec_num_drafts)
-        self.spec_num_draft_tokens.inc(stats.spec_num_draft_tokens)
-        self.spec_num_accepted_tokens.inc(stats.spec_num_accepted_tokens)
+        self.sparse_dense_fallbacks.inc(stats.attention.dense_fallbacks)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,17 +12,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from needle.engine.sampling_params import AttentionOverride, SamplingParams
+from needle.scheduler.sampling_params import AttentionOverride, SamplingParams
 from needle.server.errors import APIError, bad_request
 
 # SamplingParams' messages start with the field name ("top_p must be ..."); this maps it to the wire name.
 _PARAM_NAMES = {
     "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "max_tokens", "logprobs", "attention.mode", "attention.token_budget", "seed",
+    "stop", "min_tokens",
 }
-
-
-MAX_N = 128  # OpenAI's limit on choices per request
 
 
 class _Lenient(BaseModel):
@@ -83,7 +81,6 @@ class _GenerationRequest(_Lenient):
             "min_tokens": self.min_tokens,
         }
         kwargs = {k: v for k, v in fields.items() if v is not None}
-        self._check_limits()
         if kwargs.get("top_k") == 0:
             kwargs["top_k"] = -1  # OpenAI-style clients send 0 for "off"
         try:
@@ -100,17 +97,6 @@ class _GenerationRequest(_Lenient):
             message = str(err)
             name = message.split(" ", 1)[0]
             raise bad_request(message, param=name if name in _PARAM_NAMES else None) from err
-
-
-    def _check_limits(self) -> None:
-        """Bounds SamplingParams leaves open but the engine cannot take (one request must not stall all)."""
-        if self.n > MAX_N:
-            raise bad_request(f"n must be at most {MAX_N}, got {self.n}", param="n")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
-            raise bad_request("seed must fit in 64 bits", param="seed")
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if any(s == "" for s in stops):
-            raise bad_request("stop strings must not be empty", param="stop")
 
 
 def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:

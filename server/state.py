@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from needle.engine.config import EngineArgs
-from needle.engine.sampling_params import SamplingParams
-from needle.server.errors import APIError, bad_request, context_length_error
+from needle.scheduler.sampling_params import SamplingParams
+from needle.server.errors import APIError, bad_request
 from needle.server.generation import Generation
 from needle.server.metrics import Metrics
 from needle.server.protocol import ChatMessage, model_not_found, new_id
@@ -84,10 +84,13 @@ class ServerState:
 
         return release
 
-    def generation(self, kind: str, prompts: list[list[int]], params: SamplingParams) -> Generation:
-        """Admit one API request (503 when full) and prepare its engine requests."""
-        return Generation(self.ready(), self.metrics, new_id(kind), prompts, params, self.background,
-                          release=self.admit())
+    async def generation(self, kind: str, prompts: list[list[int]], params: SamplingParams) -> Generation:
+        """Admit one API request (503 when full) and hand its prompts to the engine, which validates them
+        (400 when it refuses one)."""
+        gen = Generation(self.ready(), self.metrics, new_id(kind), prompts, params, self.background,
+                         release=self.admit(), prompt_param="messages" if kind == "chatcmpl" else "prompt")
+        await gen.start()
+        return gen
 
     # Tokens.
 
@@ -107,22 +110,11 @@ class ServerState:
             raise bad_request(f"cannot apply the chat template: {err}", param="messages") from err
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
-        vocab = len(self.tokenizer)
+        """For /detokenize, which never reaches the engine: ids must index the model's vocabulary."""
+        vocab = self.ready().vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param=param)
-
-    def check_params(self, params: SamplingParams) -> None:
-        """Token ids in the sampling settings index the vocabulary inside the engine step: check them here."""
-        self.check_token_ids(list(params.logit_bias), "logit_bias")
-        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
-
-    def check_context(self, prompt: list[int], max_tokens: int | None) -> None:
-        limit = self.ready().max_model_len
-        if not prompt:
-            raise bad_request("the prompt is empty", param="prompt")
-        if len(prompt) + (max_tokens or 1) > limit:
-            raise context_length_error(limit, len(prompt), max_tokens or 0)
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])

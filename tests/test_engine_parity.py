@@ -94,4 +94,4 @@ def test_prefix_cache_hits_and_preemption_keep_output(hf_model, prompts, referen
             results.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
     assert preemptions > 0
     assert [results[str(i)] for i in range(4)] == refs
-    assert engine.block_manager.num_free == engine.block_manager.num_pages
+    assert engine.allocator.num_free == engine.allocator.num_pages

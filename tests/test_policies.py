@@ -24,7 +24,7 @@ def _request(policy_name: str, needle: range, k: int, heads: int = 2) -> tuple[S
     slots = torch.arange(CTX)
     pool.write(0, keys, keys, slots)
     update_summaries(pool, 0, slots)
-    policy = POLICIES[policy_name](sparse_page_size=64, summary_block=SPEC.summary_block)
+    policy = POLICIES[policy_name](unit_tokens=64, summary_tokens=SPEC.summary_tokens)
     num_units = CTX // policy.unit_tokens
     allowed = torch.ones(1, num_units, dtype=torch.bool)
     allowed[0, :1] = allowed[0, -2:] = False  # sink and recent units are the backend's
@@ -38,7 +38,7 @@ QUERY_DRIVEN = [("hip", "bound"), *[(n, s) for n in ("quest", "hierarchical") fo
 
 @pytest.mark.parametrize("name,score", QUERY_DRIVEN)
 def test_selection_is_distinct_allowed_units_and_finds_the_needle(name: str, score: str):
-    needle = range(1200, 1328)  # two 64-token units, eight logical pages
+    needle = range(1200, 1328)  # two 64-token units, eight summaries
     req, unit = _request(name, needle, k=12)
     units = POLICIES[name](64, 16, score).select(req)
     assert units.shape == (1, 2, 12)
@@ -61,8 +61,8 @@ def test_summary_policies_rank_a_single_page_needle_first(name: str, score: str)
 
 
 def test_streaming_baseline_reads_the_newest_allowed_units_whatever_the_query():
-    req, unit = _request("streaming", range(1200, 1328), k=12)
-    units = POLICIES["streaming"](64, 16).select(req)
+    req, unit = _request("recent", range(1200, 1328), k=12)
+    units = POLICIES["recent"](64, 16).select(req)
     newest = req.allowed.shape[1] - 3  # the last two units are the backend's recent ones
     assert units[0].tolist() == [list(range(newest, newest - 12, -1))] * 2
 

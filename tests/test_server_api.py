@@ -279,7 +279,7 @@ ERROR_CASES = [
     (COMPLETIONS, {"prompt": []}, 400, "prompt"),
     (COMPLETIONS, {"prompt": [10**9]}, 400, "prompt"),
     (COMPLETIONS, {"max_tokens": 2}, 400, "prompt"),
-    (COMPLETIONS, {"prompt": "x", "max_tokens": 5000}, 400, "messages"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 5000}, 400, "prompt"),
     (CHAT, {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),
     (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     (CHAT, {"messages": USER, "max_completion_tokens": 0}, 400, "max_tokens"),
@@ -362,8 +362,27 @@ def test_no_input_yields_a_server_error(server: LiveServer, path: str, extra: di
         error_of(r, 400)
 
 
-def test_per_request_attention_override(client: openai.OpenAI, model: str) -> None:
-    for attention in ({"mode": "dense"}, {"mode": "sparse", "token_budget": 64}):
-        r = client.completions.create(model=model, prompt="Hi there", max_tokens=2, temperature=0,
-                                      extra_body={"attention": attention})
-        assert r.usage.completion_tokens == 2
+def test_per_request_attention_override(server: LiveServer, client: openai.OpenAI, model: str) -> None:
+    """This server runs dense attention: a dense override is served dense (no sparse telemetry moves),
+    a sparse one is refused rather than silently served dense."""
+    before = server.metrics()
+    r = client.completions.create(model=model, prompt="Hi there", max_tokens=2, temperature=0,
+                                  extra_body={"attention": {"mode": "dense"}})
+    assert r.usage.completion_tokens == 2
+    after = server.metrics()
+    for name in ("needle:sparse_dense_fallbacks_total", "needle:sparse_tokens_read_count"):
+        assert after[(name, ())] == before[(name, ())]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=model, prompt="Hi there", max_tokens=2,
+                                  extra_body={"attention": {"mode": "sparse", "token_budget": 64}})
+    assert err.value.body["param"] == "attention.mode" and "dense attention" in err.value.body["message"]
+
+
+def test_context_length_error_names_the_prompt_field_and_code(server: LiveServer) -> None:
+    cases = ((COMPLETIONS, {"prompt": "x"}, "prompt"), (CHAT, {"messages": USER}, "messages"))
+    for path, base, param in cases:
+        r = httpx.post(f"{server.url}{path}", headers=server.headers, json={**base, "max_tokens": 5000},
+                       timeout=60)
+        err = error_of(r, 400)
+        assert (err["param"], err["code"]) == (param, "context_length_exceeded"), err
+        assert err["message"].startswith("This model's maximum context length is 1024 tokens.")

@@ -12,11 +12,14 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
+from needle.attention.base import AttentionStats
 from needle.engine.config import EngineArgs
 from needle.engine.stats import StepStats
+from needle.engine.validation import ContextLengthError, RequestLimits, validate_request
+from needle.scheduler.sampling_params import SamplingParams
 from needle.server.app import build_app
 from needle.server.cli import build_parser
-from needle.server.errors import APIError, context_length_error
+from needle.server.errors import APIError
 from needle.server.metrics import Metrics
 from needle.server.protocol import ChatCompletionRequest, CompletionRequest
 from needle.server.state import ServerConfig
@@ -34,9 +37,8 @@ def test_metrics_follow_engine_steps() -> None:
     m = Metrics("tiny")
     m.on_step(StepStats(num_running=3, num_waiting=1, kv_cache_usage=0.25, num_prompt_tokens=100,
                         num_generation_tokens=3, prefix_cache_queries=64, prefix_cache_hits=32,
-                        sparse_recall_samples=[0.97, 0.99], sparse_tokens_read=[1024],
-                        sparse_dense_fallbacks=2, spec_num_drafts=1, spec_num_draft_tokens=4,
-                        spec_num_accepted_tokens=3))
+                        attention=AttentionStats(recall_samples=[0.97, 0.99], tokens_read=[1024],
+                                                 dense_fallbacks=2)))
     m.on_step(StepStats(num_running=0, kv_cache_usage=0.0, num_generation_tokens=2))
     got = samples(m)
     lab = (("model_name", "tiny"),)
@@ -49,7 +51,6 @@ def test_metrics_follow_engine_steps() -> None:
     assert got[("needle:sparse_attention_recall_count", lab)] == 2
     assert got[("needle:sparse_tokens_read_sum", lab)] == 1024
     assert got[("needle:sparse_dense_fallbacks_total", lab)] == 2
-    assert got[("needle:spec_decode_num_accepted_tokens_total", lab)] == 3
     assert not any(name.endswith("_created") for name, _ in got)
 
 
@@ -61,9 +62,11 @@ def test_two_metrics_in_one_process_do_not_collide() -> None:
 
 
 def test_context_length_message_is_the_one_clients_parse() -> None:
-    err = context_length_error(2048, 2000, 100)
-    assert err.status == 400
-    assert err.message.startswith("This model's maximum context length is 2048 tokens. However, you "
+    limits = RequestLimits(vocab_size=100, max_model_len=2048, kv_capacity_tokens=10**6, attention="dense")
+    with pytest.raises(ContextLengthError) as err:
+        validate_request([1] * 2000, SamplingParams(max_tokens=100), limits)
+    assert err.value.code == "context_length_exceeded"
+    assert str(err.value).startswith("This model's maximum context length is 2048 tokens. However, you "
                                   "requested 2100 tokens (2000 in the messages, 100 in the completion).")
 
 

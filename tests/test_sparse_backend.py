@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +11,6 @@ from needle.attention.dense import DenseBackend
 from needle.attention.head_profile import HeadProfile
 from needle.attention.sparse import SparseBackend
 from needle.engine.config import EngineArgs
-from needle.engine.stats import StepStats
 from needle.kvcache.pool import KVCacheSpec, KVPool
 
 LAYERS, HQ, HKV, D, PAGE = 3, 6, 2, 16, 16
@@ -33,25 +30,14 @@ class Batch:
     def meta(self, steps: dict[int, int], modes: dict[int, str] | None = None,
              budgets: dict[int, int] | None = None) -> AttentionMetadata:
         """Metadata for one step in which sequence s brings steps[s] new tokens."""
-        slots, positions, ctx = [], [], []
         for sid, n in steps.items():
-            start = self.lens.get(sid, 0)
+            self.lens[sid] = self.lens.get(sid, 0) + n
             pages = self.pages.setdefault(sid, [])
-            while len(pages) * PAGE < start + n:
+            while len(pages) * PAGE < self.lens[sid]:
                 pages.append(self.free.pop())
-            for p in range(start, start + n):
-                positions.append(p)
-                slots.append(pages[p // PAGE] * PAGE + p % PAGE)
-            self.lens[sid] = start + n
-            ctx.append(start + n)
-        width = max(len(self.pages[s]) for s in steps)
-        tables = [self.pages[s] + [0] * (width - len(self.pages[s])) for s in steps]
-        return AttentionMetadata(
-            seq_ids=list(steps), query_lens=list(steps.values()), context_lens=ctx,
-            query_start_loc=torch.tensor([0, *itertools.accumulate(steps.values())]),
-            context_lens_t=torch.tensor(ctx, dtype=torch.int32),
-            block_tables=torch.tensor(tables, dtype=torch.int32),
-            slot_mapping=torch.tensor(slots), positions=torch.tensor(positions),
+        return AttentionMetadata.build(
+            seq_ids=list(steps), query_lens=list(steps.values()), context_lens=[self.lens[s] for s in steps],
+            page_tables=[self.pages[s] for s in steps], page_size=PAGE, device="cpu",
             modes=[(modes or {}).get(s, "sparse") for s in steps],
             token_budgets=[(budgets or {}).get(s, 0) for s in steps])
 
@@ -62,7 +48,7 @@ class Batch:
 
 
 def _args(**kw) -> EngineArgs:
-    base = dict(sparse_token_budget=128, sparse_page_size=32, dense_layers=1, sink_tokens=16,
+    base = dict(sparse_token_budget=128, sparse_unit_tokens=32, dense_layers=1, sink_tokens=16,
                 local_tokens=32, retrieval_local_tokens=32, prefill_local_tokens=48, selector_interval=2,
                 sparse_recall_sample=0.0)
     base.update(kw)
@@ -93,7 +79,7 @@ def _run_both(batch_steps, sparse: SparseBackend, seed: int = 0, **meta_kw):
 
 def _backend(profile: HeadProfile = MIXED, **kw) -> SparseBackend:
     pool = KVPool(SPEC, 4, torch.device("cpu"), with_summaries=True)
-    return SparseBackend(pool, _args(**kw), profile, HQ, HKV)
+    return SparseBackend(pool, _args(**kw).sparse_config("cpu"), profile, HQ, HKV)
 
 
 @pytest.mark.parametrize("policy", ["hierarchical", "quest", "hip"])
@@ -210,14 +196,13 @@ def test_telemetry_reports_recall_tokens_read_and_fallbacks():
         sparse.begin_step(meta)
         for layer in range(LAYERS):
             sparse.forward(layer, *batch.qkv(meta), meta)
-    stats = StepStats()
-    sparse.drain_stats(stats)
-    assert stats.sparse_dense_fallbacks == 3  # sequence 2 fits the budget at every step
-    assert len(stats.sparse_recall_samples) == 2 and all(0 < r <= 1 for r in stats.sparse_recall_samples)
-    assert len(stats.sparse_tokens_read) == 2
-    assert all(128 < n < 501 for n in stats.sparse_tokens_read)  # a dense layer reads all, sparse ones less
-    sparse.drain_stats(empty := StepStats())
-    assert empty.sparse_recall_samples == [] and empty.sparse_dense_fallbacks == 0
+    stats = sparse.drain_stats()
+    assert stats.dense_fallbacks == 3  # sequence 2 fits the budget at every step
+    assert len(stats.recall_samples) == 2 and all(0 < r <= 1 for r in stats.recall_samples)
+    assert len(stats.tokens_read) == 2
+    assert all(128 < n < 501 for n in stats.tokens_read)  # a dense layer reads all, sparse ones less
+    empty = sparse.drain_stats()
+    assert empty.recall_samples == [] and empty.dense_fallbacks == 0
 
 
 @pytest.mark.parametrize("policy", ["hierarchical", "hip"])
@@ -231,6 +216,4 @@ def test_budget_at_the_floor_reads_only_sink_and_recent_units(policy: str):
         sparse.begin_step(meta)
         for layer in range(LAYERS):
             assert torch.isfinite(sparse.forward(layer, *batch.qkv(meta), meta)).all()
-    stats = StepStats()
-    sparse.drain_stats(stats)
-    assert stats.sparse_tokens_read[0] < (501 + 2 * 128) / 3  # one dense layer, two at <= 4 units
+    assert sparse.drain_stats().tokens_read[0] < (501 + 2 * 128) / 3  # one dense layer, two at <= 4 units

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from needle.attention.calibrate import passkey_prompt
+from needle.attention.base import AttentionStats
+from needle.engine.calibrate import passkey_prompt
 from needle.engine.llm import LLM
-from needle.engine.sampling_params import AttentionOverride, SamplingParams
-from needle.engine.stats import StepStats
+from needle.scheduler.sampling_params import AttentionOverride, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -19,16 +19,16 @@ def llm() -> LLM:
 
 def _run(llm: LLM, prompt: list[int], override: AttentionOverride | None, max_tokens: int = 3):
     """Generate greedily, returning the text and the step telemetry the engine drained."""
-    engine, stats = llm.engine, StepStats()
+    engine, stats = llm.engine, AttentionStats()
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, attention=override)
     engine.add_request("r", prompt, params)
     text = ""
     while engine.has_unfinished():
         outputs, step = engine.step()
         text += "".join(c.text for out in outputs for c in out.outputs)
-        stats.sparse_recall_samples += step.sparse_recall_samples
-        stats.sparse_tokens_read += step.sparse_tokens_read
-        stats.sparse_dense_fallbacks += step.sparse_dense_fallbacks
+        stats.recall_samples += step.attention.recall_samples
+        stats.tokens_read += step.attention.tokens_read
+        stats.dense_fallbacks += step.attention.dense_fallbacks
     return text, stats
 
 
@@ -37,8 +37,8 @@ def test_passkey_at_4k_with_the_default_sparse_config(llm: LLM):
     prompt, _, key = passkey_prompt(llm.tokenizer, 4000, 0.1, random.Random(8))
     text, stats = _run(llm, prompt, None, max_tokens=9)
     assert key in text.replace(" ", "")
-    assert stats.sparse_tokens_read and max(stats.sparse_tokens_read) < 2000  # far below the 4K context
-    assert stats.sparse_recall_samples and min(stats.sparse_recall_samples) > 0.5
+    assert stats.tokens_read and max(stats.tokens_read) < 2000  # far below the 4K context
+    assert stats.recall_samples and min(stats.recall_samples) > 0.5
 
 
 def test_per_request_budget_and_dense_override(llm: LLM):
@@ -47,9 +47,9 @@ def test_per_request_budget_and_dense_override(llm: LLM):
     _, large = _run(llm, prompt, AttentionOverride(mode="sparse", token_budget=640))
     _, fits = _run(llm, prompt, AttentionOverride(mode="sparse", token_budget=2048))
     _, dense = _run(llm, prompt, AttentionOverride(mode="dense"))
-    assert max(small.sparse_tokens_read) < min(large.sparse_tokens_read)
-    assert fits.sparse_dense_fallbacks > 0 and not fits.sparse_tokens_read
-    assert dense.sparse_dense_fallbacks == 0 and not dense.sparse_tokens_read
+    assert max(small.tokens_read) < min(large.tokens_read)
+    assert fits.dense_fallbacks > 0 and not fits.tokens_read
+    assert dense.dense_fallbacks == 0 and not dense.tokens_read
 
 
 def test_prefix_cache_is_shared_only_where_the_kv_is_the_same(llm: LLM):

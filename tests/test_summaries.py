@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from needle.kvcache.pool import KVCacheSpec, KVPool
 from needle.kvcache.summaries import update_summaries
 
-SPEC = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, page_size=32, summary_block=16)
+SPEC = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, page_size=32, summary_tokens=16)
 
 
 def _append(pool: KVPool, pages: list[int], start: int, keys: torch.Tensor) -> None:
@@ -23,8 +23,8 @@ def _append(pool: KVPool, pages: list[int], start: int, keys: torch.Tensor) -> N
 
 
 def _assert_exact(pool: KVPool, pages: list[int], keys: torch.Tensor) -> None:
-    """Every logical page the sequence has touched summarises exactly its written keys."""
-    sb = SPEC.summary_block
+    """Every summary the sequence has touched summarises exactly its written keys."""
+    sb = SPEC.summary_tokens
     for layer in range(SPEC.num_layers):
         for block in range(-(-keys.shape[0] // sb)):
             page, sub = pages[block * sb // SPEC.page_size], block % (SPEC.page_size // sb)
@@ -72,7 +72,7 @@ def test_upper_bound_covers_every_key_of_its_page(seed: int, length: int, scale:
     keys = torch.randn(length, SPEC.num_kv_heads, SPEC.head_dim, generator=gen) * scale
     _append(pool, [0, 1], 0, keys)
     q = torch.randn(SPEC.num_kv_heads, SPEC.head_dim, generator=gen) * scale
-    sb = SPEC.summary_block
+    sb = SPEC.summary_tokens
     for pos in range(length):
         page, sub = pos // SPEC.page_size, (pos % SPEC.page_size) // sb
         kmin, kmax = pool.kmin[0, page, sub], pool.kmax[0, page, sub]

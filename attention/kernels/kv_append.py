@@ -1,7 +1,7 @@
 """KV append: store a step's keys/values into their page slots and keep the key summaries exact.
 
-One program per new token stores all its KV heads. The token that ends its run inside a logical page
-(the next token is not the next row of the same logical page) owns that page's summary: it folds the keys
+One program per new token stores all its KV heads. The token that ends its run inside a summary
+(the next token is not the next row of the same summary) owns that page's summary: it folds the keys
 of the run (read from the step's input, never from the cache other programs are writing) and, unless the
 run starts at the page's row 0, the summary already stored (the mean weighted by the rows it covers).
 A run that starts at row 0 resets the summary, so a reused page never keeps a stale min/max/mean.
@@ -64,7 +64,7 @@ if HAS_TRITON:
 
 
 def kv_append(k_cache: torch.Tensor, v_cache: torch.Tensor, summaries: tuple[torch.Tensor, ...] | None,
-              k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, summary_block: int) -> None:
+              k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, summary_tokens: int) -> None:
     """One layer: k_cache/v_cache [pages, page_size, Hkv, D]; summaries (kmin, kmax, kmean), each
     [pages, page_size // sb, Hkv, D], or None; k, v [T, Hkv, D]; slot_mapping [T] (consecutive positions
     of a sequence in consecutive rows)."""
@@ -76,5 +76,5 @@ def kv_append(k_cache: torch.Tensor, v_cache: torch.Tensor, summaries: tuple[tor
     kmin, kmax, kmean = summaries or (k_cache, k_cache, k_cache)
     _kv_append_kernel[(t,)](
         k, v, slot_mapping, k_cache, v_cache, kmin, kmax, kmean,
-        t, HKV=hkv, HP=triton.next_power_of_2(hkv), D=d, SB=summary_block, SUMMARIES=summaries is not None,
+        t, HKV=hkv, HP=triton.next_power_of_2(hkv), D=d, SB=summary_tokens, SUMMARIES=summaries is not None,
         num_warps=4 if hkv * d >= 512 else 1)

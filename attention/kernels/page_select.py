@@ -1,9 +1,9 @@
 """Page scoring (Quest's upper bound) and top-k unit selection for retrieval heads.
 
-Scoring: one program per (sequence, KV head, run of units) loads each logical page's kmin/kmax once for
+Scoring: one program per (sequence, KV head, run of units) loads each summary's kmin/kmax once for
 all G query heads of the group and computes sum_c max(q_c*kmin_c, q_c*kmax_c) as two tensor-core dots,
 relu(q).kmax + min(q, 0).kmin (exact: the products are the same). A unit of `unit_tokens` scores as the
-max of its logical pages (LServe's hierarchical paging; unit = one logical page is flat Quest), and with
+max of its summaries (LServe's hierarchical paging; unit = one summary is flat Quest), and with
 a shared selection as the max over the group's query heads too.
 
 Selection: one program per (sequence, selector row) holds the row's scores in registers, finds the k-th
@@ -37,7 +37,7 @@ if HAS_TRITON:
                     other=0.0)
         qpos = tl.maximum(q, 0.0).to(kmax_ptr.dtype.element_ty)
         qneg = tl.minimum(q, 0.0).to(kmin_ptr.dtype.element_ty)
-        j = chunk * (UPP * UB) + tl.arange(0, UPP * UB)  # logical pages of this program
+        j = chunk * (UPP * UB) + tl.arange(0, UPP * UB)  # summaries of this program
         start = j * SB
         valid = start < ctx
         page = tl.load(bt_ptr + b * bt_stride + start // PS, mask=valid, other=0).to(tl.int64)
@@ -90,22 +90,22 @@ if HAS_TRITON:
         tl.store(base + j, tl.full([KP], -1, tl.int32), mask=(j >= n_sel) & (j < k_out))
 
 
-def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_tables: torch.Tensor,
+def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_tables: torch.Tensor,
                 context_lens: torch.Tensor, *, page_size: int, unit_tokens: int, shared: bool,
                 units_per_program: int = 16) -> torch.Tensor:
     """q [B, Hq, D]; one layer's kmin/kmax [pages, page_size // sb, Hkv, D] -> unit scores [B, R, U]
-    float32 (R = Hkv if shared else Hq, U = block-table width * page_size // unit_tokens), -inf past the
+    float32 (R = Hkv if shared else Hq, U = page-table width * page_size // unit_tokens), -inf past the
     context."""
     b, hq, d = q.shape
     _, nb, hkv, _ = kmin.shape
     sb = page_size // nb
-    num_units = block_tables.shape[1] * page_size // unit_tokens
+    num_units = page_tables.shape[1] * page_size // unit_tokens
     rows = hkv if shared else hq
     out = torch.empty(b, rows, num_units, dtype=torch.float32, device=q.device)
     ub = unit_tokens // sb
     upp = max(1, min(units_per_program, 128 // ub))
     grid = (b, hkv, triton.cdiv(num_units, upp))
-    _score_kernel[grid](q.contiguous(), kmin, kmax, block_tables, context_lens, out, block_tables.stride(0),
+    _score_kernel[grid](q.contiguous(), kmin, kmax, page_tables, context_lens, out, page_tables.stride(0),
                         num_units, HQ=hq, HKV=hkv, D=d, PS=page_size, SB=sb, UB=ub, UPP=upp,
                         GP=max(16, triton.next_power_of_2(hq // hkv)), SHARED=shared, num_warps=4)
     return out
@@ -125,12 +125,12 @@ def top_units(scores: torch.Tensor, allowed: torch.Tensor, k: int,
     return out
 
 
-def select_units(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_tables: torch.Tensor,
+def select_units(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_tables: torch.Tensor,
                  context_lens: torch.Tensor, allowed: torch.Tensor, k: int, *, page_size: int,
                  unit_tokens: int, shared: bool, k_per_seq: torch.Tensor | None = None) -> torch.Tensor:
     """Score and pick: -> [B, R, k] int32 units per selector row (two launches, no host sync). allowed
-    [B, U'] may be narrower than the block table's U units (the rest count as not allowed)."""
-    scores = page_scores(q, kmin, kmax, block_tables, context_lens, page_size=page_size,
+    [B, U'] may be narrower than the page table's U units (the rest count as not allowed)."""
+    scores = page_scores(q, kmin, kmax, page_tables, context_lens, page_size=page_size,
                          unit_tokens=unit_tokens, shared=shared)
     nu = scores.shape[2]
     if allowed.shape[1] < nu:

@@ -9,7 +9,7 @@ query head picks its own units. The tokens a row reads are a list of `unit_token
     chosen units - retrieval rows only: units[b, row, :], -1 padded, tokens outside the fixed ranges.
 Streaming KV heads use (stream_sink, stream_local) as their fixed ranges and choose nothing. Splits
 divide a row's unit list evenly; a second kernel merges the splits by their log-sum-exp. Shapes depend
-only on the batch size and the block-table width, so both kernels can be captured in a CUDA graph.
+only on the batch size and the page-table width, so both kernels can be captured in a CUDA graph.
 Reference: reference.paged_decode_ref.
 """
 
@@ -128,7 +128,7 @@ def choose_splits(batch: int, rows: int, max_units: int, device: torch.device) -
     return max(1, min(max_units, triton.cdiv(target, max(1, batch * rows)), 256))
 
 
-def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, *, qpr, units, streaming_kv, sink,
+def _launch(q, k_cache, v_cache, page_tables, context_lens, scale, *, qpr, units, streaming_kv, sink,
             recent, recent_units, stream_sink, stream_local, unit_tokens, max_units, num_splits, num_warps,
             num_stages):
     b, hq, d = q.shape
@@ -141,9 +141,9 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, *, qpr, unit
     sparse = units is not None
     dummy = context_lens
     _decode_split_kernel[(b, rows, s)](
-        q.contiguous(), k_cache, v_cache, block_tables, context_lens,
+        q.contiguous(), k_cache, v_cache, page_tables, context_lens,
         units if sparse else dummy, streaming_kv if sparse else dummy, o_part, lse,
-        scale * 1.4426950408889634, block_tables.stride(0),
+        scale * 1.4426950408889634, page_tables.stride(0),
         units.stride(0) if sparse else 0, units.stride(1) if sparse else 0,
         units.shape[2] if sparse else 0, sink, recent, recent_units, stream_sink, stream_local,
         HQ=hq, HKV=hkv, D=d, PS=ps, QPR=qpr, GP=max(16, triton.next_power_of_2(qpr)), UT=unit_tokens, S=s,
@@ -152,22 +152,22 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, *, qpr, unit
     return out
 
 
-def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float | None = None, *, block_n: int = 64,
                  num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
-    """Dense decode. q [B, Hq, D]; one layer's k/v_cache [pages, page_size, Hkv, D]; block_tables [B, P]
+    """Dense decode. q [B, Hq, D]; one layer's k/v_cache [pages, page_size, Hkv, D]; page_tables [B, P]
     int32; context_lens [B] int32 (0 = padded row, output 0) -> [B, Hq, D]."""
     hq, d = q.shape[1], q.shape[2]
     g = hq // k_cache.shape[2]
-    max_units = triton.cdiv(block_tables.shape[1] * k_cache.shape[1], block_n)
-    return _launch(q, k_cache, v_cache, block_tables, context_lens, scale or 1.0 / math.sqrt(d), qpr=g,
+    max_units = triton.cdiv(page_tables.shape[1] * k_cache.shape[1], block_n)
+    return _launch(q, k_cache, v_cache, page_tables, context_lens, scale or 1.0 / math.sqrt(d), qpr=g,
                    units=None, streaming_kv=None, sink=0, recent=0, recent_units=0, stream_sink=0,
                    stream_local=0,
                    unit_tokens=block_n, max_units=max_units, num_splits=num_splits, num_warps=num_warps,
                    num_stages=num_stages)
 
 
-def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_tables: torch.Tensor,
                   context_lens: torch.Tensor, units: torch.Tensor, streaming_kv: torch.Tensor, *,
                   unit_tokens: int, sink: int, recent: int = 0, recent_units: int = 0, stream_sink: int,
                   stream_local: int, scale: float | None = None, num_splits: int | None = None,
@@ -179,7 +179,7 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     qpr = hq // units.shape[1]
     max_units = (triton.cdiv(max(sink, stream_sink), unit_tokens) + recent_units + triton.cdiv(
         max(recent, stream_local), unit_tokens) + 1 + units.shape[2])
-    return _launch(q, k_cache, v_cache, block_tables, context_lens, scale or 1.0 / math.sqrt(d), qpr=qpr,
+    return _launch(q, k_cache, v_cache, page_tables, context_lens, scale or 1.0 / math.sqrt(d), qpr=qpr,
                    units=units, streaming_kv=streaming_kv, sink=sink, recent=recent,
                    recent_units=recent_units, stream_sink=stream_sink,
                    stream_local=stream_local, unit_tokens=unit_tokens, max_units=max_units,

@@ -25,10 +25,10 @@ except ImportError:  # pragma: no cover
     causal_lower_right = None
 
 
-def gather_context(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
+def gather_context(cache: torch.Tensor, page_table: torch.Tensor, n: int) -> torch.Tensor:
     """cache [pages, page_size, Hkv, D] -> the first n tokens of one sequence, [n, Hkv, D]."""
     ps = cache.shape[1]
-    pages = block_table[: (n + ps - 1) // ps].long()
+    pages = page_table[: (n + ps - 1) // ps].long()
     return cache[pages].flatten(0, 1)[:n]
 
 

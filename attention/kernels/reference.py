@@ -1,8 +1,8 @@
 """Plain-torch references for every kernel in this package: slow, obvious, and the tests' ground truth.
 
 Shapes follow attention/base.py: one layer's cache is k, v [pages, page_size, Hkv, D] and
-kmin, kmax, kmean [pages, page_size // summary_block, Hkv, D]; a sequence's token at position p lives in
-page block_tables[b, p // page_size], row p % page_size.
+kmin, kmax, kmean [pages, page_size // summary_tokens, Hkv, D]; a sequence's token at position p lives in
+page page_tables[b, p // page_size], row p % page_size.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 from needle.kvcache.summaries import summarise_pages
 
 
-def kv_append_ref(k_cache, v_cache, summaries, k, v, slot_mapping, summary_block: int) -> None:
-    """Store k, v [T, Hkv, D] at their flat slots (slot < 0: skip) and make every touched logical page's
+def kv_append_ref(k_cache, v_cache, summaries, k, v, slot_mapping, summary_tokens: int) -> None:
+    """Store k, v [T, Hkv, D] at their flat slots (slot < 0: skip) and make every touched summary's
     summaries (kmin, kmax, kmean) the exact min/max/mean over its rows 0..last row written (older rows
     stay, later rows of a reused page are ignored)."""
     keep = slot_mapping >= 0
@@ -22,13 +22,13 @@ def kv_append_ref(k_cache, v_cache, summaries, k, v, slot_mapping, summary_block
     k_cache.view(-1, hkv, d)[slots] = k.to(k_cache.dtype)
     v_cache.view(-1, hkv, d)[slots] = v.to(v_cache.dtype)
     if summaries is not None:
-        summarise_pages(k_cache, summaries, slots, summary_block)  # the CPU path's own recomputation
+        summarise_pages(k_cache, summaries, slots, summary_tokens)  # the CPU path's own recomputation
 
 
-def gather_tokens(cache: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def gather_tokens(cache: torch.Tensor, page_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """cache [pages, page_size, Hkv, D], positions [N] of one sequence -> [N, Hkv, D]."""
     ps = cache.shape[1]
-    pages = block_table.long()[positions // ps]
+    pages = page_table.long()[positions // ps]
     return cache[pages, positions % ps]
 
 
@@ -51,7 +51,7 @@ def decode_token_mask(ctx: int, *, streaming: bool, sink: int, recent: int, unit
     return mask
 
 
-def paged_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale: float, *,
+def paged_decode_ref(q, k_cache, v_cache, page_tables, context_lens, scale: float, *,
                      streaming_kv: torch.Tensor | None = None, sink: int = 0, recent: int | None = None,
                      stream_sink: int = 0, stream_local: int = 0, units: torch.Tensor | None = None,
                      unit_tokens: int = 64, recent_units: int = 0) -> torch.Tensor:
@@ -69,8 +69,8 @@ def paged_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale: flo
         if n == 0:
             continue
         pos = torch.arange(n, device=q.device)
-        ks = gather_tokens(k_cache, block_tables[i], pos).double()
-        vs = gather_tokens(v_cache, block_tables[i], pos).double()
+        ks = gather_tokens(k_cache, page_tables[i], pos).double()
+        vs = gather_tokens(v_cache, page_tables[i], pos).double()
         for h in range(hq):
             kvh = h // g
             if recent is None:
@@ -87,24 +87,24 @@ def paged_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale: flo
     return out
 
 
-def page_scores_ref(q, kmin, kmax, block_tables, context_lens, summary_block: int, unit_tokens: int, *,
+def page_scores_ref(q, kmin, kmax, page_tables, context_lens, summary_tokens: int, unit_tokens: int, *,
                     shared: bool) -> torch.Tensor:
-    """Quest bound sum_c max(q_c*kmin_c, q_c*kmax_c) per logical page, max over the logical pages of each
+    """Quest bound sum_c max(q_c*kmin_c, q_c*kmax_c) per summary, max over the summaries of each
     unit (and over the q heads of a GQA group when shared) -> [B, R, U] float32 (R = Hkv when shared else
     Hq; U = max_pages * page_size // unit_tokens), -inf for units past the context. q [B, Hq, D]."""
     b, hq, d = q.shape
     _, nblk, hkv, _ = kmin.shape
     g = hq // hkv
-    pages = block_tables.long()
-    mx = kmax[pages].reshape(b, -1, hkv, d).float()  # [B, L, Hkv, D], L logical pages
+    pages = page_tables.long()
+    mx = kmax[pages].reshape(b, -1, hkv, d).float()  # [B, L, Hkv, D], L summaries
     mn = kmin[pages].reshape(b, -1, hkv, d).float()
     qf = q.float().view(b, hkv, g, d)
     bound = (torch.einsum("bhgd,blhd->bhgl", qf.clamp(min=0), mx)
              + torch.einsum("bhgd,blhd->bhgl", qf.clamp(max=0), mn))  # [B, Hkv, G, L]
     nl = bound.shape[-1]
-    start = torch.arange(nl, device=q.device) * summary_block
+    start = torch.arange(nl, device=q.device) * summary_tokens
     bound = bound.masked_fill(start >= context_lens.view(-1, 1, 1, 1).long(), float("-inf"))
-    per_unit = unit_tokens // summary_block
+    per_unit = unit_tokens // summary_tokens
     nu = nl // per_unit
     bound = bound[..., : nu * per_unit].reshape(b, hkv, g, nu, per_unit).amax(-1)
     if shared:

@@ -28,22 +28,29 @@ class SelectionRequest:
     layer: int
     q: torch.Tensor  # [B, H, G, D] RoPE'd queries of this step
     kv_heads: torch.Tensor  # [H] int64: the KV head each selector head reads
-    block_tables: torch.Tensor  # [B, P] pages of each sequence
+    page_tables: torch.Tensor  # [B, P] pages of each sequence
     context_lens: torch.Tensor  # [B] int64
     allowed: torch.Tensor  # [B, U] bool: units the policy may choose
     k: int  # units to choose per selector head
 
 
 class SparsePolicy(ABC):
-    """Ranks selection units of `unit_tokens` tokens for each selector head (default: one logical page);
-    policies that read page summaries score logical pages by `page_score` (see logical_page_scores)."""
+    """Ranks selection units of `unit_tokens` tokens for each selector head; policies that read the key
+    summaries score each summary by `page_score` (see summary_scores).
+
+    `coarse_units`: the policy ranks units of the configured size (--sparse-unit-tokens); otherwise
+    a unit is one summary (`summary_tokens`), as Quest and HiP define theirs.
+    """
 
     name: str
+    coarse_units = False
 
-    def __init__(self, sparse_page_size: int, summary_block: int, page_score: str = "bound"):
+    def __init__(self, unit_tokens: int, summary_tokens: int, page_score: str = "bound"):
         if page_score not in PAGE_SCORES:
             raise ValueError(f"unknown page score {page_score!r}; expected one of {PAGE_SCORES}")
-        self.unit_tokens = summary_block
+        if unit_tokens % summary_tokens:
+            raise ValueError(f"unit of {unit_tokens} tokens must be a multiple of {summary_tokens}")
+        self.unit_tokens = unit_tokens if self.coarse_units else summary_tokens
         self.page_score = page_score
 
     @abstractmethod
@@ -51,10 +58,10 @@ class SparsePolicy(ABC):
         """-> [B, H, k] int64 unit indices, best first; -1 where fewer than k units are allowed."""
 
 
-def token_slots(block_tables: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
-    """Flat KV slots of token positions; positions [B, ...] index into row b of block_tables."""
-    b = block_tables.shape[0]
-    pages = block_tables.long().gather(1, (positions // page_size).reshape(b, -1)).view_as(positions)
+def token_slots(page_tables: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Flat KV slots of token positions; positions [B, ...] index into row b of page_tables."""
+    b = page_tables.shape[0]
+    pages = page_tables.long().gather(1, (positions // page_size).reshape(b, -1)).view_as(positions)
     return pages * page_size + positions % page_size
 
 
@@ -69,9 +76,9 @@ def gather_heads(cache: torch.Tensor, slots: torch.Tensor, kv_heads: torch.Tenso
 PAGE_SCORES = ("mean", "bound")
 
 
-def logical_page_scores(req: SelectionRequest, kind: str) -> torch.Tensor:
-    """Score of every logical page for each selector head, the max over its G query heads
-    -> [B, H, P * pages_per_block] (unwritten pages: junk, the caller masks them with `allowed`).
+def summary_scores(req: SelectionRequest, kind: str) -> torch.Tensor:
+    """Score of every summary for each selector head, the max over its G query heads
+    -> [B, H, P * summaries_per_page] (unwritten pages: junk, the caller masks them with `allowed`).
 
     bound: Quest's upper bound of q.k in the page, sum_c max(q_c * kmin_c, q_c * kmax_c);
     mean:  q.kmean, the page's mean logit (ShadowKV's landmarks). The bound never ranks a page below
@@ -86,11 +93,11 @@ def logical_page_scores(req: SelectionRequest, kind: str) -> torch.Tensor:
 
 
 def _summary(req: SelectionRequest, summary: torch.Tensor | None) -> torch.Tensor:
-    """One layer's summary of each sequence's logical pages, for each selector head -> [B, H, D, L]."""
+    """One layer's summary of each sequence's summaries, for each selector head -> [B, H, D, L]."""
     assert summary is not None, "the pool keeps no key summaries"
-    b = req.block_tables.shape[0]
+    b = req.page_tables.shape[0]
     hkv, d = req.pool.spec.num_kv_heads, req.pool.spec.head_dim
-    rows = summary[req.layer][req.block_tables.long()].view(b, -1, hkv, d)
+    rows = summary[req.layer][req.page_tables.long()].view(b, -1, hkv, d)
     return rows[:, :, req.kv_heads].permute(0, 2, 3, 1)
 
 

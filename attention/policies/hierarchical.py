@@ -1,29 +1,24 @@
-"""LServe's hierarchical paging: a physical unit of several logical pages scores as its best page."""
+"""LServe's hierarchical paging: a physical unit of several summaries scores as its best page."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from needle.attention.policies.base import SelectionRequest, SparsePolicy, logical_page_scores, top_units
+from needle.attention.policies.base import SelectionRequest, SparsePolicy, summary_scores, top_units
 
 
 class HierarchicalPolicy(SparsePolicy):
-    """Ranks units of `unit_tokens` (e.g. 64) by the max score of their 16-token logical pages:
+    """Ranks units of `unit_tokens` (e.g. 64) by the max score of their 16-token summaries:
     coarse units keep the gather contiguous and the top-k small, while the score stays as sharp as a
     16-token page's (a unit holding one relevant page still ranks high)."""
 
     name = "hierarchical"
-
-    def __init__(self, sparse_page_size: int, summary_block: int, page_score: str = "bound"):
-        if sparse_page_size % summary_block:
-            raise ValueError(f"sparse_page_size {sparse_page_size} must be a multiple of {summary_block}")
-        super().__init__(sparse_page_size, summary_block, page_score)
-        self.unit_tokens = sparse_page_size
+    coarse_units = True
 
     def select(self, req: SelectionRequest) -> torch.Tensor:
-        pages_per_unit = self.unit_tokens // req.pool.spec.summary_block
-        scores = logical_page_scores(req, self.page_score)
+        pages_per_unit = self.unit_tokens // req.pool.spec.summary_tokens
+        scores = summary_scores(req, self.page_score)
         num_units = req.allowed.shape[1]
         width = num_units * pages_per_unit
         scores = F.pad(scores, (0, max(0, width - scores.shape[-1])), value=float("-inf"))[..., :width]

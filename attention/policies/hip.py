@@ -20,7 +20,7 @@ from needle.attention.policies.base import (
 
 
 class HipPolicy(SparsePolicy):
-    """Unit = one block of `unit_tokens` keys (a logical page); the search ranks blocks by probes."""
+    """Unit = one block of `unit_tokens` keys (a summary); the search ranks blocks by probes."""
 
     name = "hip"
 
@@ -55,7 +55,7 @@ class HipPolicy(SparsePolicy):
         has_allowed = (counts.gather(1, hi) - counts.gather(1, lo) > 0).view_as(starts)
         mid = (starts * self.unit_tokens + span * self.unit_tokens // 2)
         mid = torch.minimum(mid, req.context_lens.view(-1, 1, 1) - 1)
-        slots = token_slots(req.block_tables, mid, req.pool.spec.page_size)
+        slots = token_slots(req.page_tables, mid, req.pool.spec.page_size)
         keys = gather_heads(req.pool.k[req.layer], slots, req.kv_heads)  # [B, H, N, D]
         scores = (req.q @ keys.transpose(-1, -2)).amax(dim=2)  # [B, H, N]
         return scores.masked_fill(~has_allowed, float("-inf"))

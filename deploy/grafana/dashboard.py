@@ -92,17 +92,6 @@ ROWS = [
             (rate("sparse_dense_fallbacks_total"), "fallbacks/s")],
          "Sparse decode steps that attended densely instead (context within the budget)."),
     ]),
-    ("Speculative decoding", [
-        ("Draft acceptance rate", "timeseries", "percentunit", [
-            (ratio("spec_decode_num_accepted_tokens_total", "spec_decode_num_draft_tokens_total"),
-             "accepted / proposed")],
-         "Share of proposed draft tokens the target model accepted."),
-        ("Drafts and tokens", "timeseries", "short", [
-            (rate("spec_decode_num_drafts_total"), "drafts/s"),
-            (rate("spec_decode_num_draft_tokens_total"), "draft tokens/s"),
-            (rate("spec_decode_num_accepted_tokens_total"), "accepted tokens/s")],
-         "Speculation work per second."),
-    ]),
 ]
 
 
@@ -144,7 +133,7 @@ def dashboard() -> dict:
     ]
     return {
         "uid": "needle", "title": "needle", "tags": ["needle", "llm"], "editable": True,
-        "description": "needle inference server: load, latency, lengths, sparse attention, speculation.",
+        "description": "needle inference server: load, latency, lengths, sparse attention.",
         "schemaVersion": 39, "version": 1, "refresh": "10s", "time": {"from": "now-1h", "to": "now"},
         "timezone": "", "graphTooltip": 1, "annotations": {"list": []}, "links": [],
         "templating": {"list": variables}, "panels": panels,

@@ -11,10 +11,10 @@ import torch
 from needle.attention.policies.base import SelectionRequest, SparsePolicy, top_units
 
 
-class StreamingPolicy(SparsePolicy):
-    """Unit = one logical page; ranks allowed units by position, newest first."""
+class RecentPolicy(SparsePolicy):
+    """Unit = one summary; ranks allowed units by position, newest first."""
 
-    name = "streaming"
+    name = "recent"
 
     def select(self, req: SelectionRequest) -> torch.Tensor:
         b, h = req.q.shape[:2]

@@ -23,14 +23,14 @@ class Page:
 class SeqPages:
     """What the allocator knows of one sequence: its pages and how many of them are hashed."""
 
-    block_table: list[int] = field(default_factory=list)
+    page_table: list[int] = field(default_factory=list)
     num_hashed: int = 0
     last_hash: int | None = None
     # Roots the hash chain: KV computed under different attention settings must not be shared.
     salt: int | None = None
 
 
-class BlockManager:
+class PageAllocator:
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -73,7 +73,7 @@ class BlockManager:
         Returns the number of tokens served from the cache, or None (nothing changed) when the pool
         is short of pages.
         """
-        assert not seq.block_table
+        assert not seq.page_table
         hits, last_hash = self.match_prefix(token_ids, seq.salt)
         cached = len(hits) * self.page_size
         covered = min(len(token_ids), cached + token_budget)
@@ -86,17 +86,17 @@ class BlockManager:
             if page.ref_count == 0:
                 self.free.remove(page_id)
             page.ref_count += 1
-        seq.block_table = hits + [self._take_fresh() for _ in range(fresh)]
+        seq.page_table = hits + [self._take_fresh() for _ in range(fresh)]
         seq.num_hashed, seq.last_hash = len(hits), last_hash
         return cached
 
     def can_grow(self, seq: SeqPages, num_tokens: int) -> bool:
-        return self.pages_needed(num_tokens) - len(seq.block_table) <= self.num_free
+        return self.pages_needed(num_tokens) - len(seq.page_table) <= self.num_free
 
     def grow(self, seq: SeqPages, num_tokens: int) -> None:
         """Make room for num_tokens tokens in total (call can_grow first)."""
-        while len(seq.block_table) < self.pages_needed(num_tokens):
-            seq.block_table.append(self._take_fresh())
+        while len(seq.page_table) < self.pages_needed(num_tokens):
+            seq.page_table.append(self._take_fresh())
 
     def commit_full_pages(self, seq: SeqPages, token_ids: list[int], num_computed: int) -> None:
         """Publish the hashes of pages whose KV is now fully written, so later prompts can share them."""
@@ -106,7 +106,7 @@ class BlockManager:
             start = seq.num_hashed * self.page_size
             parent = seq.last_hash if seq.num_hashed else seq.salt
             h = chain_hash(parent, token_ids[start:start + self.page_size])
-            page = self.pages[seq.block_table[seq.num_hashed]]
+            page = self.pages[seq.page_table[seq.num_hashed]]
             if page.hash is None and h not in self.hash_to_page:
                 page.hash = h
                 self.hash_to_page[h] = page.page_id
@@ -115,13 +115,13 @@ class BlockManager:
 
     def release(self, seq: SeqPages) -> None:
         """Drop the sequence's references; pages at zero return to the free list (newest last)."""
-        for page_id in reversed(seq.block_table):
+        for page_id in reversed(seq.page_table):
             page = self.pages[page_id]
             page.ref_count -= 1
             assert page.ref_count >= 0, f"page {page_id} freed twice"
             if page.ref_count == 0:
                 self.free.append(page_id)
-        seq.block_table, seq.num_hashed, seq.last_hash = [], 0, None
+        seq.page_table, seq.num_hashed, seq.last_hash = [], 0, None
 
     def _take_fresh(self) -> int:
         page_id = self.free.popleft()

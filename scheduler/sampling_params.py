@@ -1,4 +1,7 @@
-"""Per-request sampling settings, validated once at the edge so the hot path can trust them."""
+"""Per-request sampling settings, validated when built so the hot path can trust them.
+
+They live in scheduler/, the lowest layer that holds them (each Sequence carries its request's).
+"""
 
 from __future__ import annotations
 
@@ -38,7 +41,6 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token
-    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
@@ -56,8 +58,10 @@ class SamplingParams:
     def validate(self) -> None:
         if not 1 <= self.n <= 128:
             raise ValueError(f"n must be in [1, 128], got {self.n}")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+        if any(s == "" for s in self.stop):
+            raise ValueError("stop strings must not be empty")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be non-negative, got {self.min_tokens}")
         if self.temperature < 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from needle.kvcache.block_manager import BlockManager, SeqPages
+from needle.kvcache.page_allocator import PageAllocator, SeqPages
 
 PAGE = 4
 NUM_PAGES = 24
@@ -17,10 +17,10 @@ ops = st.lists(
 )
 
 
-def check(bm: BlockManager, live: dict[int, SeqPages]) -> None:
+def check(bm: PageAllocator, live: dict[int, SeqPages]) -> None:
     refs = [0] * bm.num_pages
     for seq in live.values():
-        for p in seq.block_table:
+        for p in seq.page_table:
             refs[p] += 1
     assert [p.ref_count for p in bm.pages] == refs, "refcounts must equal live references"
     assert len(set(bm.free)) == len(bm.free), "a page is free twice"
@@ -34,7 +34,7 @@ def check(bm: BlockManager, live: dict[int, SeqPages]) -> None:
 @settings(max_examples=150, deadline=None)
 @given(ops)
 def test_allocator_invariants(operations):
-    bm = BlockManager(NUM_PAGES, PAGE, enable_prefix_caching=True)
+    bm = PageAllocator(NUM_PAGES, PAGE, enable_prefix_caching=True)
     live: dict[int, SeqPages] = {}
     tokens: dict[int, list[int]] = {}
     computed: dict[int, int] = {}
@@ -66,15 +66,15 @@ def test_allocator_invariants(operations):
 
 
 def test_prefix_pages_are_shared_and_revived():
-    bm = BlockManager(8, PAGE)
+    bm = PageAllocator(8, PAGE)
     ids = list(range(10))
     a = SeqPages()
     assert bm.allocate(a, ids, 100) == 0
     bm.commit_full_pages(a, ids, len(ids))
     b = SeqPages()
     assert bm.allocate(b, ids, 100) == 8  # two full pages shared; the last token always recomputes
-    assert b.block_table[:2] == a.block_table[:2]
-    assert bm.pages[a.block_table[0]].ref_count == 2
+    assert b.page_table[:2] == a.page_table[:2]
+    assert bm.pages[a.page_table[0]].ref_count == 2
     bm.release(a)
     bm.release(b)
     c = SeqPages()
@@ -85,7 +85,7 @@ def test_a_partial_hit_extends_the_cache_with_the_rest_of_the_prompt():
     """Two prompts share their first page only: the second one's own pages must be published under the
     right chain, so a third copy of it hits all of them (a regression: they were chained to the hash
     of the first missed page, so every prompt after a partial hit re-prefilled)."""
-    bm = BlockManager(16, PAGE)
+    bm = PageAllocator(16, PAGE)
     first, second = list(range(12)), [0, 1, 2, 3] + list(range(50, 58))
     for ids in (first, second):
         seq = SeqPages()

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from needle.attention.base import AttentionMetadata
 from needle.attention.dense import DenseBackend, gather_seq_kv
 from needle.attention.head_profile import HeadProfile
-from needle.engine.sampling_params import SamplingParams
+from needle.scheduler.sampling_params import SamplingParams
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -38,7 +38,7 @@ class NeedleProbe(DenseBackend):
 
     def forward(self, layer, q, k, v, meta):
         out = super().forward(layer, q, k, v, meta)
-        keys, _ = gather_seq_kv(self.pool, layer, meta.block_tables[0], meta.context_lens[0])
+        keys, _ = gather_seq_kv(self.pool, layer, meta.page_tables[0], meta.context_lens[0])
         hkv, d = keys.shape[1], keys.shape[2]
         qg = q[int(meta.query_start_loc[1]) - 1].view(hkv, -1, d)  # [Hkv, G, D]
         probs = torch.softmax((qg @ keys.permute(1, 2, 0)) / d**0.5, dim=-1)
@@ -66,7 +66,7 @@ def calibrate(llm, num_prompts: int, length: int, seed: int) -> torch.Tensor:
     """Mean needle mass per (layer, KV head) over the answer steps of `num_prompts` passkey prompts."""
     engine = llm.engine
     probe = NeedleProbe(engine.pool, [])
-    engine.runner.backend = probe
+    engine.set_backend(probe)
     rng = random.Random(seed)
     params = SamplingParams(temperature=0.0, max_tokens=4)
     for n in tqdm(range(num_prompts), desc="calibrating"):
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     llm = LLM(args.model, attention="dense", device=args.device, enable_prefix_caching=False)
     scores = calibrate(llm, args.num_prompts, args.length, args.seed)
-    profile = HeadProfile.from_scores(llm.engine.model_name, scores.tolist(), args.streaming_ratio)
+    profile = HeadProfile.from_scores(llm.engine.model_name, scores.tolist(), args.streaming_ratio,
+                                      llm.engine.model_config.identity)
     profile.save(args.out)
     print(f"wrote {args.out}: {sum(map(sum, profile.streaming))} of "
           f"{profile.num_layers * profile.num_kv_heads} KV heads streaming")
