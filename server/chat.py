@@ -18,8 +18,8 @@ from needle.server.protocol import (
     ChatMessageOut,
     UsageInfo,
 )
+from needle.server.sse import chat_logprobs, event_stream, sse
 from needle.server.state import ServerState
-from needle.server.streaming import chat_logprobs, event_stream, sse
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, receive: Any) -> Any:

@@ -11,8 +11,8 @@ from starlette.background import BackgroundTask
 from needle.server.errors import bad_request
 from needle.server.generation import ChoiceDelta, Generation
 from needle.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
+from needle.server.sse import completion_logprobs, event_stream, sse
 from needle.server.state import ServerState
-from needle.server.streaming import completion_logprobs, event_stream, sse
 
 
 async def prompt_ids(state: ServerState, prompt: Any) -> list[list[int]]:
