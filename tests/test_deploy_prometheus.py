@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from server_fixtures import free_port, run_server
+from support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -150,48 +150,48 @@ def send_requests(url: str, headers: dict, model: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, serve):
     prometheus = tool("prometheus")
     tmp = tmp_path_factory.mktemp("prometheus")
     flags = ["--kv-cache-memory", "256MiB", "--max-num-seqs", "4", "--attention", "sparse",
              "--sparse-token-budget", str(SPARSE_BUDGET), "--sparse-recall-sample", "1"]
-    with run_server(*flags) as needle:
-        models = httpx.get(f"{needle.url}/v1/models", headers=needle.headers, timeout=5).json()
-        model = models["data"][0]["id"]
-        port = needle.url.rsplit(":", 1)[1]
+    needle = serve(*flags)
+    models = httpx.get(f"{needle.url}/v1/models", headers=needle.headers, timeout=5).json()
+    model = models["data"][0]["id"]
+    port = needle.url.rsplit(":", 1)[1]
 
-        # The deploy config with the test's target, a 1s scrape and evaluation, and absolute rule paths.
-        config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
-        config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-        config["rule_files"] = [str(PROMETHEUS_DIR / f) for f in config["rule_files"]]
-        for job in config["scrape_configs"]:
-            job["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
-        config_path = tmp / "prometheus.yml"
-        config_path.write_text(yaml.safe_dump(config))
-        prometheus_port = free_port()
-        prometheus_url = f"http://127.0.0.1:{prometheus_port}"
-        prom_log = tmp / "prometheus.log"
-        with prom_log.open("w") as out:
-            prom = subprocess.Popen(
-                [prometheus, f"--config.file={config_path}", f"--storage.tsdb.path={tmp / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{prometheus_port}", "--log.level=warn"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            wait_for(lambda: httpx.get(f"{prometheus_url}/-/ready", timeout=5).status_code == 200,
-                     "Prometheus ready", attempts=120, proc=prom, log=prom_log)
-            s = Stack(needle.url, prometheus_url, config_path, model)
-            # A scrape before the traffic, the traffic, then enough scrapes after it for rate() over 1m.
-            wait_for(lambda: s.series('up{job="needle"} == 1'), "the first scrape", attempts=60, proc=prom,
-                     log=prom_log)
-            send_requests(needle.url, needle.headers, model)
-            # The first scrape saw every series at zero, so an increase over 1m means rate() has 2 samples.
-            done = f'needle:request_success_total{{model_name="{model}"}}'
-            wait_for(lambda: s.value(f"sum({done})") >= 5 and s.value(f"sum(increase({done}[1m]))") > 0,
-                     "the finished requests to be scraped", attempts=60)
-            yield s
-        finally:
-            prom.terminate()  # Prometheus shuts down cleanly on SIGTERM
-            prom.wait(timeout=60)
+    # The deploy config with the test's target, a 1s scrape and evaluation, and absolute rule paths.
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(PROMETHEUS_DIR / f) for f in config["rule_files"]]
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
+    config_path = tmp / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    prometheus_port = free_port()
+    prometheus_url = f"http://127.0.0.1:{prometheus_port}"
+    prom_log = tmp / "prometheus.log"
+    with prom_log.open("w") as out:
+        prom = subprocess.Popen(
+            [prometheus, f"--config.file={config_path}", f"--storage.tsdb.path={tmp / 'data'}",
+             f"--web.listen-address=127.0.0.1:{prometheus_port}", "--log.level=warn"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: httpx.get(f"{prometheus_url}/-/ready", timeout=5).status_code == 200,
+                 "Prometheus ready", attempts=120, proc=prom, log=prom_log)
+        s = Stack(needle.url, prometheus_url, config_path, model)
+        # A scrape before the traffic, the traffic, then enough scrapes after it for rate() over 1m.
+        wait_for(lambda: s.series('up{job="needle"} == 1'), "the first scrape", attempts=60, proc=prom,
+                 log=prom_log)
+        send_requests(needle.url, needle.headers, model)
+        # The first scrape saw every series at zero, so an increase over 1m means rate() has 2 samples.
+        done = f'needle:request_success_total{{model_name="{model}"}}'
+        wait_for(lambda: s.value(f"sum({done})") >= 5 and s.value(f"sum(increase({done}[1m]))") > 0,
+                 "the finished requests to be scraped", attempts=60)
+        yield s
+    finally:
+        prom.terminate()  # Prometheus shuts down cleanly on SIGTERM
+        prom.wait(timeout=60)
 
 
 def substitute(expr: str, model_name: str) -> str:

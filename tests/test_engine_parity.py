@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import run_engine
 
 from bench.texts import long_prompt
 from needle.engine import LLM, SamplingParams
@@ -58,9 +59,9 @@ def run_staggered(llm: LLM, prompts: list[list[int]], params: SamplingParams) ->
     return finished
 
 
-@pytest.mark.parametrize("chunk", [4096, 512])
-def test_greedy_matches_transformers(prompts, reference, chunk):
-    llm = LLM(attention="dense", kv_cache_memory="512MiB", max_num_batched_tokens=chunk)
+def test_greedy_matches_transformers(dense_llm, prompts, reference):
+    """Short prompts prefill in one step, the long ones in 512-token chunks mixed with decodes."""
+    llm = dense_llm
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=1)
     got = run_staggered(llm, prompts, params)
     for i, (ref_tokens, ref_logprobs) in enumerate(reference):
@@ -69,9 +70,9 @@ def test_greedy_matches_transformers(prompts, reference, chunk):
         assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs, strict=True)) < LOGPROB_TOLERANCE
 
 
-def test_prefix_cache_hits_and_preemption_keep_output(hf_model, prompts, reference):
+def test_prefix_cache_hits_and_preemption_keep_output(dense_llm, hf_model, prompts, reference):
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
-    llm = LLM(attention="dense", kv_cache_memory="512MiB")
+    llm = dense_llm
     first = llm.generate(prompts[5], params)[0]
     again = llm.generate(prompts[5], params)[0]
     assert again.num_cached_tokens >= len(prompts[5]) - 16 - 1
@@ -83,15 +84,9 @@ def test_prefix_cache_hits_and_preemption_keep_output(hf_model, prompts, referen
     tiny = LLM(attention="dense", kv_cache_memory="6MiB", enable_prefix_caching=False)
     engine = tiny.engine
     long_params = SamplingParams(temperature=0, max_tokens=many)
-    for i in range(4):
-        engine.add_request(str(i), prompts[i], long_params)
-    results: dict[str, list[int]] = {}
-    preemptions = 0
-    while engine.has_unfinished():
-        outputs, stats = engine.step()
-        preemptions += stats.num_preemptions
-        for out in outputs:
-            results.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
-    assert preemptions > 0
+    preemptions = []
+    results = run_engine(engine, {str(i): (prompts[i], long_params) for i in range(4)},
+                         on_step=lambda stats: preemptions.append(stats.num_preemptions))
+    assert sum(preemptions) > 0
     assert [results[str(i)] for i in range(4)] == refs
     assert engine.allocator.num_free == engine.allocator.num_pages

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from support import run_engine
 
 from needle.engine import LLM, SamplingParams
 
 
-@pytest.fixture(scope="module")
-def llm() -> LLM:
-    return LLM(attention="dense", kv_cache_memory="256MiB")
+@pytest.fixture
+def llm(dense_llm: LLM) -> LLM:
+    return dense_llm
 
 
 def test_seed_reproducible_and_batch_independent(llm):
@@ -19,14 +20,9 @@ def test_seed_reproducible_and_batch_independent(llm):
     engine = llm.engine
     engine.add_request("noise-a", "Tell me about cats.", others)
     engine.step()
-    engine.add_request("seeded", "Write a poem about the sea.", params)
-    engine.add_request("noise-b", "What is 2 + 2?", others)
-    got: list[int] = []
-    while engine.has_unfinished():
-        for out in engine.step()[0]:
-            if out.request_id == "seeded":
-                got.extend(out.outputs[0].token_ids)
-    assert got == alone
+    got = run_engine(engine, {"seeded": ("Write a poem about the sea.", params),
+                              "noise-b": ("What is 2 + 2?", others)})
+    assert got["seeded"] == alone
     different = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=99, max_tokens=16, ignore_eos=True)
     assert llm.generate("Write a poem about the sea.", different)[0].outputs[0].token_ids != alone
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from support import run_engine
 
 from needle.attention.base import AttentionStats
 from needle.engine.calibrate import passkey_prompt
@@ -12,24 +13,23 @@ from needle.engine.llm import LLM
 from needle.scheduler.sampling_params import AttentionOverride, SamplingParams
 
 
-@pytest.fixture(scope="module")
-def llm() -> LLM:
-    return LLM(attention="sparse", sparse_recall_sample=1.0, max_num_batched_tokens=4096)
+@pytest.fixture
+def llm(sparse_llm: LLM) -> LLM:
+    return sparse_llm
 
 
 def _run(llm: LLM, prompt: list[int], override: AttentionOverride | None, max_tokens: int = 3):
     """Generate greedily, returning the text and the step telemetry the engine drained."""
-    engine, stats = llm.engine, AttentionStats()
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, attention=override)
-    engine.add_request("r", prompt, params)
-    text = ""
-    while engine.has_unfinished():
-        outputs, step = engine.step()
-        text += "".join(c.text for out in outputs for c in out.outputs)
-        stats.recall_samples += step.attention.recall_samples
-        stats.tokens_read += step.attention.tokens_read
+    stats = AttentionStats()
+
+    def gather(step) -> None:
+        stats.recall_samples.extend(step.attention.recall_samples)
+        stats.tokens_read.extend(step.attention.tokens_read)
         stats.dense_fallbacks += step.attention.dense_fallbacks
-    return text, stats
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, attention=override)
+    tokens = run_engine(llm.engine, {"r": (prompt, params)}, on_step=gather)["r"]
+    return llm.tokenizer.decode(tokens), stats
 
 
 def test_passkey_at_4k_with_the_default_sparse_config(llm: LLM):
@@ -57,15 +57,9 @@ def test_prefix_cache_is_shared_only_where_the_kv_is_the_same(llm: LLM):
     budgets within the streaming heads' prefill window prefill alike and share, a wider one does not."""
     prompt, _, _ = passkey_prompt(llm.tokenizer, 600, 0.5, random.Random(5))
     prompt = llm.tokenizer.encode("A preface no other test in this module sends. " * 3) + prompt
-    engine = llm.engine
-
     def cached_tokens(override: AttentionOverride) -> int:
         params = SamplingParams(temperature=0.0, max_tokens=1, attention=override)
-        engine.add_request("p", prompt, params)
-        while engine.has_unfinished():
-            for out in engine.step()[0]:
-                cached = out.num_cached_tokens
-        return cached
+        return llm.generate(prompt, params)[0].num_cached_tokens
 
     cached_tokens(AttentionOverride(mode="sparse", token_budget=256))
     assert cached_tokens(AttentionOverride(mode="sparse", token_budget=256)) > 0

@@ -1,7 +1,8 @@
-"""A real `needle serve` in a subprocess on a free port, for the live server tests.
+"""What the tests share: a real `needle serve` in a subprocess, the metrics parser, the OpenAI error
+check, and the add/step loop over an engine.
 
-Started through the CLI (the path users take) on the bundled model with small settings, once per
-test module: loading the model is the slow part.
+Servers start through the CLI (the path users take) on the bundled model with small settings; the
+`serve` fixture (conftest.py) keeps one per flag set for the whole session: loading is the slow part.
 """
 
 from __future__ import annotations
@@ -35,14 +36,40 @@ class LiveServer:
         return {"Authorization": f"Bearer {self.api_key}"}
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
-        """Every sample of /metrics, keyed by (name, sorted labels without model_name)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=30).text
-        out = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))
-                out[(s.name, labels)] = s.value
-        return out
+        return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=30).text)
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a Prometheus exposition, keyed by (name, sorted labels without model_name)."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))
+            out[(s.name, labels)] = s.value
+    return out
+
+
+def error_of(r: httpx.Response, status: int) -> dict:
+    """The OpenAI-shaped error of a response that must have `status`."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def run_engine(engine, requests: dict | None = None, on_step=None) -> dict[str, list[int]]:
+    """Add requests {id: (prompt, params)} and step the engine until nothing is left, handing each
+    step's stats to on_step; -> generated token ids per request id."""
+    for rid, (prompt, params) in (requests or {}).items():
+        engine.add_request(rid, prompt, params)
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        outputs, stats = engine.step()
+        if on_step is not None:
+            on_step(stats)
+        for out in outputs:
+            tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+    return tokens
 
 
 def free_port() -> int:
