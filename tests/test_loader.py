@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
+from needle.attention.head_profile import resolve_profile
 from needle.engine import LLM, SamplingParams
-from needle.engine.loader import ModelLoadError, load_config, resolve_model
+from needle.engine.loader import BUNDLED_NAME, ModelLoadError, bundled_gguf, load_config, resolve_model
 
 
 def test_dummy_llama_config_resolves_with_rope_scaling():
@@ -43,3 +45,15 @@ def test_corrupt_gguf_is_one_clear_error(tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(ModelLoadError, match="cannot read GGUF"):
         resolve_model(str(bad), "auto")
+
+
+def test_the_bundled_profile_is_found_by_identity_whatever_the_file_is_called(tmp_path):
+    """`--model path/to/the.gguf` names the model after its file; the shipped profile still fits it."""
+    path, name = resolve_model(str(bundled_gguf()), "auto")
+    assert name != BUNDLED_NAME
+    cfg = load_config(path, name)
+    profile = resolve_profile(None, name, cfg.identity, cfg.num_layers, cfg.num_kv_heads, None)
+    assert profile.model == BUNDLED_NAME and profile.streaming_ratio == 0.5
+    other = dataclasses.replace(cfg, num_layers=cfg.num_layers - 1)  # another shape: no profile fits
+    assert resolve_profile(None, name, other.identity, other.num_layers, cfg.num_kv_heads,
+                           None).streaming_ratio == 0.0

@@ -1,0 +1,74 @@
+"""On CUDA the Triton backend (with and without CUDA graphs) means what the torch backend means.
+
+A random Llama saved by transformers (weights large enough that greedy output changes from token to
+token), prompts several times longer than the sparse budget (so page selection really picks), greedy
+tokens compared position by position, dense and sparse. With dummy weights every run emitted one token
+repeated and any two backends agreed trivially; `test_the_model_is_discriminating` guards against that.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from needle.engine import LLM, SamplingParams
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+NEW_TOKENS = 24
+PROMPT_LENS = (700, 1000, 1300, 1600)  # the sparse budget is 256
+VARIANTS = {"torch": {"attention_backend": "torch"},
+            "triton": {"attention_backend": "triton"},
+            "triton-eager": {"attention_backend": "triton", "enforce_eager": True}}
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+                         initializer_range=0.15, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("random-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(4096) for _ in range(n)] for n in PROMPT_LENS]
+
+
+def greedy(path: Path, prompts: list[list[int]], attention: str, **kw) -> list[list[int]]:
+    llm = LLM(str(path), device="cuda", dtype="float32", attention=attention, sparse_token_budget=256,
+              streaming_ratio=0.5, dense_layers=1, kv_cache_memory="1GiB", enable_prefix_caching=False,
+              **kw)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def runs(model_path, prompts) -> dict[tuple[str, str], list[list[int]]]:
+    return {(attention, name): greedy(model_path, prompts, attention, **kw)
+            for attention in ("dense", "sparse") for name, kw in VARIANTS.items()}
+
+
+def test_the_model_is_discriminating(runs):
+    for tokens in runs[("dense", "torch")] + runs[("sparse", "torch")]:
+        assert len(set(tokens)) > NEW_TOKENS // 3, tokens
+    assert runs[("dense", "torch")] != runs[("sparse", "torch")]  # selection changes the answer
+
+
+@pytest.mark.parametrize("attention", ["dense", "sparse"])
+@pytest.mark.parametrize("variant", ["triton", "triton-eager"])
+def test_triton_equals_torch_position_by_position(runs, attention, variant):
+    want, got = runs[(attention, "torch")], runs[(attention, variant)]
+    for i, (a, b) in enumerate(zip(want, got, strict=True)):
+        same = next((j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+        assert same == len(a), f"prompt {i} ({PROMPT_LENS[i]} tokens) diverges at new token {same}"
