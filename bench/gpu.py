@@ -6,7 +6,9 @@
 --e2e: the engine with dummy weights (`--load-format dummy`), dense vs sparse decode ms/step and tok/s at
     8K/32K/128K x batch 1/8/16, time to first token at 32K/128K, `transformers` as the outside baseline,
     and the roofline per row (weights + KV + summaries read / bandwidth).
-Prints markdown tables and writes JSON (kernels.json, e2e.json) under --out.
+Prints markdown tables and writes JSON (kernels.json, e2e.json) under --out. Triton-vs-torch parity is
+a GPU test (tests/test_gpu_parity.py), not a benchmark. Needs `needle` importable (installed, or the
+checkout linked as needle/ on PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 HQ, HKV, D = 32, 8, 128
 PAGE, SB, UNIT = 16, 16, 64
@@ -70,13 +70,12 @@ class Pool:
 
 
 def sparse_setup(batch: int, ctx: int, gen: torch.Generator):
-    from needle.attention.kernels.page_select import allowed_units
+    from needle.attention.sparse import allowed_units
 
     nu = ctx // UNIT
     n_sink_u, n_recent_u = SINK // UNIT, 2
     k = BUDGET // UNIT - n_sink_u - n_recent_u
-    allowed = allowed_units(torch.full((batch,), ctx, device="cuda"), nu, UNIT, n_sink_u * UNIT,
-                            n_recent_u * UNIT)
+    allowed = allowed_units(torch.full((batch,), ctx, device="cuda"), nu, UNIT, n_sink_u, n_recent_u)
     units = torch.stack([torch.stack([torch.randperm(nu - n_sink_u - n_recent_u, generator=gen)[:k].sort()
                                       .values + n_sink_u for _ in range(HKV)]) for _ in range(batch)])
     streaming = (torch.arange(HKV) % 2).int().cuda()  # 50% streaming KV heads
@@ -494,47 +493,6 @@ SMOLLM2_SHAPE = {  # SmolLM2-135M's architecture: 9 q heads over 3 KV heads (odd
     "tie_word_embeddings": True}
 
 
-def parity(out: Path) -> dict:
-    """Greedy tokens of the CUDA path (Triton + graphs) against the torch path (the CPU code) on CUDA, with
-    the same dummy weights (the CPU draws other random numbers), float32, SmolLM2 shapes, dense and sparse
-    (budget 256 so the sparse path runs)."""
-    from needle.engine.config import EngineArgs
-    from needle.engine.llm_engine import LLMEngine
-    from needle.scheduler.sampling_params import SamplingParams
-
-    path = out / "smollm2-shape.json"
-    path.write_text(json.dumps(SMOLLM2_SHAPE))
-    gen = torch.Generator().manual_seed(0)
-    prompts = {"a": torch.randint(0, 49152, (700,), generator=gen).tolist(),
-               "b": torch.randint(0, 49152, (300,), generator=gen).tolist()}
-    result = {}
-    for mode in ("dense", "sparse"):
-        runs = {}
-        for name, device, triton_on in (("cuda-torch", "cuda", "0"), ("cuda-triton", "cuda", "1")):
-            os.environ["NEEDLE_TRITON"] = triton_on
-            engine = LLMEngine(EngineArgs(model=str(path), load_format="dummy", attention=mode, device=device,
-                                          dtype="float32", sparse_token_budget=256, streaming_ratio=0.5,
-                                          enable_prefix_caching=False, sparse_recall_sample=0.0,
-                                          kv_cache_memory="1GiB", seed=1))
-            for rid, ids in prompts.items():
-                engine.add_request(rid, ids, SamplingParams(max_tokens=12, temperature=0.0))
-            toks: dict[str, list[int]] = {}
-            while engine.has_unfinished():
-                for o in engine.step()[0]:
-                    toks.setdefault(o.request_id, []).extend(o.outputs[0].token_ids)
-            runs[name] = toks
-            runs[name + "_backend"] = type(engine.runner.backend).__name__
-            engine = None
-        os.environ["NEEDLE_TRITON"] = "1"
-        same = {other: sum(x == y for r in prompts for x, y in zip(runs["cuda-triton"][r], runs[other][r],
-                                                                     strict=True))
-                for other in ("cuda-torch",)}
-        result[mode] = {"runs": runs, "tokens": 12 * len(prompts), "cuda-triton_equal_tokens": same}
-        print(json.dumps({mode: result[mode]}), flush=True)
-    (out / "parity.json").write_text(json.dumps(result, indent=1))
-    return result
-
-
 def profile(out: Path) -> None:
     """Where a step's GPU time goes: top kernels of one dense decode step (B=1, 8K) and of a 32K prefill."""
     from torch.profiler import ProfilerActivity
@@ -542,8 +500,8 @@ def profile(out: Path) -> None:
 
     from needle.scheduler.sampling_params import SamplingParams
 
-    os.environ["NEEDLE_CUDA_GRAPHS"] = "0"  # kernels by name; their GPU time is the same inside a graph
-    engine = make_engine(model_config_path(out), "dense", 20)
+    # eager, so kernels show by name; their GPU time is the same inside a graph
+    engine = make_engine(model_config_path(out), "dense", 20, enforce_eager=True)
     fill_pool(engine.pool)
     decode_step_ms(engine, 1, 8192, steps=3)
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -565,7 +523,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--e2e", action="store_true")
-    ap.add_argument("--parity", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--ttft-only", action="store_true", help="with --e2e: skip the decode table")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -575,12 +532,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/gpu.py needs a CUDA device")
     result = None
-    if args.parity:
-        parity(out)
     if args.profile:
         profile(out)
         return
-    if args.kernels or not (args.e2e or args.parity):
+    if args.kernels or not args.e2e:
         result = kernels(out)
     if args.e2e:
         bw = result["copy_TBps"] * 1e12 if result else copy_bandwidth()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from support import LiveServer, run_server
 
 from needle.engine import LLM
 from needle.engine.loader import bundled_gguf, gguf_to_directory
@@ -47,11 +47,13 @@ def sparse_llm() -> LLM:
 
 
 @pytest.fixture(scope="session")
-def serve() -> Iterator[Callable[..., LiveServer]]:
+def serve() -> Iterator[Callable[..., Any]]:
     """serve(*flags) -> a live `needle serve` with those flags, started once and kept for the session."""
+    from support import LiveServer, run_server  # the HTTP test tools stay off GPU-only runs
+
     servers: dict[tuple[str, ...], LiveServer] = {}
     with contextlib.ExitStack() as stack:
-        def start(*flags: str) -> LiveServer:
+        def start(*flags: str):
             if flags not in servers:
                 servers[flags] = stack.enter_context(run_server(*flags))
             return servers[flags]

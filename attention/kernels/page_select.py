@@ -136,13 +136,3 @@ def select_units(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_t
     if allowed.shape[1] < nu:
         allowed = torch.nn.functional.pad(allowed, (0, nu - allowed.shape[1]), value=False)
     return top_units(scores, allowed[:, :nu].contiguous(), k, k_per_seq)
-
-
-def allowed_units(context_lens: torch.Tensor, num_units: int, unit_tokens: int, sink: int,
-                  recent: int) -> torch.Tensor:
-    """[B, U] bool: units holding at least one token outside the always-read sink and recent ranges."""
-    u = torch.arange(num_units, device=context_lens.device)[None, :]
-    ctx = context_lens.long()[:, None]
-    first = u * unit_tokens
-    last = torch.minimum(first + unit_tokens, ctx)  # exclusive
-    return torch.clamp(first, min=sink) < torch.minimum(last, ctx - recent)
