@@ -26,6 +26,7 @@ from needle.attention.dense import DenseBackend
 from needle.attention.head_profile import HeadProfile
 from needle.attention.policies import POLICIES, SelectionRequest, SparsePolicy
 from needle.attention.policies.base import gather_heads, token_slots
+from needle.attention.selection_table import SelectionTable
 from needle.kvcache.pool import KVPool
 from needle.kvcache.summaries import update_summaries
 
@@ -75,6 +76,7 @@ class _Decode:
     allowed: torch.Tensor  # [B, U] units a policy may choose
     k: torch.Tensor  # [B] chosen units per selector head (from each sequence's budget)
     reselect: list[bool]  # recompute the selection this step (else reuse the kept one)
+    slots: torch.Tensor  # [B] int64 rows of the selection table
 
 
 @dataclass
@@ -111,7 +113,8 @@ class SparseBackend(AttentionBackend):
         self.prefill_local_tokens = config.prefill_local_tokens
         self.selector_interval = config.selector_interval
         self.recall_sample = config.recall_sample
-        self._selection: dict[int, dict[int, torch.Tensor]] = {}  # seq_id -> layer -> [H, k] units
+        heads = num_q_heads if config.per_query_head else num_kv_heads
+        self.table = SelectionTable(profile.num_layers, heads, pool.device)  # the kept selections
         self._age: dict[int, tuple[int, int]] = {}  # seq_id -> (decode steps since selection, its budget)
         self.set_policy(config.policy, config.page_score, config.retrieval_local_tokens)
         self._rng = random.Random(config.seed)
@@ -131,13 +134,13 @@ class SparseBackend(AttentionBackend):
         self.unit = self.policy.unit_tokens
         self.num_sink_units = -(-self.sink_tokens // self.unit)
         self.num_recent_units = 1 + -(-retrieval_local_tokens // self.unit)  # + the newest partial
-        self._selection.clear()
+        self.table.clear()
         self._age.clear()
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
     def release(self, seq_id: int) -> None:
-        self._selection.pop(seq_id, None)
+        self.table.release(seq_id)
         self._age.pop(seq_id, None)
 
     def budget_of(self, meta: AttentionMetadata, i: int) -> int:
@@ -192,12 +195,9 @@ class SparseBackend(AttentionBackend):
         budgets = [self.budget_of(meta, i) for i in index]
         fixed = self.num_sink_units + self.num_recent_units
         k = torch.tensor([b // self.unit - fixed for b in budgets], dtype=torch.long, device=dev)
-        reselect = []
-        for i, budget in zip(index, budgets, strict=True):
-            age, kept_budget = self._age.get(meta.seq_ids[i], (self.selector_interval, budget))
-            fresh = age >= self.selector_interval or kept_budget != budget
-            reselect.append(fresh)
-            self._age[meta.seq_ids[i]] = (1 if fresh else age + 1, budget)
+        seq_ids = [meta.seq_ids[i] for i in index]
+        self.table.reserve(0, max(budgets) // self.unit)
+        slots = torch.tensor([self.table.slot(s) for s in seq_ids], dtype=torch.long, device=dev)
         return _Decode(
             index=index, seq_ids=[meta.seq_ids[i] for i in index],
             rows=torch.tensor([starts[i] for i in index], dtype=torch.long, device=dev), ctx=ctx,
@@ -205,7 +205,18 @@ class SparseBackend(AttentionBackend):
             stream_pos=stream_pos.clamp(min=0).minimum(ctx[:, None] - 1),
             stream_valid=stream_valid, sink_units=torch.arange(self.num_sink_units, device=dev),
             recent_units=recent.clamp(min=0),
-            recent_valid=(recent >= self.num_sink_units), allowed=allowed, k=k, reselect=reselect)
+            recent_valid=(recent >= self.num_sink_units), allowed=allowed, k=k,
+            reselect=self.due(seq_ids, budgets), slots=slots)
+
+    def due(self, seq_ids: list[int], budgets: list[int]) -> list[bool]:
+        """Which sequences reselect this decode step: every `selector_interval` steps of their own, and
+        whenever their budget changes. Advances each sequence's count (both backends' one schedule)."""
+        fresh = []
+        for seq_id, budget in zip(seq_ids, budgets, strict=True):
+            age, kept_budget = self._age.get(seq_id, (self.selector_interval, budget))
+            fresh.append(age >= self.selector_interval or kept_budget != budget)
+            self._age[seq_id] = (1 if fresh[-1] else age + 1, budget)
+        return fresh
 
     # ---- forward ---------------------------------------------------------------------------------
 
@@ -285,16 +296,19 @@ class SparseBackend(AttentionBackend):
         k = int(plan.k.max())
         if k == 0:  # the budget holds only the sink and recent units
             return torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.long, device=q.device)
-        due = [j for j, fresh in enumerate(plan.reselect) if fresh or layer not in self._selection.get(
-            plan.seq_ids[j], {})]
+        table = self.table.units[layer]
+        rows = kv_heads  # the table keeps a row per KV head, or per query head when they select alone
+        if self.per_query_head:
+            rows = kv_heads * self.group + torch.arange(kv_heads.numel(), device=q.device) % self.group
+        due = [j for j, fresh in enumerate(plan.reselect) if fresh]
         if due:
             idx = torch.tensor(due, dtype=torch.long, device=q.device)
             req = SelectionRequest(self.pool, layer, q[idx], kv_heads, plan.page_tables[idx], plan.ctx[idx],
                                    plan.allowed[idx], k)
-            for j, units in zip(due, self.policy.select(req), strict=True):
-                self._selection.setdefault(plan.seq_ids[j], {})[layer] = units[:, : int(plan.k[j])]
-        kept = [self._selection[sid][layer] for sid in plan.seq_ids]
-        return torch.stack([F.pad(u, (0, k - u.shape[-1]), value=-1) for u in kept])
+            units = self.policy.select(req)
+            beyond = torch.arange(k, device=q.device) >= plan.k[idx][:, None, None]  # past each one's k
+            table[plan.slots[idx][:, None], rows[None, :], :k] = units.masked_fill(beyond, -1).to(table.dtype)
+        return table[plan.slots[:, None], rows[None, :], :k].long()
 
     def _attend(self, layer: int, q: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
                 kv_heads: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

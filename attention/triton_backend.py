@@ -6,12 +6,13 @@ sparse.py, which stay the CPU path and the reference.
 Decode steps are CUDA-graph safe (engine/cuda_graph.py): every op reads only device tensors whose shapes
 depend on the batch size and the page-table width, and `graph_key` names the graph a step needs.
 
-Sparse decode keeps sparse.py's semantics (streaming heads: sinks + local window; retrieval heads: sink
-units + newest units + the policy's top-k units, chosen per KV head or per query head), with one change
-that graphs need: a selection lives per batch row, and the whole batch reselects together every
-`selector_interval` steps or when the batch changes. Steps the fast path does not cover (prefill chunks
-mixed with decodes, dense fallbacks, the hip policy) run through SparseBackend's torch code, except
-prefill attention itself, which runs on flash attention here.
+Sparse decode keeps sparse.py's semantics exactly (streaming heads: sinks + local window; retrieval
+heads: sink units + newest units + the policy's top-k units, chosen per KV head or per query head, each
+sequence reselecting on its own schedule), reading and writing the same SelectionTable as the torch
+path, so a sequence keeps its selection whichever path runs its step (tests/test_gpu_parity.py checks
+the tokens). Steps the fast path does not cover (prefill chunks mixed with decodes, dense fallbacks, the
+hip policy) run through SparseBackend's torch code, except prefill attention itself, which runs on
+flash attention here.
 """
 
 from __future__ import annotations
@@ -82,29 +83,47 @@ class TritonSparseBackend(SparseBackend):
         dev = self.pool.device
         self._stream_flags = [torch.tensor(row, dtype=torch.int32, device=dev)
                               for row in self.profile.streaming]
-        self._fast: tuple[bool, int] | None = None  # (reselect, k) when this step runs the fast path
-        self._last_ids: list[int] = []
-        self._since = 0
-        self._last_k = -1
+        self._fast: tuple[str, int] | None = None  # (which rows reselect: none|all|some, k) on the fast path
+        # Per batch row, static as graphs read them: its selection-table slot, whether it reselects, and
+        # per layer its selection. While one batch runs the fast path, _sel holds its rows and the table
+        # is behind; `_flush` writes them back before anything else reads the table.
+        self._slots = torch.zeros(0, dtype=torch.long, device=dev)
+        self._fresh = torch.zeros(0, dtype=torch.bool, device=dev)
         self._sel: list[torch.Tensor] = []
-        self._rows = 0
-        self._version = 0
+        self._synced: list[int] | None = None  # the seq_ids whose selections _sel holds
+        self._version = 0  # bumped when these buffers or the table move (captured graphs hold them)
 
     def reserve(self, max_batch: int) -> None:
-        self._reserve(max_batch)
+        self.table.reserve(max_batch, self.token_budget // self.unit)
+        self._reserve_rows(max_batch)
 
-    def _reserve(self, batch: int, k: int | None = None) -> None:
-        """Selection buffers for up to `batch` rows and k units (fixed addresses, as CUDA graphs need;
-        a reallocation bumps the graph key so stale graphs are never replayed)."""
-        rows = self.num_q_heads if self.per_query_head else self.num_kv_heads
-        k = max(k or 0, self.token_budget // self.unit)
-        if batch > self._rows or not self._sel or self._sel[0].shape[2] < k:
-            self._rows = max(batch, self._rows)
-            self._version += 1
-            self._sel = [torch.full((self._rows, rows, k), -1, dtype=torch.int32, device=self.pool.device)
-                         for _ in range(self.profile.num_layers)]
+    def _reserve_rows(self, batch: int) -> None:
+        rows, width = max(batch, self._slots.numel()), self.table.width
+        if rows == self._slots.numel() and self._sel and self._sel[0].shape[2] == width:
+            return
+        self._flush()
+        dev = self.pool.device
+        self._slots = torch.zeros(rows, dtype=torch.long, device=dev)
+        self._fresh = torch.zeros(rows, dtype=torch.bool, device=dev)
+        self._sel = [torch.full((rows, self.table.heads, width), -1, dtype=torch.int32, device=dev)
+                     for _ in range(self.profile.num_layers)]
+        self._version += 1
 
-    def _fast_plan(self, meta: AttentionMetadata) -> tuple[bool, int] | None:
+    def _flush(self) -> None:
+        """Write the fast path's selections back into the table (once per batch change, not per step)."""
+        if self._synced:
+            n = len(self._synced)
+            for sel, units in zip(self._sel, self.table.units, strict=True):
+                units[self._slots[:n], :, :sel.shape[2]] = sel[:n]
+        self._synced = None
+
+    def set_policy(self, name: str, page_score: str, retrieval_local_tokens: int) -> None:
+        super().set_policy(name, page_score, retrieval_local_tokens)
+        self._synced = None  # the kept selections are void
+
+    def _fast_plan(self, meta: AttentionMetadata) -> tuple[str, int] | None:
+        """The Triton decode path takes steps of decodes only, one budget, every context past it;
+        it reselects on the torch path's schedule (SparseBackend.due) into the same selection table."""
         if not meta.is_decode or self.policy.name not in ("hierarchical", "quest"):
             return None
         if meta.modes and any(m == "dense" for m in meta.modes):
@@ -112,25 +131,38 @@ class TritonSparseBackend(SparseBackend):
         budgets = {self.budget_of(meta, i) for i in range(meta.num_seqs)}
         if len(budgets) != 1 or min(meta.context_lens) <= next(iter(budgets)):
             return None
-        k = next(iter(budgets)) // self.unit - self.num_sink_units - self.num_recent_units
-        reselect = (meta.seq_ids != self._last_ids or self._since >= self.selector_interval
-                    or k != self._last_k)
-        self._since = 1 if reselect else self._since + 1
-        self._last_ids, self._last_k = list(meta.seq_ids), k
-        return reselect, k
+        budget = next(iter(budgets))
+        if self._synced != meta.seq_ids:
+            self._flush()
+        self.table.reserve(meta.num_seqs, budget // self.unit)
+        slots = [self.table.slot(s) for s in meta.seq_ids]
+        self._reserve_rows(meta.num_seqs)  # after the table: its width may have grown
+        fresh = self.due(meta.seq_ids, [budget] * meta.num_seqs)
+        b = meta.num_seqs
+        # Host -> device copies from pinned memory, asynchronous: the host never waits for the GPU here.
+        if self._synced != meta.seq_ids:  # another batch, or the torch path ran: copy the rows in
+            self._slots[:b].copy_(torch.tensor(slots).pin_memory(), non_blocking=True)
+            self._slots[b:].fill_(self.table.scratch)  # rows a graph pads the batch with
+            for sel, units in zip(self._sel, self.table.units, strict=True):
+                sel[:b].copy_(units[self._slots[:b]])
+            self._synced = list(meta.seq_ids)
+        which = "all" if all(fresh) else "some" if any(fresh) else "none"
+        if which == "some":
+            self._fresh[:b].copy_(torch.tensor(fresh).pin_memory(), non_blocking=True)
+            self._fresh[b:].fill_(False)
+        return which, budget // self.unit - self.num_sink_units - self.num_recent_units
 
     def begin_step(self, meta: AttentionMetadata) -> None:
         self._fast = self._fast_plan(meta)
         if self._fast is None:
-            self._last_ids = []  # the torch path keeps its own selections; ours are stale after it
+            self._flush()  # the torch path reads and writes the table
             super().begin_step(meta)
             return
         self._flush_step_stats()
         self._step = _Step([], [], None, False)
-        self._reserve(meta.num_seqs, self._fast[1])
 
     def graph_key(self, meta: AttentionMetadata):
-        return None if self._fast is None else ("sparse", self._fast[0], self._fast[1], self._version)
+        return None if self._fast is None else ("sparse", *self._fast, self.table.version, self._version)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -143,16 +175,17 @@ class TritonSparseBackend(SparseBackend):
         reselect, kk = self._fast
         b = q.shape[0]
         sel = self._sel[layer][:b, :, :kk]
-        if reselect:
+        if reselect != "none":
             ctx = meta.context_lens_t
             num_units = meta.page_tables.shape[1] * pool.spec.page_size // self.unit
             allowed = allowed_units(ctx, num_units, self.unit, self.num_sink_units, self.num_recent_units)
             # q . kmean is the bound kernel fed the mean as both min and max (exact, see page_select)
             mean = self.policy.page_score == "mean"
             lo, hi = (pool.kmean, pool.kmean) if mean else (pool.kmin, pool.kmax)
-            sel.copy_(select_units(q, lo[layer], hi[layer], meta.page_tables, ctx, allowed, kk,
-                                   page_size=pool.spec.page_size, unit_tokens=self.unit,
-                                   shared=not self.per_query_head))
+            new = select_units(q, lo[layer], hi[layer], meta.page_tables, ctx, allowed, kk,
+                               page_size=pool.spec.page_size, unit_tokens=self.unit,
+                               shared=not self.per_query_head)
+            sel.copy_(new if reselect == "all" else torch.where(self._fresh[:b, None, None], new, sel))
         return sparse_decode(q, pool.k[layer], pool.v[layer], meta.page_tables, meta.context_lens_t, sel,
                              self._stream_flags[layer], unit_tokens=self.unit,
                              sink=self.num_sink_units * self.unit, recent_units=self.num_recent_units,

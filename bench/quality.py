@@ -157,15 +157,14 @@ def perplexities(llm: LLM, args) -> dict[str, float]:
 def _forward(llm: LLM, ids: list[int], start: int, n: int, mode: str, budget: int) -> torch.Tensor:
     """Run positions start..start+n of ids as sequence 0 over pages 0..; -> logits of the last one."""
     engine = llm.engine
-    backend, model, page = engine.backend, engine.model, engine.pool.spec.page_size
+    model, page = engine.model, engine.pool.spec.page_size
     table = list(range(-(-len(ids) // page)))
     chunk = engine.args.max_num_batched_tokens
     with torch.inference_mode():
         for s in range(start, start + n, chunk):
             m = min(chunk, start + n - s)
             meta = AttentionMetadata.build([0], [m], [s + m], [table], page, "cpu", [mode], [budget])
-            backend.begin_step(meta)
-            hidden = model(torch.tensor(ids[s:s + m]), backend, meta)
+            hidden = engine.runner.forward(torch.tensor(ids[s:s + m]), meta)
         return model.logits(hidden[-1:])
 
 

@@ -139,12 +139,12 @@ def test_streaming_head_prefill_matches_a_masked_dense_reference():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("recent", [32, 96])
-def test_retrieval_heads_read_sink_recent_and_best_pages_within_budget(recent: int):
+@pytest.mark.parametrize(("recent", "selection"), [(32, "kv-head"), (96, "kv-head"), (32, "query-head")])
+def test_retrieval_heads_read_sink_recent_and_best_pages_within_budget(recent: int, selection: str):
     """Keys are zero but for one planted page, so attention is uniform over what is read: value channels
     marking sink, recent and planted positions reveal how many keys each kind contributes."""
     sparse = _backend(_profile([[False, False]] * LAYERS), sparse_token_budget=256, dense_layers=0,
-                      retrieval_local_tokens=recent)
+                      retrieval_local_tokens=recent, sparse_selection=selection)
     batch = Batch()
     sparse.pool, sparse.dense.pool = batch.pool, batch.pool
     ctx, needle = 1000, range(480, 496)
@@ -175,16 +175,19 @@ def test_selection_is_reused_then_recomputed_and_released():
     sparse.begin_step(meta)
     for layer in range(LAYERS):
         sparse.forward(layer, *batch.qkv(meta), meta)
+    select, selections = sparse.policy.select, []
+    sparse.policy.select = lambda req: selections.append(req.layer) or select(req)
     kept = []
     for _ in range(4):
         meta = batch.meta({5: 1})
         sparse.begin_step(meta)
         for layer in range(LAYERS):
             sparse.forward(layer, *batch.qkv(meta), meta)
-        kept.append(sparse._selection[5][2])
-    assert kept[0] is kept[1] is kept[2] and kept[3] is not kept[2]
+        kept.append(sparse.table.units[2][sparse.table.slots[5]].clone())
+    assert selections == [1, 2, 1, 2]  # the first decode step and the fourth select; two reuse
+    assert torch.equal(kept[0], kept[1]) and torch.equal(kept[1], kept[2])
     sparse.release(5)
-    assert 5 not in sparse._selection
+    assert 5 not in sparse.table.slots
 
 
 def test_telemetry_reports_recall_tokens_read_and_fallbacks():

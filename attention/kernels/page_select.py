@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from needle.attention.kernels import HAS_TRITON, tl, triton
+from needle.attention.kernels import HAS_TRITON, dot_precision, tl, triton
 
 if HAS_TRITON:
 
@@ -24,7 +24,7 @@ if HAS_TRITON:
     def _score_kernel(q_ptr, kmin_ptr, kmax_ptr, bt_ptr, ctx_ptr, out_ptr, bt_stride, num_units,
                       HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
                       SB: tl.constexpr, UB: tl.constexpr, UPP: tl.constexpr, GP: tl.constexpr,
-                      SHARED: tl.constexpr):
+                      SHARED: tl.constexpr, PRECISION: tl.constexpr):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         chunk = tl.program_id(2)
@@ -44,7 +44,8 @@ if HAS_TRITON:
         off = ((page * NB + (start % PS) // SB) * HKV + kvh) * D
         mx = tl.load(kmax_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         mn = tl.load(kmin_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(qpos, tl.trans(mx)) + tl.dot(qneg, tl.trans(mn))  # [GP, UPP*UB]
+        s = (tl.dot(qpos, tl.trans(mx), input_precision=PRECISION)
+             + tl.dot(qneg, tl.trans(mn), input_precision=PRECISION))  # [GP, UPP*UB]
         s = tl.where(valid[None, :], s, float("-inf"))
         s = tl.max(tl.reshape(s, [GP, UPP, UB]), 2)  # [GP, UPP]
         u = chunk * UPP + tl.arange(0, UPP)
@@ -107,7 +108,8 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_ta
     grid = (b, hkv, triton.cdiv(num_units, upp))
     _score_kernel[grid](q.contiguous(), kmin, kmax, page_tables, context_lens, out, page_tables.stride(0),
                         num_units, HQ=hq, HKV=hkv, D=d, PS=page_size, SB=sb, UB=ub, UPP=upp,
-                        GP=max(16, triton.next_power_of_2(hq // hkv)), SHARED=shared, num_warps=4)
+                        GP=max(16, triton.next_power_of_2(hq // hkv)), SHARED=shared,
+                        PRECISION=dot_precision(kmax.dtype), num_warps=4)
     return out
 
 

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from needle.attention.kernels import HAS_TRITON, tl, triton
+from needle.attention.kernels import HAS_TRITON, dot_precision, tl, triton
 
 if HAS_TRITON:
 
@@ -30,7 +30,7 @@ if HAS_TRITON:
                              sink, recent, recent_units, stream_sink, stream_local,
                              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
                              QPR: tl.constexpr, GP: tl.constexpr, UT: tl.constexpr, S: tl.constexpr,
-                             SPARSE: tl.constexpr):
+                             SPARSE: tl.constexpr, PRECISION: tl.constexpr):
         b = tl.program_id(0)
         row = tl.program_id(1)
         split = tl.program_id(2)
@@ -84,14 +84,14 @@ if HAS_TRITON:
             off = ((page * PS + pos % PS) * HKV + kvh) * D
             k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_use)
             p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         ok = l_i > 0
         out = acc / tl.where(ok, l_i, 1.0)[:, None]
@@ -147,7 +147,7 @@ def _launch(q, k_cache, v_cache, page_tables, context_lens, scale, *, qpr, units
         units.stride(0) if sparse else 0, units.stride(1) if sparse else 0,
         units.shape[2] if sparse else 0, sink, recent, recent_units, stream_sink, stream_local,
         HQ=hq, HKV=hkv, D=d, PS=ps, QPR=qpr, GP=max(16, triton.next_power_of_2(qpr)), UT=unit_tokens, S=s,
-        SPARSE=sparse, num_warps=num_warps, num_stages=num_stages)
+        SPARSE=sparse, PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
     _combine_kernel[(b * hq,)](o_part, lse, out, S=s, SP=triton.next_power_of_2(s), D=d, num_warps=4)
     return out
 

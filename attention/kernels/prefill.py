@@ -74,6 +74,12 @@ _FLASH_OK = True
 _CUDNN_OK: bool | None = None  # None: not yet checked against flash on this machine
 
 
+def _fast_kernels_apply(q: torch.Tensor) -> bool:
+    """flash and cuDNN attention are for 16-bit CUDA tensors: fp32 takes SDPA's exact kernels (cuDNN
+    would compute it in TF32, whose errors flip greedy tokens against the torch path)."""
+    return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+
+
 def _cudnn(q, k, v, scale, causal: bool):
     """cuDNN attention (what SDPA picks on Hopper; ~2x the aten flash kernel there) on token-major
     tensors -> (out [Lq, Hq, D], natural-log lse [Hq, Lq]); causal is top-left, so only for squares."""
@@ -87,7 +93,7 @@ def _chunk_cudnn(q, k, v, scale):
     """A chunk after earlier context as two cuDNN calls: the queries against all earlier keys (no mask)
     and against their own keys (causal square), merged by log-sum-exp. Checked once against flash."""
     global _CUDNN_OK
-    if _CUDNN_OK is False or q.device.type != "cuda":
+    if _CUDNN_OK is False or not _fast_kernels_apply(q):
         return None
     p = k.shape[0] - q.shape[0]
     try:
@@ -115,7 +121,7 @@ def _flash(q, k, v, scale, window: int | None = None, causal: bool = True):
     positions), GQA native, optional sliding window of `window` keys -> (out [Lq, Hq, D], lse [Hq, Lq])
     or None where the op is unavailable (CPU, old torch)."""
     global _FLASH_OK
-    if not _FLASH_OK or q.device.type != "cuda":
+    if not _FLASH_OK or not _fast_kernels_apply(q):
         return None
     try:
         out, lse = torch.ops.aten._flash_attention_forward(
