@@ -18,6 +18,7 @@ from needle.engine.detokenizer import TextState
 from needle.engine.loader import ModelLoadError, load_config, load_model, resolve_model
 from needle.engine.output_processor import OutputProcessor, Request
 from needle.engine.outputs import RequestOutput
+from needle.engine.quantization import quantize
 from needle.engine.runner import ModelRunner
 from needle.engine.sampler import Sampler
 from needle.engine.stats import StepStats
@@ -69,7 +70,8 @@ class LLMEngine:
                                  f"length {cfg.max_model_len}")
         self.max_model_len = args.max_model_len or cfg.max_model_len
         self.tokenizer = load_tokenizer(path)
-        self.model = load_model(path, cfg, self.dtype, self.device, args.load_format, args.seed)
+        self.model = quantize(load_model(path, cfg, self.dtype, self.device, args.load_format, args.seed),
+                              args.quantization, self.device)
         self.pool = self._build_pool()
         self.kernels = args.kernel_backend(self.device.type)
         self.sparse_config = args.sparse_config(self.device.type)
@@ -121,7 +123,8 @@ class LLMEngine:
     def describe(self) -> dict:
         return {
             "model": self.model_name,
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": str(self.dtype).removeprefix("torch.")
+            + ("" if self.args.quantization == "none" else f", {self.args.quantization} weights"),
             "device": str(self.device),
             "kv_capacity_tokens": self.pool.capacity_tokens,
             "max_model_len": self.max_model_len,

@@ -1,0 +1,50 @@
+"""`--quantization int4` against the same model's fp32 weights (the GGUF dequantised): stated bounds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.quantization import prompt_logprobs
+from bench.texts import long_prompt
+from needle.engine import LLM, SamplingParams
+from needle.engine.quantization import Int4Linear, quantize
+
+
+@pytest.fixture(scope="module")
+def int4_llm() -> LLM:
+    return LLM(attention="dense", quantization="int4", kv_cache_memory="128MiB")
+
+
+def test_int4_keeps_the_answers_of_fp32(dense_llm: LLM, int4_llm: LLM):
+    ids = long_prompt(dense_llm.tokenizer, 400, offset=7_000)
+    ref, got = prompt_logprobs(dense_llm, ids), prompt_logprobs(int4_llm, ids)
+    top = ref.argmax(-1, keepdim=True)
+    delta = (ref.gather(1, top) - got.gather(1, top)).abs()
+    assert (got.argmax(-1, keepdim=True) == top).float().mean() >= 0.95
+    assert delta.mean() < 0.05 and delta.max() < 0.5
+
+
+def test_int4_serves_through_llm(int4_llm: LLM):
+    out = int4_llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4))[0]
+    assert "Paris" in out.outputs[0].text
+    assert isinstance(int4_llm.engine.model.model.layers[0].mlp.down_proj, Int4Linear)
+    assert not isinstance(int4_llm.engine.model.lm_head, Int4Linear)  # tied to the 8-bit embedding
+
+
+def test_int4_weights_reconstruct_a_q4_1_block_grid():
+    """Weights on a Q4_1 grid (scale * q + min, q in 0..15 per 32 inputs) come back within bf16 rounding."""
+    gen = torch.Generator().manual_seed(0)
+    scale, low = torch.rand(64, 4, 1, generator=gen) + 0.1, torch.randn(64, 4, 1, generator=gen)
+    q = torch.randint(0, 16, (64, 4, 32), generator=gen)
+    q[..., 0], q[..., 1] = 0, 15  # every block spans its whole grid, as a quantiser leaves it
+    linear = torch.nn.Linear(128, 64, bias=False)
+    linear.weight.data = (scale * q + low).view(64, 128)
+    deq = Int4Linear(linear)(torch.eye(128)).T
+    bf16_step = linear.weight.abs().max().item() / 128  # scale, minimum and output are bf16
+    torch.testing.assert_close(deq, linear.weight.data, rtol=0, atol=bf16_step)
+
+
+def test_int4_is_refused_off_the_cpu():
+    with pytest.raises(ValueError, match="CPU"):
+        quantize(torch.nn.Linear(32, 8), "int4", torch.device("meta"))
