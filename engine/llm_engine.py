@@ -172,6 +172,14 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
 
+    def fail_request(self, request_id: str, error: str) -> None:
+        """End a request whose own sequence faulted; its output carries `error`, nothing else is touched."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        req.error = req.error or error
+        self.abort(request_id)
+
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
@@ -196,8 +204,11 @@ class LLMEngine:
             if emitting:
                 tokens = self.sampler(logits, emitting)
                 for seq, token in zip(emitting, tokens, strict=True):
-                    self._append_token(seq, token)
-                stats.num_generation_tokens = len(emitting)
+                    if token is None:
+                        self.fail_request(seq.request_id, seq.error or "sampling failed")
+                    elif not seq.is_finished:  # a sibling's fault may have ended it
+                        self._append_token(seq, token)
+                stats.num_generation_tokens = sum(t is not None for t in tokens)
         stats.attention = self.backend.drain_stats()
         outputs = self.collect_outputs()
         return outputs, self.gauges(stats)

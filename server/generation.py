@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from needle.engine.async_engine import EngineStopped
 from needle.engine.outputs import CompletionOutput, RequestOutput
 from needle.engine.validation import ContextLengthError, RequestError
 from needle.scheduler.sampling_params import SamplingParams
@@ -170,6 +171,8 @@ def _as_api_error(err: BaseException, prompt_param: str) -> APIError:
         return APIError(400, str(err), param=err.param, code=err.code)
     if isinstance(err, ValueError):
         return bad_request(str(err))
+    if isinstance(err, EngineStopped):
+        return APIError(503, f"the engine has stopped: {err}")
     return APIError(500, f"the engine failed this request: {type(err).__name__}: {err}")
 
 
