@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from needle.engine.config import EngineArgs
 from needle.engine.stats import StepStats
@@ -56,19 +58,35 @@ def default_engine_factory(args: EngineArgs) -> EngineFactory:
     return build
 
 
-async def read_json(request: Request, model: type[M], limit: int) -> M:
-    """Read at most `limit` bytes (413 beyond), parse JSON (400 if not an object), validate (400)."""
+async def read_json(request: Request, model: type[M], config: ServerConfig,
+                    metrics: Metrics | None = None) -> M:
+    """Check the content type (415), read at most `max_request_bytes` (413 beyond) within
+    `body_timeout` seconds (408), parse JSON (400 if not an object, nested too deeply, or holding a
+    lone UTF-16 surrogate), validate with strict types (400)."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise APIError(415, "the request body must be JSON: send 'Content-Type: application/json'")
+    limit = config.max_request_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
     try:
-        raw = json.loads(b"".join(chunks), parse_constant=_reject_constant)
+        body = await asyncio.wait_for(_read_body(request, limit), config.body_timeout)
+    except asyncio.TimeoutError as err:
+        raise APIError(408, f"the request body did not arrive within {config.body_timeout:g} s") from err
+    except ClientDisconnect as err:  # nobody is left to answer: one line, one count
+        logger.info("client disconnected while sending %s %s", request.method, request.url.path)
+        if metrics is not None:
+            metrics.upload_disconnects.inc()
+        raise APIError(499, "client closed the request during upload") from err
+    try:
+        raw = json.loads(body, parse_constant=_reject_constant)
+        _check_strings(raw, body)
+    except RecursionError as err:
+        raise bad_request("the request body is nested too deeply") from err
+    except UnicodeEncodeError as err:
+        raise bad_request("the request body holds a lone UTF-16 surrogate (\\ud800-\\udfff) in a "
+                          "string; strings must be valid Unicode") from err
     except (ValueError, UnicodeDecodeError) as err:
         raise bad_request(f"the request body is not valid JSON: {err}") from err
     if not isinstance(raw, dict):
@@ -77,9 +95,31 @@ async def read_json(request: Request, model: type[M], limit: int) -> M:
         parsed = model.model_validate(raw)
     except ValidationError as err:
         raise from_validation_error(err) from err
+    except RecursionError as err:
+        raise bad_request("the request body is nested too deeply") from err
     if parsed.model_extra:
         logger.debug("ignoring unknown request fields: %s", sorted(parsed.model_extra))
     return parsed
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_strings(raw: Any, body: bytes) -> None:
+    """JSON's \\uXXXX escapes can spell half a surrogate pair, which no tokenizer (nor UTF-8) takes;
+    raw UTF-8 cannot, so only bodies with such an escape are re-encoded (UnicodeEncodeError if bad)."""
+    if _SURROGATE_ESCAPE.search(body):
+        json.dumps(raw, ensure_ascii=False).encode("utf-8")
 
 
 def _reject_constant(name: str) -> None:
@@ -144,7 +184,6 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
     install_error_handlers(app)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
-    limit = config.max_request_bytes
     started = int(time.time())
 
     @app.get("/health")
@@ -165,17 +204,17 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        body = await read_json(request, CompletionRequest, limit)
+        body = await read_json(request, CompletionRequest, config, state.metrics)
         return await create_completion(state, body, request.receive)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        body = await read_json(request, ChatCompletionRequest, limit)
+        body = await read_json(request, ChatCompletionRequest, config, state.metrics)
         return await create_chat_completion(state, body, request.receive)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
-        body = await read_json(request, TokenizeRequest, limit)
+        body = await read_json(request, TokenizeRequest, config, state.metrics)
         engine = state.ready()
         state.check_model(body.model)
         body.check()
@@ -188,7 +227,7 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
-        body = await read_json(request, DetokenizeRequest, limit)
+        body = await read_json(request, DetokenizeRequest, config, state.metrics)
         state.ready()
         state.check_model(body.model)
         state.check_token_ids(body.tokens, "tokens")

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "with Retry-After.")
     server.add_argument("--max-request-bytes", type=parse_bytes, default="16MiB",
                         help="Largest request body accepted, e.g. 16MiB; larger bodies get 413.")
+    server.add_argument("--request-body-timeout", type=float, default=30.0,
+                        help="Seconds a request body may take to arrive; slower uploads get 408.")
     server.add_argument("--log-level", default="info", choices=_LOG_LEVELS, help="needle's log level.")
     server.add_argument("--uvicorn-log-level", default="warning", choices=_LOG_LEVELS,
                         help="uvicorn's log level (access logs appear at info).")
@@ -64,7 +66,7 @@ def serve(ns: argparse.Namespace) -> int:
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(host=ns.host, port=ns.port, api_key=ns.api_key or os.environ.get("NEEDLE_API_KEY"),
                           served_model_name=ns.served_model_name, max_queued_requests=ns.max_queued_requests,
-                          max_request_bytes=ns.max_request_bytes)
+                          max_request_bytes=ns.max_request_bytes, body_timeout=ns.request_body_timeout)
     failed = []
 
     def on_load_failure() -> None:

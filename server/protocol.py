@@ -1,7 +1,8 @@
 """The OpenAI / vLLM wire format as pydantic models.
 
 Requests accept unknown fields (clients send vendor extras; rejecting them breaks drop-in use) and
-keep them in `model_extra` so the handler can log them. Field names and defaults are OpenAI's.
+keep them in `model_extra` so the handler can log them. Known fields are strictly typed (`"1"` and
+`true` are not numbers). Field names and defaults are OpenAI's.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ _PARAM_NAMES = {
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class StreamOptions(_Lenient):
@@ -116,9 +117,15 @@ class CompletionRequest(_GenerationRequest):
 
 
 class ChatMessage(_Lenient):
-    role: str
+    # OpenAI's roles; "developer" is its newer name for "system". Anything else would be written into
+    # the chat template as given.
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+
+    @property
+    def template_role(self) -> str:
+        return "system" if self.role == "developer" else self.role
 
     def text(self) -> str:
         """Plain text of the message; only text content parts exist for a text-only model."""
@@ -126,9 +133,12 @@ class ChatMessage(_Lenient):
             return self.content or ""
         parts = []
         for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if part.get("type") != "text":
                 raise bad_request(f"unsupported content part type {part.get('type')!r}; only 'text' is "
                                   "supported", param="messages")
+            if not isinstance(part.get("text"), str):
+                raise bad_request("a content part of type 'text' needs a string 'text' field",
+                                  param="messages")
             parts.append(part["text"])
         return "".join(parts)
 

@@ -27,6 +27,7 @@ class ServerConfig:
     served_model_name: str | None = None
     max_queued_requests: int = 256  # requests beyond --max-num-seqs that may wait for a batch slot
     max_request_bytes: int = 16 * 2**20
+    body_timeout: float = 30.0  # seconds a request body may take to arrive (408 beyond)
 
     @property
     def url(self) -> str:
@@ -102,7 +103,7 @@ class ServerState:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        conversation = [{"role": m.template_role, "content": m.text()} for m in messages]
         try:
             return self.tokenizer.apply_chat_template(conversation, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
