@@ -79,10 +79,12 @@ class AsyncEngine:
             self._thread.join(timeout=10)
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str,
-                          prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
+                          prompt_text: str | None = None, group: str | None = None,
+                          ) -> AsyncIterator[RequestOutput]:
         """Queue a request and wait until the engine thread has validated it (its refusal is raised here,
         a RequestError, before any output); -> the iterator of its incremental outputs. Closing the
-        iterator early (the client left) aborts the request."""
+        iterator early (the client left) aborts the request. `group` names the API request it belongs
+        to (the scheduler shares batch slots fairly between groups)."""
         if not self.healthy:
             raise EngineStopped("the engine has stopped; see the server log")
         ids = prompt if not isinstance(prompt, str) else await asyncio.to_thread(self.engine.encode_prompt,
@@ -93,7 +95,7 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             raise EngineStopped("the engine has stopped; see the server log")
         self._commands.put(("add", request_id, ids, params, time.monotonic(),
-                            prompt if isinstance(prompt, str) else prompt_text))
+                            prompt if isinstance(prompt, str) else prompt_text, group))
         try:
             first = await stream.get()
         except BaseException:  # cancelled while waiting: the engine may have taken it already
@@ -189,11 +191,11 @@ class AsyncEngine:
 
     def _apply(self, cmd: tuple) -> None:
         if cmd[0] == "add":
-            _, rid, ids, params, arrival, text = cmd
+            _, rid, ids, params, arrival, text, group = cmd
             if rid not in self._streams:
                 return  # the client left before the engine saw the request
             try:
-                self.engine.add_request(rid, ids, params, arrival, prompt_text=text)
+                self.engine.add_request(rid, ids, params, arrival, prompt_text=text, group=group)
             except ValueError as e:
                 self._deliver(rid, e)
                 return

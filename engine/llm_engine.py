@@ -143,9 +143,11 @@ class LLMEngine:
         return self.tokenizer.encode(prompt)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival: float | None = None, prompt_text: str | None = None) -> None:
+                    arrival: float | None = None, prompt_text: str | None = None,
+                    group: str | None = None) -> None:
         """Validate (RequestError when refused) and queue one request. `prompt_text` is the text of a
-        prompt given as ids, reported back in its outputs."""
+        prompt given as ids, reported back in its outputs; `group` the API request it is part of (one
+        per prompt of a multi-prompt request), over which the scheduler shares batch slots."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already running")
         ids = self.encode_prompt(prompt)
@@ -153,7 +155,8 @@ class LLMEngine:
         arrival = time.monotonic() if arrival is None else arrival
         seqs: list[Sequence] = []
         for i in range(params.n):
-            seq = Sequence(request_id, i, list(ids), params, arrival, first_sibling=seqs[0] if seqs else None)
+            seq = Sequence(request_id, i, list(ids), params, arrival, first_sibling=seqs[0] if seqs else None,
+                           group=group or request_id)
             seed = (params.seed + i) % 2**64 if params.seed is not None else self.rng.getrandbits(63)
             seq.generator = torch.Generator().manual_seed(seed)
             seq.pages.salt = chain_hash(None, [ord(c) for c in self.runner.attention_key(seq)])

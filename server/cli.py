@@ -37,9 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "/metrics. Falls back to $NEEDLE_API_KEY; with neither, no key is required.")
     server.add_argument("--served-model-name", default=None,
                         help="Model name clients send and see; unset: the model's own name.")
-    server.add_argument("--max-queued-requests", type=int, default=256,
-                        help="Requests beyond --max-num-seqs that may wait for a batch slot; more get 503 "
-                        "with Retry-After.")
+    server.add_argument("--max-queued-seqs", "--max-queued-requests", dest="max_queued_seqs", type=int,
+                        default=256, help="Sequences (prompts x n) beyond --max-num-seqs that may wait for a "
+                        "batch slot; requests that would exceed it get 503 with Retry-After.")
+    server.add_argument("--max-seqs-per-request", type=int, default=128,
+                        help="Most sequences (prompts x n) one request may ask for; more get 400.")
     server.add_argument("--max-request-bytes", type=parse_bytes, default="16MiB",
                         help="Largest request body accepted, e.g. 16MiB; larger bodies get 413.")
     server.add_argument("--request-body-timeout", type=float, default=30.0,
@@ -65,7 +67,8 @@ def serve(ns: argparse.Namespace) -> int:
     ns.model = ns.model or ns.model_positional
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(host=ns.host, port=ns.port, api_key=ns.api_key or os.environ.get("NEEDLE_API_KEY"),
-                          served_model_name=ns.served_model_name, max_queued_requests=ns.max_queued_requests,
+                          served_model_name=ns.served_model_name, max_queued_seqs=ns.max_queued_seqs,
+                          max_seqs_per_request=ns.max_seqs_per_request,
                           max_request_bytes=ns.max_request_bytes, body_timeout=ns.request_body_timeout)
     failed = []
 

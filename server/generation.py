@@ -81,7 +81,8 @@ class Generation:
         try:
             for k, prompt in enumerate(self.prompts):
                 rid = f"{self.request_id}-{k}"
-                self._outputs.append(await self.engine.add_request(prompt, self.params, rid))
+                self._outputs.append(await self.engine.add_request(prompt, self.params, rid,
+                                                                   group=self.request_id))
                 self._unfinished.add(rid)
         except BaseException as err:
             for outputs in self._outputs:

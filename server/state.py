@@ -25,7 +25,8 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None
     served_model_name: str | None = None
-    max_queued_requests: int = 256  # requests beyond --max-num-seqs that may wait for a batch slot
+    max_queued_seqs: int = 256  # sequences beyond --max-num-seqs that may wait for a batch slot
+    max_seqs_per_request: int = 128  # prompts x n of one request
     max_request_bytes: int = 16 * 2**20
     body_timeout: float = 30.0  # seconds a request body may take to arrive (408 beyond)
 
@@ -41,7 +42,7 @@ class ServerState:
     engine: Any = None
     metrics: Metrics | None = None
     load_error: str | None = None
-    in_flight: int = 0
+    in_flight: int = 0  # sequences (prompts x n) of the requests admitted and not yet finished
     background: set[asyncio.Task] = field(default_factory=set)
 
     # Lifecycle.
@@ -67,29 +68,38 @@ class ServerState:
         if name is not None and name != self.model_name:
             raise model_not_found(name)
 
-    def admit(self) -> Callable[[], None]:
-        """Take a slot for one request and return its (idempotent) release; 503 when batch and queue are full.
+    def admit(self, num_seqs: int) -> Callable[[], None]:
+        """Take `num_seqs` sequence slots for one request and return its (idempotent) release; 400 when
+        one request asks for more than a request may hold, 503 when batch and queue are full.
 
-        A release function rather than a context manager: a streamed response outlives its handler.
+        Slots count sequences, not HTTP requests: one request with 200 prompts and n = 4 is 800
+        sequences of work. A release function rather than a context manager: a streamed response
+        outlives its handler.
         """
-        limit = self.engine_args.max_num_seqs + self.config.max_queued_requests
-        if self.in_flight >= limit:
-            raise APIError(503, f"server busy: {self.in_flight} requests in flight (limit {limit})",
-                           code="server_busy", headers={"Retry-After": "1"})
-        self.in_flight += 1
+        limit = self.engine_args.max_num_seqs + self.config.max_queued_seqs
+        per_request = min(self.config.max_seqs_per_request, limit)
+        if num_seqs > per_request:
+            raise bad_request(f"the request asks for {num_seqs} sequences (prompts x n); at most "
+                              f"{per_request} are allowed per request", param="n")
+        if self.in_flight + num_seqs > limit:
+            raise APIError(503, f"server busy: {self.in_flight} sequences in flight, this request needs "
+                           f"{num_seqs} more (limit {limit})", code="server_busy",
+                           headers={"Retry-After": "1"})
+        self.in_flight += num_seqs
         held = [True]
 
         def release() -> None:
             if held.pop() if held else False:
-                self.in_flight -= 1
+                self.in_flight -= num_seqs
 
         return release
 
     async def generation(self, kind: str, prompts: list[list[int]], params: SamplingParams) -> Generation:
-        """Admit one API request (503 when full) and hand its prompts to the engine, which validates them
-        (400 when it refuses one)."""
+        """Admit one API request (400 when too large, 503 when full) and hand its prompts to the engine,
+        which validates them (400 when it refuses one)."""
         gen = Generation(self.ready(), self.metrics, new_id(kind), prompts, params, self.background,
-                         release=self.admit(), prompt_param="messages" if kind == "chatcmpl" else "prompt")
+                         release=self.admit(len(prompts) * params.n),
+                         prompt_param="messages" if kind == "chatcmpl" else "prompt")
         await gen.start()
         return gen
 

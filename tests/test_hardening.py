@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
@@ -11,7 +12,8 @@ import httpx
 import pytest
 from server_fixtures import SMALL, LiveServer, run_server
 
-FLAGS = [*SMALL, "--max-num-seqs", "8", "--max-queued-requests", "24", "--request-body-timeout", "1"]
+FLAGS = [*SMALL, "--max-num-seqs", "8", "--max-queued-seqs", "24", "--max-seqs-per-request", "16",
+         "--request-body-timeout", "1"]
 POSTS = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]
 UPLOAD_DROPS = ("needle:request_upload_disconnects_total", ())
 
@@ -177,3 +179,49 @@ def test_stop_strings_are_bounded(server: LiveServer, stop: list[str]) -> None:
     r = httpx.post(f"{server.url}/v1/completions", headers=server.headers, timeout=60,
                    json={"prompt": "hi", "max_tokens": 2, "stop": stop})
     assert r.status_code == 400 and error_of(r.json())["param"] == "stop"
+
+
+def test_sequences_per_request_are_bounded(server: LiveServer) -> None:
+    r = httpx.post(f"{server.url}/v1/completions", headers=server.headers, timeout=60,
+                   json={"prompt": [[1, 2, 3]] * 5, "n": 4, "max_tokens": 2})
+    assert r.status_code == 400 and error_of(r.json())["param"] == "n"
+    assert "20 sequences" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/completions", headers=server.headers, timeout=60,
+                   json={"prompt": [[1, 2, 3]] * 4, "n": 4, "max_tokens": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 16
+
+
+def test_queue_counts_sequences(server: LiveServer) -> None:
+    """Two 16-sequence requests fill batch and queue (8 + 24 slots): a one-sequence request gets 503."""
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=120) as c:
+            big = {"prompt": [[1, 2, 3, 4]] * 4, "n": 4, "max_tokens": 8, "ignore_eos": True}
+            bigs = [asyncio.create_task(c.post("/v1/completions", json=big)) for _ in range(2)]
+            await asyncio.sleep(0.5)
+            small = await c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
+            return [small.status_code] + [r.status_code for r in await asyncio.gather(*bigs)]
+
+    statuses = asyncio.run(run())
+    assert statuses == [503, 200, 200]
+
+
+def test_fair_share_between_requests(server: LiveServer) -> None:
+    """One 16-sequence request takes all 8 batch slots; a small request sent after it runs in the next
+    free slot, ahead of the big request's 8 waiting sequences, so it ends before the big one does."""
+    async def run() -> tuple[float, float]:
+        async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=120) as c:
+            start = time.monotonic()
+
+            async def timed(body: dict) -> float:
+                r = await c.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                return time.monotonic() - start
+
+            big = asyncio.create_task(timed({"prompt": [[1, 2, 3, 4]] * 4, "n": 4, "max_tokens": 16,
+                                             "ignore_eos": True}))
+            await asyncio.sleep(0.5)
+            small = await timed({"prompt": "Hello", "max_tokens": 8, "ignore_eos": True})
+            return small, await big
+
+    small_done, big_done = asyncio.run(run())
+    assert small_done < big_done
