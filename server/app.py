@@ -189,6 +189,8 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
     @app.get("/health")
     async def health() -> Response:
         state.ready()
+        if state.draining:
+            raise APIError(503, "the server is shutting down", code="server_shutting_down")
         return Response(status_code=200)
 
     @app.get("/version")

@@ -56,7 +56,7 @@ class ChoiceResult:
         self.stop_reason = out.stop_reason if out.stop_reason is not None else self.stop_reason
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: ServerState keeps the live ones in a set
 class Generation:
     """Runs the engine requests of one API request and yields their choice deltas in arrival order."""
 
@@ -92,6 +92,10 @@ class Generation:
             if isinstance(err, Exception):
                 raise _as_api_error(err, self.prompt_param) from err
             raise
+
+    def cancel(self, err: APIError) -> None:
+        """End the request with `err` (shutdown): the reader raises it next, which aborts the rest."""
+        self._queue.put_nowait(err)
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         pumps = [asyncio.create_task(self._pump(k, outputs)) for k, outputs in enumerate(self._outputs)]

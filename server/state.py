@@ -7,6 +7,8 @@ meanwhile; every other endpoint asks `ready()` and answers 503 until then.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +19,8 @@ from needle.server.errors import APIError, bad_request
 from needle.server.generation import Generation
 from needle.server.metrics import Metrics
 from needle.server.protocol import ChatMessage, model_not_found, new_id
+
+logger = logging.getLogger("needle.server")
 
 
 @dataclass
@@ -44,6 +48,8 @@ class ServerState:
     load_error: str | None = None
     in_flight: int = 0  # sequences (prompts x n) of the requests admitted and not yet finished
     background: set[asyncio.Task] = field(default_factory=set)
+    generations: set[Generation] = field(default_factory=set)  # admitted and not yet released
+    draining: bool = False  # shutting down: admit nothing new, let the admitted finish
 
     # Lifecycle.
 
@@ -76,6 +82,8 @@ class ServerState:
         sequences of work. A release function rather than a context manager: a streamed response
         outlives its handler.
         """
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="server_shutting_down")
         limit = self.engine_args.max_num_seqs + self.config.max_queued_seqs
         per_request = min(self.config.max_seqs_per_request, limit)
         if num_seqs > per_request:
@@ -97,11 +105,34 @@ class ServerState:
     async def generation(self, kind: str, prompts: list[list[int]], params: SamplingParams) -> Generation:
         """Admit one API request (400 when too large, 503 when full) and hand its prompts to the engine,
         which validates them (400 when it refuses one)."""
-        gen = Generation(self.ready(), self.metrics, new_id(kind), prompts, params, self.background,
-                         release=self.admit(len(prompts) * params.n),
-                         prompt_param="messages" if kind == "chatcmpl" else "prompt")
+        engine, admitted = self.ready(), self.admit(len(prompts) * params.n)
+
+        def release() -> None:
+            admitted()
+            self.generations.discard(gen)
+
+        gen = Generation(engine, self.metrics, new_id(kind), prompts, params, self.background,
+                         release=release, prompt_param="messages" if kind == "chatcmpl" else "prompt")
+        self.generations.add(gen)
         await gen.start()
         return gen
+
+    async def drain(self, timeout: float) -> None:
+        """Graceful shutdown: admit nothing new (503), give the admitted requests up to `timeout`
+        seconds to finish, then end the rest with an error (an error event and [DONE] for streams)."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.generations:
+            logger.warning("shutdown timeout (%g s): ending %d unfinished requests", timeout,
+                           len(self.generations))
+        for gen in list(self.generations):
+            gen.cancel(APIError(503, "the server is shutting down; the request did not finish in time",
+                                code="server_shutting_down"))
+        deadline = time.monotonic() + 5
+        while self.in_flight and time.monotonic() < deadline:  # let the last events reach the clients
+            await asyncio.sleep(0.05)
 
     # Tokens.
 
