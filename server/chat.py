@@ -40,7 +40,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
         ChatChoice(index=i, message=ChatMessageOut(content=r.text), finish_reason=r.finish_reason,
                    stop_reason=r.stop_reason,
                    logprobs=None if top_n is None else chat_logprobs(r.token_ids, r.logprobs, top_n,
-                                                                     state.token_text))
+                                                                     state.token_bytes))
         for i, r in enumerate(results)]
     response = ChatCompletionResponse(id=gen.request_id, model=state.model_name, choices=choices,
                                       usage=gen.usage())
@@ -61,7 +61,7 @@ def _stream(state: ServerState, body: ChatCompletionRequest, gen: Generation,
         if not (out.text or out.finish_reason or top_n is not None):
             return ""
         lps = None if top_n is None else chat_logprobs(out.token_ids, out.logprobs or [], top_n,
-                                                       state.token_text)
+                                                       state.token_bytes)
         return chunk([ChatChunkChoice(index=delta.index, delta={"content": out.text} if out.text else {},
                                       logprobs=lps, finish_reason=out.finish_reason)])
 

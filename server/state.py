@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from needle.engine.config import EngineArgs
+from needle.engine.detokenizer import TokenBytes
 from needle.scheduler.sampling_params import SamplingParams
 from needle.server.errors import APIError, bad_request
 from needle.server.generation import Generation
@@ -50,6 +51,7 @@ class ServerState:
     background: set[asyncio.Task] = field(default_factory=set)
     generations: set[Generation] = field(default_factory=set)  # admitted and not yet released
     draining: bool = False  # shutting down: admit nothing new, let the admitted finish
+    _token_bytes: TokenBytes | None = None
 
     # Lifecycle.
 
@@ -158,5 +160,8 @@ class ServerState:
         if bad:
             raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param=param)
 
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's raw bytes (a piece of a UTF-8 character for byte-fallback tokens)."""
+        if self._token_bytes is None:
+            self._token_bytes = TokenBytes(self.tokenizer)
+        return self._token_bytes(token_id)

@@ -225,3 +225,37 @@ def test_fair_share_between_requests(server: LiveServer) -> None:
 
     small_done, big_done = asyncio.run(run())
     assert small_done < big_done
+
+
+EMOJI = "🎉🎉🎉🎉🎉🎉🎉🎉"
+
+
+def test_logprobs_of_byte_fallback_tokens(server: LiveServer) -> None:
+    """Tokens holding part of a character report their real bytes; offsets index the returned text."""
+    ids = httpx.post(f"{server.url}/tokenize", headers=server.headers,
+                     json={"prompt": EMOJI}).json()["tokens"]
+    # Force the model to write the emoji: bias its tokens up, greedily.
+    bias = {str(t): 100 for t in set(ids)}
+    body = {"prompt": "Party:", "max_tokens": len(ids), "temperature": 0, "logit_bias": bias}
+    r = httpx.post(f"{server.url}/v1/completions", headers=server.headers, timeout=60,
+                   json={**body, "logprobs": 1}).json()["choices"][0]
+    text, lps = r["text"], r["logprobs"]
+    assert "🎉" in text and "\ufffd" not in "".join(lps["tokens"])
+    assert any(t.startswith("bytes:\\x") for t in lps["tokens"])
+    assert all(0 <= o <= len(text) for o in lps["text_offset"])
+    assert lps["text_offset"] == sorted(lps["text_offset"])
+    for token, offset in zip(lps["tokens"], lps["text_offset"], strict=True):
+        if not token.startswith("bytes:"):
+            assert text[offset:offset + len(token)] == token
+    streamed = httpx.post(f"{server.url}/v1/completions", headers=server.headers, timeout=60,
+                          json={**body, "logprobs": 1, "stream": True}).text
+    offsets = [o for e in streamed.split("\n\n") if e and e != "data: [DONE]"
+               for o in (json.loads(e[6:])["choices"][0]["logprobs"] or {}).get("text_offset", [])]
+    assert offsets == lps["text_offset"]
+    chat = httpx.post(f"{server.url}/v1/chat/completions", headers=server.headers, timeout=60,
+                      json={"messages": [{"role": "user", "content": "Party!"}], "max_tokens": len(ids),
+                            "temperature": 0, "logit_bias": bias, "logprobs": True,
+                            "top_logprobs": 2}).json()["choices"][0]
+    content = chat["logprobs"]["content"]
+    assert bytes(b for c in content for b in c["bytes"]).decode() == chat["message"]["content"]
+    assert any(c["bytes"] != list("\ufffd".encode()) for c in content)
