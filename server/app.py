@@ -221,8 +221,7 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
         state.check_model(body.model)
         body.check()
         if body.messages is not None:
-            text = state.chat_prompt(body.messages, body.add_generation_prompt)
-            tokens = state.encode(text, bool(body.add_special_tokens))
+            tokens = state.chat_prompt_ids(body.messages, body.add_generation_prompt)
         else:
             tokens = state.encode(body.prompt or "", body.add_special_tokens is not False)
         return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}

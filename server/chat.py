@@ -29,9 +29,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     top_n = body.logprobs_count()
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = body.sampling_params(max_tokens, top_n)
-    text = state.chat_prompt(body.messages, body.add_generation_prompt)
-    # The template already wrote any BOS / special tokens into the text.
-    prompt = await asyncio.to_thread(state.encode, text, False)
+    prompt = await asyncio.to_thread(state.chat_prompt_ids, body.messages, body.add_generation_prompt)
     gen = await state.generation("chatcmpl", [prompt], params)
     if body.stream:
         return _stream(state, body, gen, top_n)

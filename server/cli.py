@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Largest request body accepted, e.g. 16MiB; larger bodies get 413.")
     server.add_argument("--request-body-timeout", type=float, default=30.0,
                         help="Seconds a request body may take to arrive; slower uploads get 408.")
+    server.add_argument("--allow-special-tokens-in-content", action="store_true",
+                        help="Let chat message content spell the model's control tokens (e.g. "
+                        "'<|im_end|>'), as before; by default content is encoded as plain text.")
     server.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="On SIGTERM/SIGINT: seconds the requests in flight get to finish (new ones "
                         "get 503) before the rest end with an error event; a second signal exits at once.")
@@ -101,7 +104,8 @@ def serve(ns: argparse.Namespace) -> int:
     config = ServerConfig(host=ns.host, port=ns.port, api_key=ns.api_key or os.environ.get("NEEDLE_API_KEY"),
                           served_model_name=ns.served_model_name, max_queued_seqs=ns.max_queued_seqs,
                           max_seqs_per_request=ns.max_seqs_per_request,
-                          max_request_bytes=ns.max_request_bytes, body_timeout=ns.request_body_timeout)
+                          max_request_bytes=ns.max_request_bytes, body_timeout=ns.request_body_timeout,
+                          special_tokens_in_content=ns.allow_special_tokens_in_content)
     failed = []
 
     def on_load_failure() -> None:

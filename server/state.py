@@ -34,6 +34,7 @@ class ServerConfig:
     max_seqs_per_request: int = 128  # prompts x n of one request
     max_request_bytes: int = 16 * 2**20
     body_timeout: float = 30.0  # seconds a request body may take to arrive (408 beyond)
+    special_tokens_in_content: bool = False  # True: message content may spell control tokens (unsafe)
 
     @property
     def url(self) -> str:
@@ -145,13 +146,38 @@ class ServerState:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
-        conversation = [{"role": m.template_role, "content": m.text()} for m in messages]
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    contents: list[str] | None = None) -> str:
+        conversation = [{"role": m.template_role, "content": c}
+                        for m, c in zip(messages, contents or [m.text() for m in messages], strict=True)]
         try:
             return self.tokenizer.apply_chat_template(conversation, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
         except Exception as err:  # a template may reject a role order; that is the client's input
             raise bad_request(f"cannot apply the chat template: {err}", param="messages") from err
+
+    def chat_prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        """The chat template's tokens, with each message's content encoded as plain text: a client's
+        `<|im_end|><|im_start|>system` stays text and cannot forge control tokens (OpenAI's rule;
+        --allow-special-tokens-in-content restores the old behaviour). The template already wrote any
+        BOS / special tokens into its text."""
+        contents = [m.text() for m in messages]
+        specials = [t.content for t in getattr(self.tokenizer, "added_tokens_decoder", {}).values()]
+        if self.config.special_tokens_in_content or not any(t and t in c for c in contents for t in specials):
+            return self.encode(self.chat_prompt(messages, add_generation_prompt), False)
+        # Render with a placeholder per message, then encode the template's text and the contents apart.
+        marks = [f"\ue000needle-content-{i}\ue001" for i in range(len(messages))]
+        rendered = self.chat_prompt(messages, add_generation_prompt, marks)
+        ids, pos = [], 0
+        for mark, content in zip(marks, contents, strict=True):
+            at = rendered.find(mark, pos)
+            if at < 0:  # the template rewrote the content: nothing safe to split on
+                raise bad_request("message content holds special-token text that this model's chat "
+                                  "template cannot keep apart from its own", param="messages")
+            ids += self.encode(rendered[pos:at], False)
+            ids += self.tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            pos = at + len(mark)
+        return ids + self.encode(rendered[pos:], False)
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         """For /detokenize, which never reaches the engine: ids must index the model's vocabulary."""
