@@ -19,6 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
@@ -127,6 +128,26 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
+# Bodies are read by read_json, not by FastAPI, so the OpenAPI document names them here (for clients
+# and for schema fuzzing).
+REQUEST_BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+                  "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
+
+
+def _openapi_with_bodies(app: FastAPI) -> dict:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in REQUEST_BODIES.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 class APIKeyMiddleware:
     """Plain ASGI (not BaseHTTPMiddleware) so streaming and disconnect detection pass through untouched."""
 
@@ -180,6 +201,7 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
             state.engine.shutdown()
 
     app = FastAPI(title="needle", version=needle_version(), lifespan=lifespan)
+    app.openapi = lambda: _openapi_with_bodies(app)
     app.state.needle = state
     install_error_handlers(app)
     if config.api_key:
