@@ -29,6 +29,14 @@ class EngineFault(RuntimeError):
     """The engine failed while this request was in flight (not the request's fault)."""
 
 
+class EngineStopped(EngineFault):
+    """The engine has stopped for good (too many consecutive faults); nothing more will be served."""
+
+
+class RequestFault(RuntimeError):
+    """This request's own computation went wrong (non-finite sampling); the rest of the batch is fine."""
+
+
 class AsyncEngine:
     def __init__(self, args: EngineArgs, stats_listener: Callable[[StepStats], None] | None = None):
         self.engine = LLMEngine(args)
@@ -71,18 +79,23 @@ class AsyncEngine:
             self._thread.join(timeout=10)
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str,
-                          prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
+                          prompt_text: str | None = None, group: str | None = None,
+                          ) -> AsyncIterator[RequestOutput]:
         """Queue a request and wait until the engine thread has validated it (its refusal is raised here,
         a RequestError, before any output); -> the iterator of its incremental outputs. Closing the
-        iterator early (the client left) aborts the request."""
+        iterator early (the client left) aborts the request. `group` names the API request it belongs
+        to (the scheduler shares batch slots fairly between groups)."""
         if not self.healthy:
-            raise EngineFault("the engine has stopped; see the server log")
+            raise EngineStopped("the engine has stopped; see the server log")
         ids = prompt if not isinstance(prompt, str) else await asyncio.to_thread(self.engine.encode_prompt,
                                                                                   prompt)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
+        if not self.healthy:  # stopped meanwhile: _fail_streams may have run before the stream existed
+            self._streams.pop(request_id, None)
+            raise EngineStopped("the engine has stopped; see the server log")
         self._commands.put(("add", request_id, ids, params, time.monotonic(),
-                            prompt if isinstance(prompt, str) else prompt_text))
+                            prompt if isinstance(prompt, str) else prompt_text, group))
         try:
             first = await stream.get()
         except BaseException:  # cancelled while waiting: the engine may have taken it already
@@ -124,6 +137,9 @@ class AsyncEngine:
     # -- engine thread ----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        """Step while there is work. A step that raises is a fault of the engine, not of one request
+        (those end inside the step, with RequestFault): the requests in flight fail, waiting ones stay
+        queued; after MAX_CONSECUTIVE_FAULTS the engine stops and every request still open fails."""
         faults = 0
         while not self._stop.is_set():
             self._drain_commands(block=not self.engine.has_unfinished())
@@ -138,14 +154,28 @@ class AsyncEngine:
                 for rid in self.engine.fail_running():
                     self._deliver(rid, EngineFault(f"engine step failed: {type(e).__name__}: {e}"))
                 if faults >= MAX_CONSECUTIVE_FAULTS:
-                    self.healthy = False
-                    log.error("engine stopped after %d consecutive faults", faults)
+                    self._stop_serving(faults)
                     return
                 continue
             for out in outputs:
-                self._deliver(out.request_id, out)
+                self._deliver(out.request_id, out if out.error is None else RequestFault(out.error))
             if self.stats_listener is not None:
                 self.stats_listener(stats)
+
+    def _stop_serving(self, faults: int) -> None:
+        """Mark the engine stopped, then fail every request it still holds and every stream still open
+        (waiting requests, and adds not yet seen): none is left hanging."""
+        self.healthy = False
+        log.error("engine stopped after %d consecutive faults", faults)
+        for rid in list(self.engine.requests):
+            self.engine.abort(rid)
+        self.engine.requests.clear()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._fail_streams)
+
+    def _fail_streams(self) -> None:  # on the event loop
+        for rid, stream in list(self._streams.items()):
+            stream.put_nowait(EngineStopped(f"the engine stopped before request {rid} finished"))
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -161,11 +191,11 @@ class AsyncEngine:
 
     def _apply(self, cmd: tuple) -> None:
         if cmd[0] == "add":
-            _, rid, ids, params, arrival, text = cmd
+            _, rid, ids, params, arrival, text, group = cmd
             if rid not in self._streams:
                 return  # the client left before the engine saw the request
             try:
-                self.engine.add_request(rid, ids, params, arrival, prompt_text=text)
+                self.engine.add_request(rid, ids, params, arrival, prompt_text=text, group=group)
             except ValueError as e:
                 self._deliver(rid, e)
                 return

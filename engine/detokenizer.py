@@ -8,9 +8,11 @@ could be the start of a stop string are held back until they can't be.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 _WINDOW = 5
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's byte fallback
 
 
 @dataclass
@@ -64,3 +66,48 @@ class TextState:
         delta = self.text[self.emitted_chars:end]
         self.emitted_chars = end
         return delta
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character that stands for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class TokenBytes:
+    """The raw bytes of one token, as OpenAI's logprobs report them: a byte-fallback token holding
+    part of a UTF-8 character gives that part, not U+FFFD (which `decode([id])` would)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.byte_level = decoder is not None and "ByteLevel" in str(decoder)
+        self.byte_decoder = _gpt2_byte_decoder()
+        self.cache: dict[int, bytes] = {}
+
+    def __call__(self, token_id: int) -> bytes:
+        data = self.cache.get(token_id)
+        if data is None:
+            data = self.cache[token_id] = self._bytes(token_id)
+        return data
+
+    def _bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if piece is None:
+            return b""
+        byte = _BYTE_PIECE.fullmatch(piece)
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        if self.byte_level and all(c in self.byte_decoder for c in piece):
+            return bytes(self.byte_decoder[c] for c in piece)
+        if not self.byte_level:
+            return piece.replace("\u2581", " ").encode()  # sentencepiece's word-start mark is a space
+        return self.tokenizer.decode([token_id]).encode()

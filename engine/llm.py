@@ -69,4 +69,5 @@ def merge(results: dict[str, RequestOutput], delta: RequestOutput) -> RequestOut
         cur.finish_reason, cur.stop_reason = c.finish_reason, c.stop_reason
     acc.outputs = [by_index[i] for i in sorted(by_index)]
     acc.finished, acc.metrics, acc.num_cached_tokens = delta.finished, delta.metrics, delta.num_cached_tokens
+    acc.error = acc.error or delta.error
     return acc

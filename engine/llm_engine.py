@@ -146,9 +146,11 @@ class LLMEngine:
         return self.tokenizer.encode(prompt)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival: float | None = None, prompt_text: str | None = None) -> None:
+                    arrival: float | None = None, prompt_text: str | None = None,
+                    group: str | None = None) -> None:
         """Validate (RequestError when refused) and queue one request. `prompt_text` is the text of a
-        prompt given as ids, reported back in its outputs."""
+        prompt given as ids, reported back in its outputs; `group` the API request it is part of (one
+        per prompt of a multi-prompt request), over which the scheduler shares batch slots."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already running")
         ids = self.encode_prompt(prompt)
@@ -156,7 +158,8 @@ class LLMEngine:
         arrival = time.monotonic() if arrival is None else arrival
         seqs: list[Sequence] = []
         for i in range(params.n):
-            seq = Sequence(request_id, i, list(ids), params, arrival, first_sibling=seqs[0] if seqs else None)
+            seq = Sequence(request_id, i, list(ids), params, arrival, first_sibling=seqs[0] if seqs else None,
+                           group=group or request_id)
             seed = (params.seed + i) % 2**64 if params.seed is not None else self.rng.getrandbits(63)
             seq.generator = torch.Generator().manual_seed(seed)
             seq.pages.salt = chain_hash(None, [ord(c) for c in self.runner.attention_key(seq)])
@@ -174,6 +177,14 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
+
+    def fail_request(self, request_id: str, error: str) -> None:
+        """End a request whose own sequence faulted; its output carries `error`, nothing else is touched."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        req.error = req.error or error
+        self.abort(request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -199,8 +210,11 @@ class LLMEngine:
             if emitting:
                 tokens = self.sampler(logits, emitting)
                 for seq, token in zip(emitting, tokens, strict=True):
-                    self._append_token(seq, token)
-                stats.num_generation_tokens = len(emitting)
+                    if token is None:
+                        self.fail_request(seq.request_id, seq.error or "sampling failed")
+                    elif not seq.is_finished:  # a sibling's fault may have ended it
+                        self._append_token(seq, token)
+                stats.num_generation_tokens = sum(t is not None for t in tokens)
         stats.attention = self.backend.drain_stats()
         outputs = self.collect_outputs()
         return outputs, self.gauges(stats)

@@ -28,6 +28,7 @@ class Request:
     first_token: float | None = None
     finished_at: float | None = None
     reported_finished: set[int] = field(default_factory=set)
+    error: str | None = None  # a fault of this request's own (non-finite sampling): it ends with it
 
     @property
     def finished(self) -> bool:
@@ -74,7 +75,7 @@ class OutputProcessor:
                 metrics={"arrival_time": req.arrival, "first_scheduled_time": req.first_scheduled or 0.0,
                          "first_token_time": req.first_token or 0.0,
                          "finished_time": req.finished_at or 0.0},
-                num_cached_tokens=req.seqs[0].num_cached))
+                num_cached_tokens=req.seqs[0].num_cached, error=req.error))
         return outputs
 
     @staticmethod

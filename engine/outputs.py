@@ -27,3 +27,4 @@ class RequestOutput:
     finished: bool
     metrics: dict[str, float] = field(default_factory=dict)
     num_cached_tokens: int = 0
+    error: str | None = None  # set on the last output of a request that failed on its own

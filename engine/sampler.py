@@ -1,13 +1,23 @@
 """Turns last-position logits into tokens, one row per sequence, each with its own settings and RNG.
 
 A per-sequence torch.Generator makes seeded sampling independent of what else is in the batch.
+A row whose logits or probabilities are not finite fails its own sequence (`SamplingFault`, kept on
+`seq.error`); the other rows of the batch are sampled as usual.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from needle.scheduler.sequence import Sequence
+
+log = logging.getLogger("needle.engine")
+
+
+class SamplingFault(RuntimeError):
+    """One sequence's sampling went non-finite; only that sequence (and its request) fails."""
 
 
 def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
@@ -52,15 +62,29 @@ class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...]):
         self.eos_token_ids = eos_token_ids
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """logits: [S, V] float32 for the S sequences that emit a token this step."""
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
+        """logits: [S, V] float32 for the S sequences that emit a token this step. -> one token per
+        sequence, or None for a sequence that faulted (its `error` says why)."""
         if all(_plain_greedy(s) for s in seqs):
-            return logits.argmax(-1).tolist()
+            tokens = logits.argmax(-1).tolist()
+            finite = torch.isfinite(logits).all(-1).tolist()
+            if all(finite):
+                return tokens
         logits = logits.cpu()  # per-sequence generators live on the CPU
-        return [self.sample_one(logits[i].clone(), s) for i, s in enumerate(seqs)]
+        return [self._guarded(logits[i].clone(), s) for i, s in enumerate(seqs)]
+
+    def _guarded(self, logits: torch.Tensor, seq: Sequence) -> int | None:
+        try:
+            return self.sample_one(logits, seq)
+        except Exception as err:  # the row is this sequence's alone: fail it, not the batch
+            seq.error = f"{type(err).__name__}: {err}"
+            log.warning("sequence %s-%d failed in the sampler: %s", seq.request_id, seq.index, seq.error)
+            return None
 
     def sample_one(self, logits: torch.Tensor, seq: Sequence) -> int:
         p = seq.params
+        if not torch.isfinite(logits).all():
+            raise SamplingFault("the model produced non-finite logits")
         raw = logits.clone() if p.logprobs is not None else None
         for token_id, bias in p.logit_bias.items():
             logits[token_id] += bias
@@ -69,10 +93,14 @@ class Sampler:
             banned = [*p.stop_token_ids, *([] if p.ignore_eos else self.eos_token_ids)]
             logits[banned] = float("-inf")
         if p.greedy:
+            if not torch.isfinite(logits.max()):  # NaN, +inf, or nothing left to pick
+                raise SamplingFault("the penalised logits are not finite")
             token = int(logits.argmax())
         else:
-            logits = filter_logits(logits / p.temperature, p.top_k, p.top_p, p.min_p)
-            token = int(torch.multinomial(logits.softmax(-1), 1, generator=seq.generator))
+            probs = filter_logits(logits / p.temperature, p.top_k, p.top_p, p.min_p).softmax(-1)
+            if not (torch.isfinite(probs).all() and probs.sum() > 0):
+                raise SamplingFault("the sampling probabilities are not finite")
+            token = int(torch.multinomial(probs, 1, generator=seq.generator))
         if raw is not None:
             seq.logprobs.append(top_logprobs(raw, token, p.logprobs))
         return token

@@ -1,11 +1,28 @@
 """Per-request sampling settings, validated when built so the hot path can trust them.
 
-They live in scheduler/, the lowest layer that holds them (each Sequence carries its request's).
+Every number must be finite and within a range where the sampler's arithmetic stays finite (JSON's
+`1e999` reads as infinity, `1e-320` as a subnormal): the ranges are OpenAI's and vLLM's, with bounds
+added where they set none (temperature, repetition_penalty, the stop lists). They live in scheduler/,
+the lowest layer that holds them (each Sequence carries its request's).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+MAX_STOP_STRINGS = 32
+MAX_STOP_CHARS = 256
+MAX_TOKEN_LIST = 2048  # stop_token_ids and logit_bias entries
+MAX_TOKEN_BUDGET = 2**31 - 1
+
+
+def _check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    """Finite and in [low, high] (or (low, high]); NaN fails every comparison, so it fails here too."""
+    inside = (low < value if low_open else low <= value) and value <= high
+    if not (inside and math.isfinite(value)):
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be a finite number in {bracket}{low:g}, {high:g}], got {value}")
 
 
 @dataclass
@@ -18,8 +35,9 @@ class AttentionOverride:
     def validate(self) -> None:
         if self.mode is not None and self.mode not in ("dense", "sparse"):
             raise ValueError(f"attention.mode must be 'dense' or 'sparse', got {self.mode!r}")
-        if self.token_budget is not None and self.token_budget < 16:
-            raise ValueError(f"attention.token_budget must be >= 16, got {self.token_budget}")
+        if self.token_budget is not None and not 16 <= self.token_budget <= MAX_TOKEN_BUDGET:
+            raise ValueError(f"attention.token_budget must be in [16, {MAX_TOKEN_BUDGET}], "
+                             f"got {self.token_budget}")
 
 
 @dataclass
@@ -62,25 +80,35 @@ class SamplingParams:
             raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters long")
+        if len(self.stop_token_ids) > MAX_TOKEN_LIST:
+            raise ValueError(f"stop_token_ids takes at most {MAX_TOKEN_LIST} ids, "
+                             f"got {len(self.stop_token_ids)}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be non-negative, got {self.min_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disable) or at least 1, got {self.top_k}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.repetition_penalty <= 0.0:
-            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        _check_range("temperature", self.temperature, 0.0, 100.0)
+        _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (disable) or at least 1, got {self.top_k}")
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        # Logits are divided or multiplied by it: tiny or huge values overflow to inf (then NaN).
+        _check_range("repetition_penalty", self.repetition_penalty, 0.01, 100.0)
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if len(self.logit_bias) > MAX_TOKEN_LIST:
+            raise ValueError(f"logit_bias takes at most {MAX_TOKEN_LIST} entries, got {len(self.logit_bias)}")
+        for token_id, bias in self.logit_bias.items():
+            if token_id < 0:
+                raise ValueError(f"logit_bias keys must be token ids, got {token_id}")
+            _check_range("logit_bias", bias, -100.0, 100.0)
         if self.attention is not None:
             self.attention.validate()

@@ -1,14 +1,16 @@
 """Iteration-level continuous batching with chunked prefill and preemption by recompute.
 
 Each step spends a token budget: running decodes first (one token each, so a long prompt never
-stalls them), then the next chunks of running prefills, then new sequences in arrival order while
-pages last. When pages run out, the newest running sequence is preempted: its pages are freed
-and it re-enters the queue at the front, to be recomputed (cheaply, through the prefix cache).
+stalls them), then the next chunks of running prefills, then new sequences while pages last: fair
+share, the first waiting sequence of the group (API request) that runs the fewest, so one request of
+hundreds of sequences cannot hold back a request that arrives after it. When pages run out, the
+newest running sequence is preempted: its pages are freed and it re-enters the queue at the front, to
+be recomputed (cheaply, through the prefix cache).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -63,8 +65,8 @@ class Scheduler:
         if batch.num_preemptions:
             return batch  # pages are scarce: admit nobody this step
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if not seq.ready_to_admit:
+            seq = self._next_waiting()
+            if seq is None:
                 break
             # Admit only if its whole prompt fits beside a page of growth per running sequence;
             # otherwise it would be preempted again and again (recompute thrash near a full cache).
@@ -73,7 +75,7 @@ class Scheduler:
             cached = self.bm.allocate(seq.pages, seq.token_ids, budget)
             if cached is None:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             if not seq.ever_admitted:
                 seq.ever_admitted = True
                 seq.num_cached = cached
@@ -87,6 +89,17 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             budget -= n
         return batch
+
+    def _next_waiting(self) -> Sequence | None:
+        """The first admissible waiting sequence of the group with the fewest running sequences."""
+        running = Counter(s.group for s in self.running)
+        best = None
+        for seq in self.waiting:
+            if seq.ready_to_admit and (best is None or running[seq.group] < running[best.group]):
+                best = seq
+                if not running[seq.group]:
+                    break
+        return best
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         """End a sequence (stop, length or abort) and free its pages at once."""

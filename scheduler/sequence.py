@@ -39,6 +39,8 @@ class Sequence:
     first_sibling: Sequence | None = None  # n > 1: wait until it has prefilled, then share its pages
     generator: torch.Generator | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
+    group: str = ""  # the API request it belongs to: batch slots are shared fairly between groups
+    error: str | None = None  # why the sampler failed this sequence (its request fails with it)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

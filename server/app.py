@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,7 +19,9 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from needle.engine.config import EngineArgs
 from needle.engine.stats import StepStats
@@ -56,19 +59,35 @@ def default_engine_factory(args: EngineArgs) -> EngineFactory:
     return build
 
 
-async def read_json(request: Request, model: type[M], limit: int) -> M:
-    """Read at most `limit` bytes (413 beyond), parse JSON (400 if not an object), validate (400)."""
+async def read_json(request: Request, model: type[M], config: ServerConfig,
+                    metrics: Metrics | None = None) -> M:
+    """Check the content type (415), read at most `max_request_bytes` (413 beyond) within
+    `body_timeout` seconds (408), parse JSON (400 if not an object, nested too deeply, or holding a
+    lone UTF-16 surrogate), validate with strict types (400)."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise APIError(415, "the request body must be JSON: send 'Content-Type: application/json'")
+    limit = config.max_request_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
     try:
-        raw = json.loads(b"".join(chunks), parse_constant=_reject_constant)
+        body = await asyncio.wait_for(_read_body(request, limit), config.body_timeout)
+    except asyncio.TimeoutError as err:
+        raise APIError(408, f"the request body did not arrive within {config.body_timeout:g} s") from err
+    except ClientDisconnect as err:  # nobody is left to answer: one line, one count
+        logger.info("client disconnected while sending %s %s", request.method, request.url.path)
+        if metrics is not None:
+            metrics.upload_disconnects.inc()
+        raise APIError(499, "client closed the request during upload") from err
+    try:
+        raw = json.loads(body, parse_constant=_reject_constant)
+        _check_strings(raw, body)
+    except RecursionError as err:
+        raise bad_request("the request body is nested too deeply") from err
+    except UnicodeEncodeError as err:
+        raise bad_request("the request body holds a lone UTF-16 surrogate (\\ud800-\\udfff) in a "
+                          "string; strings must be valid Unicode") from err
     except (ValueError, UnicodeDecodeError) as err:
         raise bad_request(f"the request body is not valid JSON: {err}") from err
     if not isinstance(raw, dict):
@@ -77,14 +96,56 @@ async def read_json(request: Request, model: type[M], limit: int) -> M:
         parsed = model.model_validate(raw)
     except ValidationError as err:
         raise from_validation_error(err) from err
+    except RecursionError as err:
+        raise bad_request("the request body is nested too deeply") from err
     if parsed.model_extra:
         logger.debug("ignoring unknown request fields: %s", sorted(parsed.model_extra))
     return parsed
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_strings(raw: Any, body: bytes) -> None:
+    """JSON's \\uXXXX escapes can spell half a surrogate pair, which no tokenizer (nor UTF-8) takes;
+    raw UTF-8 cannot, so only bodies with such an escape are re-encoded (UnicodeEncodeError if bad)."""
+    if _SURROGATE_ESCAPE.search(body):
+        json.dumps(raw, ensure_ascii=False).encode("utf-8")
+
+
 def _reject_constant(name: str) -> None:
     """Python's json takes NaN and Infinity; JSON does not, and no sampling setting makes sense with them."""
     raise ValueError(f"{name} is not a JSON number")
+
+
+# Bodies are read by read_json, not by FastAPI, so the OpenAPI document names them here (for clients
+# and for schema fuzzing).
+REQUEST_BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+                  "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
+
+
+def _openapi_with_bodies(app: FastAPI) -> dict:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in REQUEST_BODIES.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 class APIKeyMiddleware:
@@ -140,16 +201,18 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
             state.engine.shutdown()
 
     app = FastAPI(title="needle", version=needle_version(), lifespan=lifespan)
+    app.openapi = lambda: _openapi_with_bodies(app)
     app.state.needle = state
     install_error_handlers(app)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
-    limit = config.max_request_bytes
     started = int(time.time())
 
     @app.get("/health")
     async def health() -> Response:
         state.ready()
+        if state.draining:
+            raise APIError(503, "the server is shutting down", code="server_shutting_down")
         return Response(status_code=200)
 
     @app.get("/version")
@@ -165,30 +228,29 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        body = await read_json(request, CompletionRequest, limit)
+        body = await read_json(request, CompletionRequest, config, state.metrics)
         return await create_completion(state, body, request.receive)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        body = await read_json(request, ChatCompletionRequest, limit)
+        body = await read_json(request, ChatCompletionRequest, config, state.metrics)
         return await create_chat_completion(state, body, request.receive)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
-        body = await read_json(request, TokenizeRequest, limit)
+        body = await read_json(request, TokenizeRequest, config, state.metrics)
         engine = state.ready()
         state.check_model(body.model)
         body.check()
         if body.messages is not None:
-            text = state.chat_prompt(body.messages, body.add_generation_prompt)
-            tokens = state.encode(text, bool(body.add_special_tokens))
+            tokens = state.chat_prompt_ids(body.messages, body.add_generation_prompt)
         else:
             tokens = state.encode(body.prompt or "", body.add_special_tokens is not False)
         return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
-        body = await read_json(request, DetokenizeRequest, limit)
+        body = await read_json(request, DetokenizeRequest, config, state.metrics)
         state.ready()
         state.check_model(body.model)
         state.check_token_ids(body.tokens, "tokens")

@@ -29,9 +29,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     top_n = body.logprobs_count()
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = body.sampling_params(max_tokens, top_n)
-    text = state.chat_prompt(body.messages, body.add_generation_prompt)
-    # The template already wrote any BOS / special tokens into the text.
-    prompt = await asyncio.to_thread(state.encode, text, False)
+    prompt = await asyncio.to_thread(state.chat_prompt_ids, body.messages, body.add_generation_prompt)
     gen = await state.generation("chatcmpl", [prompt], params)
     if body.stream:
         return _stream(state, body, gen, top_n)
@@ -40,7 +38,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
         ChatChoice(index=i, message=ChatMessageOut(content=r.text), finish_reason=r.finish_reason,
                    stop_reason=r.stop_reason,
                    logprobs=None if top_n is None else chat_logprobs(r.token_ids, r.logprobs, top_n,
-                                                                     state.token_text))
+                                                                     state.token_bytes))
         for i, r in enumerate(results)]
     response = ChatCompletionResponse(id=gen.request_id, model=state.model_name, choices=choices,
                                       usage=gen.usage())
@@ -61,7 +59,7 @@ def _stream(state: ServerState, body: ChatCompletionRequest, gen: Generation,
         if not (out.text or out.finish_reason or top_n is not None):
             return ""
         lps = None if top_n is None else chat_logprobs(out.token_ids, out.logprobs or [], top_n,
-                                                       state.token_text)
+                                                       state.token_bytes)
         return chunk([ChatChunkChoice(index=delta.index, delta={"content": out.text} if out.text else {},
                                       logprobs=lps, finish_reason=out.finish_reason)])
 

@@ -6,6 +6,7 @@ Engine flags come from `EngineArgs.add_cli_args`, so the CLI and the Python API 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -37,11 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "/metrics. Falls back to $NEEDLE_API_KEY; with neither, no key is required.")
     server.add_argument("--served-model-name", default=None,
                         help="Model name clients send and see; unset: the model's own name.")
-    server.add_argument("--max-queued-requests", type=int, default=256,
-                        help="Requests beyond --max-num-seqs that may wait for a batch slot; more get 503 "
-                        "with Retry-After.")
+    server.add_argument("--max-queued-seqs", "--max-queued-requests", dest="max_queued_seqs", type=int,
+                        default=256, help="Sequences (prompts x n) beyond --max-num-seqs that may wait for a "
+                        "batch slot; requests that would exceed it get 503 with Retry-After.")
+    server.add_argument("--max-seqs-per-request", type=int, default=128,
+                        help="Most sequences (prompts x n) one request may ask for; more get 400.")
     server.add_argument("--max-request-bytes", type=parse_bytes, default="16MiB",
                         help="Largest request body accepted, e.g. 16MiB; larger bodies get 413.")
+    server.add_argument("--request-body-timeout", type=float, default=30.0,
+                        help="Seconds a request body may take to arrive; slower uploads get 408.")
+    server.add_argument("--allow-special-tokens-in-content", action="store_true",
+                        help="Let chat message content spell the model's control tokens (e.g. "
+                        "'<|im_end|>'), as before; by default content is encoded as plain text.")
+    server.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="On SIGTERM/SIGINT: seconds the requests in flight get to finish (new ones "
+                        "get 503) before the rest end with an error event; a second signal exits at once.")
     server.add_argument("--log-level", default="info", choices=_LOG_LEVELS, help="needle's log level.")
     server.add_argument("--uvicorn-log-level", default="warning", choices=_LOG_LEVELS,
                         help="uvicorn's log level (access logs appear at info).")
@@ -55,6 +66,34 @@ def build_parser() -> argparse.ArgumentParser:
 def serve(ns: argparse.Namespace) -> int:
     import uvicorn
 
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, but the first SIGTERM/SIGINT drains (ServerState.drain) before stopping, and the
+        process then exits 0 (uvicorn would re-raise the signal); a second signal exits at once."""
+
+        draining = False
+        tasks: set = set()
+
+        async def serve(self, sockets=None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig: int, frame) -> None:
+            log = logging.getLogger("needle.server")
+            if not self.started:
+                self.should_exit = True
+            elif self.draining:
+                log.warning("signal %d again: exiting now", sig)
+                os._exit(1)
+            else:
+                self.draining = True
+                log.info("signal %d: draining (up to %g s); send it again to exit at once", sig,
+                         ns.shutdown_timeout)
+                self.loop.call_soon_threadsafe(lambda: self.tasks.add(asyncio.ensure_future(self.drain())))
+
+        async def drain(self) -> None:
+            await app.state.needle.drain(ns.shutdown_timeout)
+            self.should_exit = True
+
     from needle.server.app import build_app
     from needle.server.state import ServerConfig
 
@@ -63,8 +102,10 @@ def serve(ns: argparse.Namespace) -> int:
     ns.model = ns.model or ns.model_positional
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(host=ns.host, port=ns.port, api_key=ns.api_key or os.environ.get("NEEDLE_API_KEY"),
-                          served_model_name=ns.served_model_name, max_queued_requests=ns.max_queued_requests,
-                          max_request_bytes=ns.max_request_bytes)
+                          served_model_name=ns.served_model_name, max_queued_seqs=ns.max_queued_seqs,
+                          max_seqs_per_request=ns.max_seqs_per_request,
+                          max_request_bytes=ns.max_request_bytes, body_timeout=ns.request_body_timeout,
+                          special_tokens_in_content=ns.allow_special_tokens_in_content)
     failed = []
 
     def on_load_failure() -> None:
@@ -73,7 +114,7 @@ def serve(ns: argparse.Namespace) -> int:
 
     app = build_app(config, EngineArgs.from_cli_args(ns), on_load_failure=on_load_failure)
     logging.getLogger("needle.server").info("loading the model; /health answers 503 until it is ready")
-    server = uvicorn.Server(uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
+    server = DrainingServer(uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
                                            timeout_graceful_shutdown=5))
     server.run()
     return 1 if failed else 0

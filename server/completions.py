@@ -11,7 +11,7 @@ from starlette.background import BackgroundTask
 from needle.server.errors import bad_request
 from needle.server.generation import ChoiceDelta, Generation
 from needle.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
-from needle.server.sse import completion_logprobs, event_stream, sse
+from needle.server.sse import TextOffsets, completion_logprobs, event_stream, sse
 from needle.server.state import ServerState
 
 
@@ -46,7 +46,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, receive
     for i, r in enumerate(results):
         echo = echoes[i // params.n]
         lps = None if body.logprobs is None else completion_logprobs(
-            r.token_ids, r.logprobs, body.logprobs, state.token_text, len(echo))
+            r.token_ids, r.logprobs, body.logprobs, state.token_bytes, TextOffsets(len(echo)))
         choices.append(CompletionChoice(index=i, text=echo + r.text, logprobs=lps,
                                         finish_reason=r.finish_reason, stop_reason=r.stop_reason))
     response = CompletionResponse(id=gen.request_id, model=state.model_name, choices=choices,
@@ -57,7 +57,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, receive
 def _stream(state: ServerState, body: CompletionRequest, gen: Generation,
             echoes: list[str]) -> StreamingResponse:
     n, usage = gen.params.n, body.include_usage
-    offsets = [len(echoes[i // n]) for i in range(len(echoes) * n)]
+    offsets = [TextOffsets(len(echoes[i // n])) for i in range(len(echoes) * n)]
 
     def chunk(choices: list[CompletionChoice], with_usage: UsageInfo | None = None) -> str:
         response = CompletionResponse(id=gen.request_id, model=state.model_name, choices=choices,
@@ -69,9 +69,8 @@ def _stream(state: ServerState, body: CompletionRequest, gen: Generation,
         if not (out.text or out.finish_reason or body.logprobs is not None):
             return ""
         if body.logprobs is not None:
-            lps = completion_logprobs(out.token_ids, out.logprobs or [], body.logprobs, state.token_text,
+            lps = completion_logprobs(out.token_ids, out.logprobs or [], body.logprobs, state.token_bytes,
                                       offsets[delta.index])
-            offsets[delta.index] += sum(len(t) for t in lps.tokens)
         return chunk([CompletionChoice(index=delta.index, text=out.text, logprobs=lps,
                                        finish_reason=out.finish_reason, stop_reason=out.stop_reason)])
 

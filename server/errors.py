@@ -22,7 +22,10 @@ _KINDS = {
     401: ("invalid_request_error", "invalid_api_key"),
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
+    408: ("invalid_request_error", "request_timeout"),
     413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    499: ("invalid_request_error", "client_closed_request"),
     500: ("server_error", "internal_error"),
     503: ("server_error", "service_unavailable"),
 }

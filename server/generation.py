@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from needle.engine.async_engine import EngineStopped
 from needle.engine.outputs import CompletionOutput, RequestOutput
 from needle.engine.validation import ContextLengthError, RequestError
 from needle.scheduler.sampling_params import SamplingParams
@@ -55,7 +56,7 @@ class ChoiceResult:
         self.stop_reason = out.stop_reason if out.stop_reason is not None else self.stop_reason
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: ServerState keeps the live ones in a set
 class Generation:
     """Runs the engine requests of one API request and yields their choice deltas in arrival order."""
 
@@ -80,7 +81,8 @@ class Generation:
         try:
             for k, prompt in enumerate(self.prompts):
                 rid = f"{self.request_id}-{k}"
-                self._outputs.append(await self.engine.add_request(prompt, self.params, rid))
+                self._outputs.append(await self.engine.add_request(prompt, self.params, rid,
+                                                                   group=self.request_id))
                 self._unfinished.add(rid)
         except BaseException as err:
             for outputs in self._outputs:
@@ -90,6 +92,10 @@ class Generation:
             if isinstance(err, Exception):
                 raise _as_api_error(err, self.prompt_param) from err
             raise
+
+    def cancel(self, err: APIError) -> None:
+        """End the request with `err` (shutdown): the reader raises it next, which aborts the rest."""
+        self._queue.put_nowait(err)
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         pumps = [asyncio.create_task(self._pump(k, outputs)) for k, outputs in enumerate(self._outputs)]
@@ -170,6 +176,8 @@ def _as_api_error(err: BaseException, prompt_param: str) -> APIError:
         return APIError(400, str(err), param=err.param, code=err.code)
     if isinstance(err, ValueError):
         return bad_request(str(err))
+    if isinstance(err, EngineStopped):
+        return APIError(503, f"the engine has stopped: {err}")
     return APIError(500, f"the engine failed this request: {type(err).__name__}: {err}")
 
 

@@ -56,6 +56,8 @@ class Metrics:
         self.num_requests_running = gauge("num_requests_running", "Requests in the running batch.")
         self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "Fraction of KV-cache pages in use (0-1).")
+        self.upload_disconnects = counter("request_upload_disconnects_total",
+                                          "Clients that hung up while sending their request body.")
         self.prompt_tokens = counter("prompt_tokens_total", "Prefill tokens computed.")
         self.generation_tokens = counter("generation_tokens_total", "Tokens generated.")
         self.num_preemptions = counter("num_preemptions_total", "Sequences preempted for lack of pages.")

@@ -1,7 +1,8 @@
 """The OpenAI / vLLM wire format as pydantic models.
 
 Requests accept unknown fields (clients send vendor extras; rejecting them breaks drop-in use) and
-keep them in `model_extra` so the handler can log them. Field names and defaults are OpenAI's.
+keep them in `model_extra` so the handler can log them. Known fields are strictly typed (`"1"` and
+`true` are not numbers). Field names and defaults are OpenAI's.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from needle.server.errors import APIError, bad_request
 _PARAM_NAMES = {
     "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "max_tokens", "logprobs", "attention.mode", "attention.token_budget", "seed",
-    "stop", "min_tokens",
+    "stop", "min_tokens", "logit_bias", "stop_token_ids",
 }
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class StreamOptions(_Lenient):
@@ -102,10 +103,8 @@ class _GenerationRequest(_Lenient):
 def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
     bias: dict[int, float] = {}
     for key, value in (raw or {}).items():
-        if not key.lstrip("-").isdigit() or int(key) < 0:
+        if not (key.isascii() and key.isdigit() and len(key) <= 12):
             raise bad_request(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
-        if not -100.0 <= value <= 100.0:
-            raise bad_request(f"logit_bias values must be in [-100, 100], got {value}", param="logit_bias")
         bias[int(key)] = value
     return bias
 
@@ -118,9 +117,15 @@ class CompletionRequest(_GenerationRequest):
 
 
 class ChatMessage(_Lenient):
-    role: str
+    # OpenAI's roles; "developer" is its newer name for "system". Anything else would be written into
+    # the chat template as given.
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+
+    @property
+    def template_role(self) -> str:
+        return "system" if self.role == "developer" else self.role
 
     def text(self) -> str:
         """Plain text of the message; only text content parts exist for a text-only model."""
@@ -128,9 +133,12 @@ class ChatMessage(_Lenient):
             return self.content or ""
         parts = []
         for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if part.get("type") != "text":
                 raise bad_request(f"unsupported content part type {part.get('type')!r}; only 'text' is "
                                   "supported", param="messages")
+            if not isinstance(part.get("text"), str):
+                raise bad_request("a content part of type 'text' needs a string 'text' field",
+                                  param="messages")
             parts.append(part["text"])
         return "".join(parts)
 

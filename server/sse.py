@@ -6,6 +6,7 @@ sampled token); the two APIs want them as strings, in two different layouts.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -35,29 +36,51 @@ def _top(entry: dict[int, float], n: int) -> list[tuple[int, float]]:
     return sorted(entry.items(), key=lambda kv: kv[1], reverse=True)[:n]
 
 
+def token_string(data: bytes) -> str:
+    """A token as text; OpenAI writes one that is not whole UTF-8 (part of a character) as 'bytes:\\xNN'."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
+class TextOffsets:
+    """Where each token starts in a choice's text, in characters, counted from the tokens' bytes: the
+    tokens that together spell one character all start where that character does."""
+
+    def __init__(self, start: int = 0):
+        self.chars = start
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, data: bytes) -> int:
+        at = self.chars
+        self.chars += len(self._decoder.decode(data))
+        return at
+
+
 def completion_logprobs(token_ids: list[int], entries: list[dict[int, float]], n: int,
-                        text_of: Callable[[int], str], offset: int) -> CompletionLogprobs:
-    """Legacy completions layout; `offset` is where this piece starts in the choice's text."""
+                        bytes_of: Callable[[int], bytes], offsets: TextOffsets) -> CompletionLogprobs:
+    """Legacy completions layout; `offsets` carries the choice's text position from piece to piece."""
     out = CompletionLogprobs()
     for tid, entry in zip(token_ids, entries, strict=True):
-        token = text_of(tid)
-        out.tokens.append(token)
+        data = bytes_of(tid)
+        out.tokens.append(token_string(data))
         out.token_logprobs.append(entry.get(tid))
-        out.top_logprobs.append({text_of(t): lp for t, lp in _top(entry, n)})
-        out.text_offset.append(offset)
-        offset += len(token)
+        out.top_logprobs.append({token_string(bytes_of(t)): lp for t, lp in _top(entry, n)})
+        out.text_offset.append(offsets.add(data))
     return out
 
 
 def chat_logprobs(token_ids: list[int], entries: list[dict[int, float]], n: int,
-                  text_of: Callable[[int], str]) -> ChatLogprobs:
+                  bytes_of: Callable[[int], bytes]) -> ChatLogprobs:
+    """Chat layout: each token's `bytes` are its real bytes, so joining them rebuilds the content."""
     content = []
     for tid, entry in zip(token_ids, entries, strict=True):
-        token = text_of(tid)
-        top = [TopLogprob(token=text_of(t), logprob=lp, bytes=list(text_of(t).encode()))
+        top = [TopLogprob(token=token_string(bytes_of(t)), logprob=lp, bytes=list(bytes_of(t)))
                for t, lp in _top(entry, n)]
-        content.append(TokenLogprob(token=token, logprob=entry.get(tid, -9999.0),
-                                    bytes=list(token.encode()), top_logprobs=top))
+        data = bytes_of(tid)
+        content.append(TokenLogprob(token=token_string(data), logprob=entry.get(tid, -9999.0),
+                                    bytes=list(data), top_logprobs=top))
     return ChatLogprobs(content=content)
 
 

@@ -7,16 +7,21 @@ meanwhile; every other endpoint asks `ready()` and answers 503 until then.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from needle.engine.config import EngineArgs
+from needle.engine.detokenizer import TokenBytes
 from needle.scheduler.sampling_params import SamplingParams
 from needle.server.errors import APIError, bad_request
 from needle.server.generation import Generation
 from needle.server.metrics import Metrics
 from needle.server.protocol import ChatMessage, model_not_found, new_id
+
+logger = logging.getLogger("needle.server")
 
 
 @dataclass
@@ -25,8 +30,11 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None
     served_model_name: str | None = None
-    max_queued_requests: int = 256  # requests beyond --max-num-seqs that may wait for a batch slot
+    max_queued_seqs: int = 256  # sequences beyond --max-num-seqs that may wait for a batch slot
+    max_seqs_per_request: int = 128  # prompts x n of one request
     max_request_bytes: int = 16 * 2**20
+    body_timeout: float = 30.0  # seconds a request body may take to arrive (408 beyond)
+    special_tokens_in_content: bool = False  # True: message content may spell control tokens (unsafe)
 
     @property
     def url(self) -> str:
@@ -40,8 +48,11 @@ class ServerState:
     engine: Any = None
     metrics: Metrics | None = None
     load_error: str | None = None
-    in_flight: int = 0
+    in_flight: int = 0  # sequences (prompts x n) of the requests admitted and not yet finished
     background: set[asyncio.Task] = field(default_factory=set)
+    generations: set[Generation] = field(default_factory=set)  # admitted and not yet released
+    draining: bool = False  # shutting down: admit nothing new, let the admitted finish
+    _token_bytes: TokenBytes | None = None
 
     # Lifecycle.
 
@@ -66,31 +77,65 @@ class ServerState:
         if name is not None and name != self.model_name:
             raise model_not_found(name)
 
-    def admit(self) -> Callable[[], None]:
-        """Take a slot for one request and return its (idempotent) release; 503 when batch and queue are full.
+    def admit(self, num_seqs: int) -> Callable[[], None]:
+        """Take `num_seqs` sequence slots for one request and return its (idempotent) release; 400 when
+        one request asks for more than a request may hold, 503 when batch and queue are full.
 
-        A release function rather than a context manager: a streamed response outlives its handler.
+        Slots count sequences, not HTTP requests: one request with 200 prompts and n = 4 is 800
+        sequences of work. A release function rather than a context manager: a streamed response
+        outlives its handler.
         """
-        limit = self.engine_args.max_num_seqs + self.config.max_queued_requests
-        if self.in_flight >= limit:
-            raise APIError(503, f"server busy: {self.in_flight} requests in flight (limit {limit})",
-                           code="server_busy", headers={"Retry-After": "1"})
-        self.in_flight += 1
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="server_shutting_down")
+        limit = self.engine_args.max_num_seqs + self.config.max_queued_seqs
+        per_request = min(self.config.max_seqs_per_request, limit)
+        if num_seqs > per_request:
+            raise bad_request(f"the request asks for {num_seqs} sequences (prompts x n); at most "
+                              f"{per_request} are allowed per request", param="n")
+        if self.in_flight + num_seqs > limit:
+            raise APIError(503, f"server busy: {self.in_flight} sequences in flight, this request needs "
+                           f"{num_seqs} more (limit {limit})", code="server_busy",
+                           headers={"Retry-After": "1"})
+        self.in_flight += num_seqs
         held = [True]
 
         def release() -> None:
             if held.pop() if held else False:
-                self.in_flight -= 1
+                self.in_flight -= num_seqs
 
         return release
 
     async def generation(self, kind: str, prompts: list[list[int]], params: SamplingParams) -> Generation:
-        """Admit one API request (503 when full) and hand its prompts to the engine, which validates them
-        (400 when it refuses one)."""
-        gen = Generation(self.ready(), self.metrics, new_id(kind), prompts, params, self.background,
-                         release=self.admit(), prompt_param="messages" if kind == "chatcmpl" else "prompt")
+        """Admit one API request (400 when too large, 503 when full) and hand its prompts to the engine,
+        which validates them (400 when it refuses one)."""
+        engine, admitted = self.ready(), self.admit(len(prompts) * params.n)
+
+        def release() -> None:
+            admitted()
+            self.generations.discard(gen)
+
+        gen = Generation(engine, self.metrics, new_id(kind), prompts, params, self.background,
+                         release=release, prompt_param="messages" if kind == "chatcmpl" else "prompt")
+        self.generations.add(gen)
         await gen.start()
         return gen
+
+    async def drain(self, timeout: float) -> None:
+        """Graceful shutdown: admit nothing new (503), give the admitted requests up to `timeout`
+        seconds to finish, then end the rest with an error (an error event and [DONE] for streams)."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.generations:
+            logger.warning("shutdown timeout (%g s): ending %d unfinished requests", timeout,
+                           len(self.generations))
+        for gen in list(self.generations):
+            gen.cancel(APIError(503, "the server is shutting down; the request did not finish in time",
+                                code="server_shutting_down"))
+        deadline = time.monotonic() + 5
+        while self.in_flight and time.monotonic() < deadline:  # let the last events reach the clients
+            await asyncio.sleep(0.05)
 
     # Tokens.
 
@@ -101,13 +146,38 @@ class ServerState:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    contents: list[str] | None = None) -> str:
+        conversation = [{"role": m.template_role, "content": c}
+                        for m, c in zip(messages, contents or [m.text() for m in messages], strict=True)]
         try:
             return self.tokenizer.apply_chat_template(conversation, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
         except Exception as err:  # a template may reject a role order; that is the client's input
             raise bad_request(f"cannot apply the chat template: {err}", param="messages") from err
+
+    def chat_prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        """The chat template's tokens, with each message's content encoded as plain text: a client's
+        `<|im_end|><|im_start|>system` stays text and cannot forge control tokens (OpenAI's rule;
+        --allow-special-tokens-in-content restores the old behaviour). The template already wrote any
+        BOS / special tokens into its text."""
+        contents = [m.text() for m in messages]
+        specials = [t.content for t in getattr(self.tokenizer, "added_tokens_decoder", {}).values()]
+        if self.config.special_tokens_in_content or not any(t and t in c for c in contents for t in specials):
+            return self.encode(self.chat_prompt(messages, add_generation_prompt), False)
+        # Render with a placeholder per message, then encode the template's text and the contents apart.
+        marks = [f"\ue000needle-content-{i}\ue001" for i in range(len(messages))]
+        rendered = self.chat_prompt(messages, add_generation_prompt, marks)
+        ids, pos = [], 0
+        for mark, content in zip(marks, contents, strict=True):
+            at = rendered.find(mark, pos)
+            if at < 0:  # the template rewrote the content: nothing safe to split on
+                raise bad_request("message content holds special-token text that this model's chat "
+                                  "template cannot keep apart from its own", param="messages")
+            ids += self.encode(rendered[pos:at], False)
+            ids += self.tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            pos = at + len(mark)
+        return ids + self.encode(rendered[pos:], False)
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         """For /detokenize, which never reaches the engine: ids must index the model's vocabulary."""
@@ -116,5 +186,8 @@ class ServerState:
         if bad:
             raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param=param)
 
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's raw bytes (a piece of a UTF-8 character for byte-fallback tokens)."""
+        if self._token_bytes is None:
+            self._token_bytes = TokenBytes(self.tokenizer)
+        return self._token_bytes(token_id)

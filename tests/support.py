@@ -52,8 +52,14 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
 def error_of(r: httpx.Response, status: int) -> dict:
     """The OpenAI-shaped error of a response that must have `status`."""
     assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return error_body(r.json())
+
+
+def error_body(body: dict) -> dict:
+    """The `error` object of an OpenAI-shaped error body, checked for its shape."""
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
     return err
 
 

@@ -318,8 +318,9 @@ def test_transport_level_errors(server: LiveServer) -> None:
     url = f"{server.url}{COMPLETIONS}"
     error_of(httpx.post(url, json={"prompt": "x"}), 401)
     error_of(httpx.post(url, json={"prompt": "x"}, headers={"Authorization": "Bearer nope"}), 401)
-    error_of(httpx.post(url, content=b'{"prompt": ', headers=server.headers), 400)
-    error_of(httpx.post(url, content=b'{"prompt": "x", "temperature": NaN}', headers=server.headers), 400)
+    as_json = {**server.headers, "Content-Type": "application/json"}
+    error_of(httpx.post(url, content=b'{"prompt": ', headers=as_json), 400)
+    error_of(httpx.post(url, content=b'{"prompt": "x", "temperature": NaN}', headers=as_json), 400)
     error_of(httpx.post(url, json=["not", "an", "object"], headers=server.headers), 400)
     error_of(httpx.post(url, json={"prompt": "x" * 70_000}, headers=server.headers), 413)
     error_of(httpx.get(url, headers=server.headers), 405)

@@ -126,7 +126,8 @@ def test_before_the_model_loads() -> None:
             _assert_error(await client.get("/v1/models"), 503)
             assert (await client.get("/version")).json()["version"]
             assert (await client.get("/metrics")).status_code == 200
-            _assert_error(await client.post("/v1/completions", content=b"{not json"), 400)
+            _assert_error(await client.post("/v1/completions", content=b"{not json",
+                                            headers={"Content-Type": "application/json"}), 400)
             _assert_error(await client.post("/v1/completions", json=[1, 2]), 400)
             err = _assert_error(await client.post("/v1/completions", json={"prompt": 5.5}), 400)
             assert err["param"].startswith("prompt")

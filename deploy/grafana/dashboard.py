@@ -55,8 +55,10 @@ ROWS = [
             (rate("generation_tokens_total"), "generated tokens/s")],
          "Prefill tokens computed and tokens generated per second."),
         ("Finished requests by reason", "timeseries", "reqps", [
-            (rate("request_success_total", "finished_reason"), "{{finished_reason}}")],
-         "Requests finished per second: stop, length or abort."),
+            (rate("request_success_total", "finished_reason"), "{{finished_reason}}"),
+            (rate("request_upload_disconnects_total"), "upload dropped")],
+         "Requests finished per second: stop, length or abort; and clients that hung up while still "
+         "sending their request."),
         ("Preemptions", "timeseries", "short", [
             (rate("num_preemptions_total"), "preemptions/s")],
          "Requests evicted from the KV cache to be recomputed later."),
