@@ -52,9 +52,13 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+        window: int | None = None,
     ) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] (RoPE applied) -> [T, Hq, D]."""
+        """q: [T, Hq, D], k/v: [T, Hkv, D] (RoPE applied) -> [T, Hq, D].
+
+        `window` (a sliding-window layer's, None for global layers): a query at position p reads only
+        keys at positions > p - window, in every attention mode."""
 
     def kv_key(self, mode: str, budget: int) -> str:
         """What a sequence's KV depends on beyond its tokens (salts its prefix-cache hashes)."""

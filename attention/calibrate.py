@@ -36,8 +36,10 @@ class NeedleProbe(DenseBackend):
     def begin_step(self, meta: AttentionMetadata) -> None:
         self.steps += 1
 
-    def forward(self, layer, q, k, v, meta):
-        out = super().forward(layer, q, k, v, meta)
+    def forward(self, layer, q, k, v, meta, window=None):
+        out = super().forward(layer, q, k, v, meta, window)
+        if window is not None:  # a sliding-window layer never sees a needle outside its window
+            return out
         keys, _ = gather_seq_kv(self.pool, layer, meta.block_tables[0], meta.context_lens[0])
         hkv, d = keys.shape[1], keys.shape[2]
         qg = q[int(meta.query_start_loc[1]) - 1].view(hkv, -1, d)  # [Hkv, G, D]

@@ -19,7 +19,11 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from needle.engine.model_config import ModelConfig, UnsupportedModelError
-from needle.engine.models.llama import LlamaForCausalLM, checkpoint_target, rope_inv_freq
+from needle.engine.models.gemma3 import Gemma3ForCausalLM
+from needle.engine.models.layers import RMSNorm, Rotary, checkpoint_target
+from needle.engine.models.llama import LlamaForCausalLM
+
+CausalLM = LlamaForCausalLM | Gemma3ForCausalLM
 
 log = logging.getLogger("needle.loader")
 
@@ -107,12 +111,19 @@ def load_config(path: Path, name: str) -> ModelConfig:
     return ModelConfig.from_dict(cfg, name)
 
 
+def model_class(cfg: ModelConfig) -> type[CausalLM]:
+    """Gemma 3 has its own block structure; every other supported family is a Llama variant."""
+    return Gemma3ForCausalLM if cfg.model_type == "gemma3_text" else LlamaForCausalLM
+
+
 def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-               load_format: str, seed: int) -> LlamaForCausalLM:
+               load_format: str, seed: int) -> CausalLM:
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = model_class(cfg)(cfg)
     model = model.to_empty(device=device).to(dtype)
-    model.rotary.inv_freq = rope_inv_freq(cfg).to(device)
+    for module in model.modules():
+        if isinstance(module, Rotary):  # buffers built on the meta device hold no values
+            module.inv_freq = module.compute_inv_freq(device)
     if load_format == "dummy":
         _fill_dummy(model, seed)
     else:
@@ -122,17 +133,19 @@ def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.d
     return model.eval()
 
 
-def _fill_dummy(model: LlamaForCausalLM, seed: int) -> None:
-    """Random weights of the real shapes (vLLM's --load-format dummy): small values keep activations sane."""
+def _fill_dummy(model: CausalLM, seed: int) -> None:
+    """Random weights of the real shapes (vLLM's --load-format dummy): small values keep activations sane;
+    norms scale by 1 (a stored 0 for Gemma's 1 + w norms)."""
     gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or "layernorm" in name:
-            p.data.fill_(1.0)
-        else:
+        if not name.endswith("norm.weight"):
             p.data.uniform_(-0.02, 0.02, generator=gen)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.weight.data.fill_(0.0 if module.unit_offset else 1.0)
 
 
-def _load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
+def _load_safetensors(model: CausalLM, path: Path) -> None:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"no *.safetensors weights in {path}")
@@ -145,7 +158,7 @@ def _load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
         for file in files:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
-                    target, rows = checkpoint_target(model, key)
+                    target, rows = checkpoint_target(model.config, key)
                     if target not in rows_left:
                         continue
                     tensor = f.get_tensor(key)

@@ -25,7 +25,9 @@ class ModelRunner:
         self.default_mode = default_mode
         self.default_budget = default_budget
         self.graphs = None
-        if device.type == "cuda" and os.environ.get("NEEDLE_TRITON", "1") != "0":
+        # the Triton kernels have no sliding window: windowed models (Mistral, Gemma 3) stay on torch
+        triton = os.environ.get("NEEDLE_TRITON", "1") != "0" and not model.config.windowed
+        if device.type == "cuda" and triton:
             from needle.attention.kernels import HAS_TRITON
 
             if HAS_TRITON:  # Triton kernels + CUDA graphs for decode; the torch backends stay the CPU path
