@@ -92,8 +92,13 @@ def main(argv: list[str] | None = None) -> int:
 
     llm = LLM(args.model, attention="dense", device=args.device, enable_prefix_caching=False)
     scores = calibrate(llm, args.num_prompts, args.length, args.seed)
-    profile = HeadProfile.from_scores(llm.engine.model_name, scores.tolist(), args.streaming_ratio)
+    windows = llm.engine.model_config.layer_windows
+    local_layers = [layer for layer, w in enumerate(windows) if w is not None]
+    profile = HeadProfile.from_scores(llm.engine.model_name, scores.tolist(), args.streaming_ratio,
+                                      local_layers)
     profile.save(args.out)
-    print(f"wrote {args.out}: {sum(map(sum, profile.streaming))} of "
-          f"{profile.num_layers * profile.num_kv_heads} KV heads streaming")
+    global_heads = (profile.num_layers - len(local_layers)) * profile.num_kv_heads
+    left_out = f" ({len(local_layers)} sliding-window layers left out)" if local_layers else ""
+    print(f"wrote {args.out}: {sum(map(sum, profile.streaming))} of {global_heads} KV heads of the global "
+          f"layers streaming{left_out}")
     return 0

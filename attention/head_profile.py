@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -21,6 +21,9 @@ class HeadProfile:
     model: str
     scores: list[list[float]]  # [num_layers][num_kv_heads]
     streaming: list[list[bool]]  # [num_layers][num_kv_heads]
+    # Sliding-window layers: they read only their window whatever the profile, so they are left out of
+    # the streaming/retrieval split (never streaming, not counted in the ratio).
+    local_layers: list[int] = field(default_factory=list)
 
     @property
     def num_layers(self) -> int:
@@ -36,34 +39,40 @@ class HeadProfile:
                    [[False] * num_kv_heads for _ in range(num_layers)])
 
     @classmethod
-    def from_scores(cls, model: str, scores: list[list[float]], streaming_ratio: float) -> HeadProfile:
-        """The round(ratio * heads) lowest-scoring heads, ranked over all layers, become streaming heads."""
+    def from_scores(cls, model: str, scores: list[list[float]], streaming_ratio: float,
+                    local_layers: list[int] | tuple[int, ...] = ()) -> HeadProfile:
+        """The round(ratio * heads) lowest-scoring heads, ranked over all global layers, become streaming
+        heads."""
         if not 0.0 <= streaming_ratio <= 1.0:
             raise ValueError(f"streaming ratio must lie in [0, 1], got {streaming_ratio}")
-        flat = [(s, layer, head) for layer, row in enumerate(scores) for head, s in enumerate(row)]
+        flat = [(s, layer, head) for layer, row in enumerate(scores) if layer not in local_layers
+                for head, s in enumerate(row)]
         num_streaming = round(streaming_ratio * len(flat))
         streaming = [[False] * len(row) for row in scores]
         for _, layer, head in sorted(flat, key=lambda t: t[0])[:num_streaming]:
             streaming[layer][head] = True
-        return cls(model, [list(map(float, row)) for row in scores], streaming)
+        return cls(model, [list(map(float, row)) for row in scores], streaming, sorted(local_layers))
 
     def with_streaming_ratio(self, ratio: float) -> HeadProfile:
-        return HeadProfile.from_scores(self.model, self.scores, ratio)
+        return HeadProfile.from_scores(self.model, self.scores, ratio, self.local_layers)
 
     @property
     def streaming_ratio(self) -> float:
-        flags = [f for row in self.streaming for f in row]
+        flags = [f for layer, row in enumerate(self.streaming) if layer not in self.local_layers for f in row]
         return sum(flags) / max(1, len(flags))
 
     def save(self, path: str | Path) -> None:
         data = {"model": self.model, "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
                 "streaming_ratio": self.streaming_ratio, "scores": self.scores, "streaming": self.streaming}
+        if self.local_layers:
+            data["local_layers"] = self.local_layers
         Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> HeadProfile:
         data = json.loads(Path(path).read_text())
-        profile = cls(data["model"], data["scores"], [[bool(f) for f in row] for row in data["streaming"]])
+        profile = cls(data["model"], data["scores"], [[bool(f) for f in row] for row in data["streaming"]],
+                      data.get("local_layers", []))
         if any(len(row) != profile.num_kv_heads for row in profile.scores + profile.streaming) or \
                 len(profile.streaming) != profile.num_layers:
             raise ValueError(f"{path}: scores and streaming flags must both be [num_layers][num_kv_heads]")

@@ -146,3 +146,29 @@ def test_window_layout_from_configs():
 
 def _raw(family: str) -> dict:
     return family_config(family).to_dict()
+
+
+class ByteTokenizer:
+    """Enough of a tokenizer for calibration's passkey prompts on a model saved without one."""
+
+    def encode(self, text: str) -> list[int]:
+        return [1 + b % (VOCAB - 1) for b in text.encode()]
+
+
+def test_calibrate_scores_global_layers_only(family, monkeypatch):
+    """`needle calibrate` runs on the family; sliding-window layers (which never see a needle outside
+    their window) are left out of the streaming split."""
+    from needle.attention.calibrate import calibrate
+    from needle.attention.head_profile import HeadProfile
+
+    name, path, _, _ = family
+    llm = LLM(str(path), attention="dense", kv_cache_memory="64MiB", enable_prefix_caching=False)
+    monkeypatch.setattr(LLM, "tokenizer", property(lambda self: ByteTokenizer()))  # engine detokenises none
+    scores = calibrate(llm, num_prompts=2, length=200, seed=0)
+    local = [i for i, w in enumerate(llm.engine.model_config.layer_windows) if w is not None]
+    assert scores.shape == (llm.engine.model_config.num_layers, 2)
+    assert all(scores[i].sum() == 0 for i in local)
+    assert all(scores[i].sum() > 0 for i in range(scores.shape[0]) if i not in local)
+    profile = HeadProfile.from_scores(name, scores.tolist(), 0.5, local)
+    assert not any(profile.streaming[i][h] for i in local for h in range(2))
+    assert profile.with_streaming_ratio(0.5).streaming == profile.streaming
