@@ -172,3 +172,14 @@ def test_calibrate_scores_global_layers_only(family, monkeypatch):
     profile = HeadProfile.from_scores(name, scores.tolist(), 0.5, local)
     assert not any(profile.streaming[i][h] for i in local for h in range(2))
     assert profile.with_streaming_ratio(0.5).streaming == profile.streaming
+
+
+def test_shipped_configs_of_the_new_families():
+    """configs/ for --load-format dummy benchmarks: Qwen3-8B and Gemma-3-12B shapes parse as intended."""
+    from needle.engine.loader import CONFIGS_DIR
+
+    qwen = ModelConfig.from_file(CONFIGS_DIR / "qwen3-8b.json", "qwen3-8b")
+    assert qwen.qk_norm and not qwen.windowed and qwen.head_dim == 128
+    gemma = ModelConfig.from_file(CONFIGS_DIR / "gemma-3-12b.json", "gemma-3-12b")
+    assert [i for i, w in enumerate(gemma.layer_windows) if w is None] == list(range(5, 48, 6))
+    assert gemma.rope_scaling == {"rope_type": "linear", "factor": 8.0} and gemma.local_rope_theta == 1e4
