@@ -130,8 +130,11 @@ class AttentionBackend:
     name: str
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] (RoPE applied) -> [T, Hq, D]."""
+                meta: AttentionMetadata, window: int | None = None) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] (RoPE applied) -> [T, Hq, D].
+
+        `window` (a sliding-window layer's, None for global layers): a query at position p reads only
+        keys at positions > p - window, in every attention mode."""
         raise NotImplementedError
 
     def kv_key(self, mode: str, budget: int) -> str:

@@ -35,10 +35,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out[0] if unbatched else out
 
 
-def causal_chunk_mask(num_q: int, ctx_len: int, device: torch.device) -> torch.Tensor:
-    """[Tq, ctx] mask for the last num_q positions of a ctx_len context: query i sees keys <= its position."""
+def causal_chunk_mask(num_q: int, ctx_len: int, device: torch.device, window: int | None = None,
+                      first_key: int = 0) -> torch.Tensor:
+    """[Tq, ctx - first_key] mask for the last num_q positions of a ctx_len context, over keys from
+    first_key on: query i sees keys <= its position (and, with a window, > its position - window)."""
     q_pos = torch.arange(ctx_len - num_q, ctx_len, device=device)[:, None]
-    return torch.arange(ctx_len, device=device)[None, :] <= q_pos
+    k_pos = torch.arange(first_key, ctx_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    return mask if window is None else mask & (k_pos > q_pos - window)
 
 
 class DenseBackend(AttentionBackend):
@@ -48,27 +52,36 @@ class DenseBackend(AttentionBackend):
         self.pool = pool
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, window: int | None = None) -> torch.Tensor:
         self.pool.write(layer, k, v, meta.slot_mapping)
-        return self.attend(layer, q, meta)
+        return self.attend(layer, q, meta, window)
 
-    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,
+               window: int | None = None) -> torch.Tensor:
         """Attention over the cache, whose K/V for this step are already written."""
         if meta.is_decode:
-            return self.decode(layer, q, meta)
+            if window is None:
+                return self.decode(layer, q, meta)
+            return self.decode_window(layer, q, meta, window)
         out = torch.empty_like(q)
         starts = meta.query_start_loc.tolist()
         for i, ctx in enumerate(meta.context_lens):
             rows = slice(starts[i], starts[i + 1])
-            out[rows] = self.prefill_one(layer, q[rows], meta.page_tables[i], ctx)
+            out[rows] = self.prefill_one(layer, q[rows], meta.page_tables[i], ctx, window)
         return out
 
-    def prefill_one(self, layer: int, q: torch.Tensor, page_table: torch.Tensor, ctx: int) -> torch.Tensor:
-        k, v = gather_seq_kv(self.pool, layer, page_table, ctx)
+    def prefill_one(self, layer: int, q: torch.Tensor, page_table: torch.Tensor, ctx: int,
+                    window: int | None = None) -> torch.Tensor:
         num_q = q.shape[0]
-        if num_q == ctx:
+        # a windowed layer gathers only the keys its oldest query can see
+        first = 0 if window is None else max(0, ctx - num_q - window + 1)
+        first_page = first // self.pool.spec.page_size
+        first_key = first_page * self.pool.spec.page_size
+        k, v = gather_seq_kv(self.pool, layer, page_table[first_page:], ctx - first_key)
+        if num_q == ctx and window is None:
             return attend(q, k.to(q.dtype), v.to(q.dtype), causal=True)
-        return attend(q, k.to(q.dtype), v.to(q.dtype), mask=causal_chunk_mask(num_q, ctx, q.device))
+        mask = causal_chunk_mask(num_q, ctx, q.device, window, first_key)
+        return attend(q, k.to(q.dtype), v.to(q.dtype), mask=mask)
 
     def decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """All sequences at once: gather their pages into a padded [B, L] batch and mask the tail."""
@@ -80,5 +93,21 @@ class DenseBackend(AttentionBackend):
         k = self.pool.k[layer][tables].reshape(b, -1, spec.num_kv_heads, spec.head_dim)[:, :max_ctx]
         v = self.pool.v[layer][tables].reshape(b, -1, spec.num_kv_heads, spec.head_dim)[:, :max_ctx]
         valid = torch.arange(max_ctx, device=q.device)[None, :] < meta.context_lens_t[:, None]
+        out = attend(q[:, None], k.to(q.dtype), v.to(q.dtype), mask=valid[:, None, None, :])
+        return out[:, 0]
+
+    def decode_window(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,
+                      window: int) -> torch.Tensor:
+        """A sliding-window layer's decode: each sequence reads only its last `window` positions, so the
+        pages before the window are never touched."""
+        spec = self.pool.spec
+        span = min(window, max(meta.context_lens))
+        pos = meta.context_lens_t.long()[:, None] - span + torch.arange(span, device=q.device)
+        valid = pos >= 0
+        pos = pos.clamp(min=0)
+        pages = meta.page_tables.long().gather(1, pos // spec.page_size)
+        slots = pages * spec.page_size + pos % spec.page_size
+        k = self.pool.k[layer].view(-1, spec.num_kv_heads, spec.head_dim)[slots]
+        v = self.pool.v[layer].view(-1, spec.num_kv_heads, spec.head_dim)[slots]
         out = attend(q[:, None], k.to(q.dtype), v.to(q.dtype), mask=valid[:, None, None, :])
         return out[:, 0]

@@ -22,6 +22,9 @@ class HeadProfile:
     scores: list[list[float]]  # [num_layers][num_kv_heads]
     streaming: list[list[bool]]  # [num_layers][num_kv_heads]
     identity: dict = field(default_factory=dict)  # the model's ModelConfig.identity, for matching
+    # Sliding-window layers: they read only their window whatever the profile, so they are left out of
+    # the streaming/retrieval split (never streaming, not counted in the ratio).
+    local_layers: list[int] = field(default_factory=list)
 
     @property
     def num_layers(self) -> int:
@@ -38,36 +41,42 @@ class HeadProfile:
 
     @classmethod
     def from_scores(cls, model: str, scores: list[list[float]], streaming_ratio: float,
-                    identity: dict | None = None) -> HeadProfile:
-        """The round(ratio * heads) lowest-scoring heads, ranked over all layers, become streaming heads."""
+                    identity: dict | None = None,
+                    local_layers: list[int] | tuple[int, ...] = ()) -> HeadProfile:
+        """The round(ratio * heads) lowest-scoring heads, ranked over all global layers, become streaming
+        heads."""
         if not 0.0 <= streaming_ratio <= 1.0:
             raise ValueError(f"streaming ratio must lie in [0, 1], got {streaming_ratio}")
-        flat = [(s, layer, head) for layer, row in enumerate(scores) for head, s in enumerate(row)]
+        flat = [(s, layer, head) for layer, row in enumerate(scores) if layer not in local_layers
+                for head, s in enumerate(row)]
         num_streaming = round(streaming_ratio * len(flat))
         streaming = [[False] * len(row) for row in scores]
         for _, layer, head in sorted(flat, key=lambda t: t[0])[:num_streaming]:
             streaming[layer][head] = True
-        return cls(model, [list(map(float, row)) for row in scores], streaming, dict(identity or {}))
+        return cls(model, [list(map(float, row)) for row in scores], streaming, dict(identity or {}),
+                   sorted(local_layers))
 
     def with_streaming_ratio(self, ratio: float) -> HeadProfile:
-        return HeadProfile.from_scores(self.model, self.scores, ratio, self.identity)
+        return HeadProfile.from_scores(self.model, self.scores, ratio, self.identity, self.local_layers)
 
     @property
     def streaming_ratio(self) -> float:
-        flags = [f for row in self.streaming for f in row]
+        flags = [f for layer, row in enumerate(self.streaming) if layer not in self.local_layers for f in row]
         return sum(flags) / max(1, len(flags))
 
     def save(self, path: str | Path) -> None:
         data = {"model": self.model, "identity": self.identity, "num_layers": self.num_layers,
                 "num_kv_heads": self.num_kv_heads, "streaming_ratio": self.streaming_ratio,
                 "scores": self.scores, "streaming": self.streaming}
+        if self.local_layers:
+            data["local_layers"] = self.local_layers
         Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> HeadProfile:
         data = json.loads(Path(path).read_text())
         profile = cls(data["model"], data["scores"], [[bool(f) for f in row] for row in data["streaming"]],
-                      data.get("identity") or {})
+                      data.get("identity") or {}, data.get("local_layers", []))
         if any(len(row) != profile.num_kv_heads for row in profile.scores + profile.streaming) or \
                 len(profile.streaming) != profile.num_layers:
             raise ValueError(f"{path}: scores and streaming flags must both be [num_layers][num_kv_heads]")

@@ -221,13 +221,16 @@ class SparseBackend(AttentionBackend):
     # ---- forward ---------------------------------------------------------------------------------
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, window: int | None = None) -> torch.Tensor:
         step = self._step
         if step is None:
             raise RuntimeError("begin_step() must run before forward()")
-        if layer < self.dense_layers or len(step.dense) == meta.num_seqs:
-            out = self.dense.forward(layer, q, k, v, meta)
+        if window is not None or layer < self.dense_layers or len(step.dense) == meta.num_seqs:
+            # a sliding-window layer is one streaming head over its window (no sinks, no page selection)
+            out = self.dense.forward(layer, q, k, v, meta, window)
             update_summaries(self.pool, layer, meta.slot_mapping)
+            if window is not None:
+                self._count_window_reads(layer, step, window)
             return out
         self.pool.write(layer, k, v, meta.slot_mapping)
         update_summaries(self.pool, layer, meta.slot_mapping)
@@ -241,6 +244,15 @@ class SparseBackend(AttentionBackend):
         if step.decode is not None:
             out[step.decode.rows] = self._decode(layer, q[step.decode.rows], step.decode, step)
         return out
+
+    def _count_window_reads(self, layer: int, step: _Step, window: int) -> None:
+        """Keys read by a windowed layer at decode, for sparse_tokens_read (which otherwise counts a
+        dense layer as reading the whole context and a sparse layer as what _decode reads)."""
+        if step.decode is None:
+            return
+        for sid, ctx in zip(step.decode.seq_ids, step.decode.ctx.tolist(), strict=True):
+            read = min(ctx, window) - (ctx if layer < self.dense_layers else 0)
+            step.tokens_read[sid] = step.tokens_read.get(sid, 0.0) + read * self.num_q_heads
 
     # ---- decode ----------------------------------------------------------------------------------
 

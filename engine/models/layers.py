@@ -1,0 +1,156 @@
+"""Layers every supported family shares, over a flattened, paged batch.
+
+Parameter names match Hugging Face checkpoints, except that q/k/v and gate/up projections are fused;
+`checkpoint_target` maps a checkpoint tensor to its place in a fused weight. Every step's tokens of all
+sequences are one [T, hidden] batch; attention is delegated to a backend that owns the KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from needle.attention.base import AttentionBackend, AttentionMetadata
+from needle.engine.model_config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; `unit_offset` is Gemma's variant, which stores w - 1 and scales in float32 before the cast
+    (Llama casts first), so both round exactly as their reference implementations do."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.unit_offset = unit_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x * (1.0 + self.weight.float())).to(dtype)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies, with linear scaling or Llama 3.1's piecewise low/high-frequency rescaling."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    scaling = scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind != "llama3":
+        return inv_freq
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Rotary(nn.Module):
+    """cos/sin for the step's positions, computed once per step and shared by the layers of one RoPE base."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
+        super().__init__()
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        """The buffer's value (the loader refills it after building the model on the meta device)."""
+        return rope_inv_freq(self.head_dim, self.theta, self.scaling).to(device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :].float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Fused qkv projection, optional per-head q/k RMSNorm (Qwen3, Gemma 3), RoPE, then the backend.
+
+    A windowed layer hands its window to the backend, which reads only the last `window` positions.
+    A non-default softmax scale (Gemma's query_pre_attn_scalar) is folded into q, so every backend keeps
+    its 1/sqrt(head_dim).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int, unit_offset_norm: bool = False):
+        super().__init__()
+        self.layer = layer
+        self.window = cfg.window(layer)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        # q, k and v in one matmul: one weight read, one launch (checkpoints' q/k/v_proj load as shards).
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, unit_offset_norm)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, unit_offset_norm)
+        q_scale = cfg.attn_scale * math.sqrt(cfg.head_dim) if cfg.attn_scale else 1.0
+        self.q_scale = None if q_scale == 1.0 else q_scale
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend,
+                meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if self.q_scale is not None:
+            q = q * self.q_scale
+        out = backend.forward(self.layer, q, k, v.view(t, self.num_kv_heads, self.head_dim), meta,
+                              window=self.window)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU (Llama, Qwen, Mistral) or GeGLU with tanh GELU (Gemma): down(act(gate) * up)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.hidden_act not in ("silu", "gelu_pytorch_tanh"):
+            raise ValueError(f"unsupported MLP activation {cfg.hidden_act!r}")
+        self.tanh_gelu = cfg.hidden_act == "gelu_pytorch_tanh"
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate = F.gelu(gate, approximate="tanh") if self.tanh_gelu else F.silu(gate)
+        return self.down_proj(gate * up)
+
+
+# checkpoint projection -> (fused parameter, index of its shard)
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def checkpoint_target(cfg: ModelConfig, name: str) -> tuple[str, slice | None]:
+    """Where a Hugging Face tensor goes: (our parameter name, rows within it or None for all)."""
+    parts = name.split(".")
+    if len(parts) < 2 or parts[-2] not in _FUSED:
+        return name, None
+    fused, shard = _FUSED[parts[-2]]
+    sizes = ([cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2 if fused == "qkv_proj"
+             else [cfg.intermediate_size] * 2)
+    start = sum(sizes[:shard])
+    return ".".join([*parts[:-2], fused, parts[-1]]), slice(start, start + sizes[shard])
