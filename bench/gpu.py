@@ -288,12 +288,12 @@ def model_config_path(out: Path) -> str:
     return str(path)
 
 
-def make_engine(model: str, attention: str, kv_gib: float, **kw):
+def make_engine(model: str, attention: str, kv_gib: float, max_model_len: int = 131072, **kw):
     from needle.engine.config import EngineArgs
     from needle.engine.llm_engine import LLMEngine
 
     args = EngineArgs(model=model, load_format="dummy", attention=attention, kv_cache_memory=f"{kv_gib}GiB",
-                      max_model_len=131072, enable_prefix_caching=False, streaming_ratio=0.5,
+                      max_model_len=max_model_len, enable_prefix_caching=False, streaming_ratio=0.5,
                       max_num_batched_tokens=8192,
                       sparse_recall_sample=0.0, **kw)
     return LLMEngine(args)
@@ -434,6 +434,46 @@ def e2e(out: Path, bw: float, ttft_only: bool = False) -> dict:
     return result
 
 
+FAMILY_ROWS = (("qwen3-8b", 32768, (1, 4)), ("gemma-3-12b", 32768, (1, 2)))
+
+
+def families(out: Path) -> list[dict]:
+    """Decode ms/step of other families' shapes (configs/), dense vs sparse at 32K. Gemma 3's sliding-window
+    layers run on the torch backends (the Triton kernels have no window), so its rows run eagerly."""
+    import gc
+
+    rows = []
+    for name, ctx, batches in FAMILY_ROWS:
+        for mode in ("dense", "sparse"):
+            engine = make_engine(name, mode, 60, max_model_len=ctx + 1024)
+            fill_pool(engine.pool)
+            for batch in batches:
+                row = {"model": name, "mode": mode, "ctx": ctx, "batch": batch, "kernels": engine.kernels}
+                cap = engine.pool.capacity_tokens
+                if batch * (ctx + 16) > cap - 64:
+                    row["error"] = f"KV of {batch}x{ctx} tokens exceeds the {cap}-token pool"
+                else:
+                    row["ms"] = decode_step_ms(engine, batch, ctx)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                (out / "families.json").write_text(json.dumps(rows, indent=1))
+            engine = None
+            gc.collect()
+            torch.cuda.empty_cache()
+    print("\n| model | ctx | batch | kernels | dense ms/step | sparse ms/step | sparse speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    by = {(r["model"], r["batch"], r["mode"]): r for r in rows}
+    for name, ctx, batches in FAMILY_ROWS:
+        for b in batches:
+            d, s = by[(name, b, "dense")], by[(name, b, "sparse")]
+            if "ms" in d and "ms" in s:
+                print(f"| {name} | {ctx} | {b} | {s['kernels']} | {d['ms']:.2f} | {s['ms']:.2f} | "
+                      f"{d['ms'] / s['ms']:.2f}x |")
+            else:
+                print(f"| {name} | {ctx} | {b} | {d.get('error')} {s.get('error')} ||||")
+    return rows
+
+
 def hf_baseline(ctx: int = 8192, new: int = 16) -> dict:
     """transformers with random weights of the same config: prefill ctx tokens, then greedy decode."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -524,6 +564,7 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--families", action="store_true", help="Qwen3-8B and Gemma-3-12B shapes at 32K")
     ap.add_argument("--ttft-only", action="store_true", help="with --e2e: skip the decode table")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -534,6 +575,9 @@ def main() -> None:
     result = None
     if args.profile:
         profile(out)
+        return
+    if args.families:
+        families(out)
         return
     if args.kernels or not args.e2e:
         result = kernels(out)
