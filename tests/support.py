@@ -122,3 +122,23 @@ def _wait_healthy(server: LiveServer, proc: subprocess.Popen, timeout: float) ->
 def proc_wait(proc: subprocess.Popen, seconds: float) -> None:
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=seconds)
+
+
+def run_staggered(engine, prompts: list, params, add: int = 2, steps: int = 3) -> dict[str, tuple]:
+    """Submit `add` prompts, run `steps` steps, repeat: later prompts join while earlier ones decode, one
+    continuous batch with mixed steps; -> {request id: (token ids, per-token logprob dicts)}."""
+    got: dict[str, tuple[list, list]] = {}
+    pending = list(enumerate(prompts))
+    while pending or engine.has_unfinished():
+        for _ in range(add):
+            if pending:
+                i, p = pending.pop(0)
+                engine.add_request(str(i), p, params)
+        for _ in range(steps):
+            for out in engine.step()[0]:
+                c = out.outputs[0]
+                tokens, logprobs = got.setdefault(out.request_id, ([], []))
+                tokens.extend(c.token_ids)
+                logprobs.extend(c.logprobs or [])
+    return got
+

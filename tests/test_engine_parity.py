@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import run_engine
+from support import run_engine, run_staggered
 
 from bench.texts import long_prompt
 from needle.engine import LLM, SamplingParams
@@ -39,31 +39,12 @@ def reference(hf_model, prompts):
     return [hf_greedy(hf_model, p, NEW_TOKENS) for p in prompts]
 
 
-def run_staggered(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict[str, list]:
-    """Submit prompts a few at a time while earlier ones decode: one continuous batch."""
-    engine = llm.engine
-    finished: dict[str, list] = {}
-    pending = list(enumerate(prompts))
-    while pending or engine.has_unfinished():
-        for _ in range(3):
-            if pending:
-                i, p = pending.pop(0)
-                engine.add_request(str(i), p, params)
-        for _ in range(2):
-            outputs, _ = engine.step()
-            for out in outputs:
-                c = out.outputs[0]
-                tok, lp = finished.setdefault(out.request_id, ([], []))
-                tok.extend(c.token_ids)
-                lp.extend(d[t] for d, t in zip(c.logprobs, c.token_ids, strict=True))
-    return finished
-
-
 def test_greedy_matches_transformers(dense_llm, prompts, reference):
     """Short prompts prefill in one step, the long ones in 512-token chunks mixed with decodes."""
     llm = dense_llm
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=1)
-    got = run_staggered(llm, prompts, params)
+    got = {rid: (tokens, [d[t] for d, t in zip(lps, tokens, strict=True)])
+           for rid, (tokens, lps) in run_staggered(llm.engine, prompts, params, add=3, steps=2).items()}
     for i, (ref_tokens, ref_logprobs) in enumerate(reference):
         tokens, logprobs = got[str(i)]
         assert tokens == ref_tokens, f"prompt {i} ({len(prompts[i])} tokens) diverged"

@@ -13,6 +13,7 @@ import random
 
 import pytest
 import torch
+from support import run_staggered
 
 from needle.engine import LLM, SamplingParams
 from needle.engine.model_config import ModelConfig
@@ -78,26 +79,6 @@ def family(request, tmp_path_factory):
     return request.param, path, prompts, reference
 
 
-def run_staggered(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict[str, tuple]:
-    """Two prompts at first, the rest while those decode: one continuous batch with mixed steps."""
-    engine = llm.engine
-    got: dict[str, tuple[list, list]] = {}
-    pending = list(enumerate(prompts))
-    while pending or engine.has_unfinished():
-        for _ in range(2):
-            if pending:
-                i, p = pending.pop(0)
-                engine.add_request(str(i), p, params)
-        for _ in range(3):
-            outputs, _ = engine.step()
-            for out in outputs:
-                c = out.outputs[0]
-                tokens, logprobs = got.setdefault(out.request_id, ([], []))
-                tokens.extend(c.token_ids)
-                logprobs.extend(c.logprobs)
-    return got
-
-
 @pytest.mark.parametrize("chunk", [4096, 32])
 def test_greedy_and_logprobs_match_transformers(family, chunk):
     name, path, prompts, reference = family
@@ -107,7 +88,7 @@ def test_greedy_and_logprobs_match_transformers(family, chunk):
     llm = LLM(str(path), attention="dense", kv_cache_memory="64MiB", max_num_batched_tokens=chunk,
               enable_prefix_caching=True)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=20)
-    got = run_staggered(llm, prompts + prompts[:1], params)  # the repeat hits the prefix cache in full
+    got = run_staggered(llm.engine, prompts + prompts[:1], params)  # the repeat hits the prefix cache in full
     for i, (ref_tokens, ref_logprobs) in enumerate(reference + reference[:1]):
         tokens, logprobs = got[str(i)]
         assert tokens == ref_tokens, f"{name}: prompt {i} ({len(prompts[i % len(prompts)])} tokens) diverged"

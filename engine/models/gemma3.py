@@ -14,7 +14,7 @@ from torch import nn
 
 from needle.attention.base import AttentionBackend, AttentionMetadata
 from needle.engine.model_config import ModelConfig
-from needle.engine.models.layers import Attention, GatedMLP, RMSNorm, Rotary
+from needle.engine.models.layers import Attention, GatedMLP, RMSNorm, Rotary, lm_head
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -48,9 +48,7 @@ class Gemma3ForCausalLM(nn.Module):
         self.model = Gemma3Body(cfg)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # global layers
         self.rotary_local = Rotary(cfg.head_dim, cfg.local_rope_theta or cfg.rope_theta)  # windowed layers
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head = lm_head(cfg, self.model.embed_tokens)
 
     def forward(self, input_ids: torch.Tensor, backend: AttentionBackend,
                 meta: AttentionMetadata) -> torch.Tensor:

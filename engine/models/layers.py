@@ -144,6 +144,14 @@ _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
+def lm_head(cfg: ModelConfig, embedding: nn.Embedding) -> nn.Linear:
+    """The output projection; it shares the embedding's weight where the checkpoint ties them."""
+    head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+    if cfg.tie_word_embeddings:
+        head.weight = embedding.weight
+    return head
+
+
 def checkpoint_target(cfg: ModelConfig, name: str) -> tuple[str, slice | None]:
     """Where a Hugging Face tensor goes: (our parameter name, rows within it or None for all)."""
     parts = name.split(".")

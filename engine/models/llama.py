@@ -11,7 +11,7 @@ from torch import nn
 
 from needle.attention.base import AttentionBackend, AttentionMetadata
 from needle.engine.model_config import ModelConfig
-from needle.engine.models.layers import Attention, GatedMLP, RMSNorm, Rotary
+from needle.engine.models.layers import Attention, GatedMLP, RMSNorm, Rotary, lm_head
 
 
 class DecoderLayer(nn.Module):
@@ -41,9 +41,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.model = LlamaBody(cfg)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head = lm_head(cfg, self.model.embed_tokens)
 
     def forward(self, input_ids: torch.Tensor, backend: AttentionBackend,
                 meta: AttentionMetadata) -> torch.Tensor:
