@@ -18,6 +18,8 @@ import torch
 from needle.attention.base import AttentionMetadata
 from needle.attention.dense import DenseBackend
 from needle.engine.llm import LLM
+from needle.engine.loader import load_config, resolve_model
+from needle.kvcache.pool import KVCacheSpec
 from needle.kvcache.summaries import update_summaries
 
 
@@ -65,15 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--policy", default="hierarchical")
     parser.add_argument("--budget", type=int, default=None, help="sparse token budget (default: engine's)")
+    parser.add_argument("--model", default=None, help="model (default: the bundled SmolLM2)")
     args = parser.parse_args(argv)
     pages = args.seqs * -(-(args.context + args.steps + 1) // 16)
-    llm = LLM(attention="sparse", sparse_policy=args.policy, sparse_token_budget=args.budget,
-              sparse_recall_sample=0.0, kv_cache_memory=str(int(pages * 1.05 * 16 * 48 * 1024)))
+    path, name = resolve_model(args.model, "auto")
+    cfg = load_config(path, name)
+    spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16)
+    llm = LLM(args.model, attention="sparse", sparse_policy=args.policy, sparse_token_budget=args.budget,
+              sparse_recall_sample=0.0, kv_cache_memory=str(int(pages * 1.05 * spec.bytes_per_page(True))))
     fill_pool(llm.engine.pool, pages * 16)
     sparse = llm.engine.backend
     tps = tokens_per_second(llm, {"dense": DenseBackend(llm.engine.pool), "sparse": sparse}, args)
     rows = [("dense", tps["dense"]), (f"sparse ({args.policy}, budget {sparse.token_budget})", tps["sparse"])]
-    print(f"decode, {args.seqs} sequences x {args.context} tokens context, {torch.get_num_threads()} threads")
+    print(f"{name}: decode, {args.seqs} sequences x {args.context} tokens context, "
+          f"{torch.get_num_threads()} threads")
     print("| attention | tokens/s | speed-up |\n|---|---|---|")
     for name, tps in rows:
         print(f"| {name} | {tps:.2f} | {tps / rows[0][1]:.2f}x |")
