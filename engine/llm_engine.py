@@ -133,6 +133,8 @@ class LLMEngine:
             + ("" if self.args.quantization == "none" else f", {self.args.quantization} weights"),
             "device": str(self.device),
             "kv_capacity_tokens": self.pool.capacity_tokens,
+            "page_size": self.args.page_size,
+            "num_pages": self.pool.num_pages,
             "max_model_len": self.max_model_len,
             "attention": self.args.attention
             + (f" ({self.args.sparse_policy}, budget {self.sparse_config.token_budget} tokens)"

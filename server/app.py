@@ -178,7 +178,9 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
     async def load() -> None:
         try:
             engine = await asyncio.to_thread(factory, on_step)
-            state.metrics = Metrics(config.served_model_name or engine.model_name)
+            info = engine.describe()
+            state.metrics = Metrics(config.served_model_name or engine.model_name, config.metrics_compat,
+                                    {"block_size": info["page_size"], "num_gpu_blocks": info["num_pages"]})
             engine.start()
         except Exception as err:
             state.load_error = f"{type(err).__name__}: {err}"
@@ -187,7 +189,6 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
                 on_load_failure()
             return
         state.engine = engine
-        info = engine.describe()
         logger.info("needle ready: model %s (served as %s), dtype %s, device %s, KV capacity %s tokens, "
                     "attention %s; listening on %s", info.get("model"), state.model_name, info.get("dtype"),
                     info.get("device"), info.get("kv_capacity_tokens"), info.get("attention"), config.url)

@@ -35,6 +35,7 @@ class ServerConfig:
     max_request_bytes: int = 16 * 2**20
     body_timeout: float = 30.0  # seconds a request body may take to arrive (408 beyond)
     special_tokens_in_content: bool = False  # True: message content may spell control tokens (unsafe)
+    metrics_compat: str = "none"  # "vllm": also serve the router metrics under vLLM's names
 
     @property
     def url(self) -> str:
