@@ -103,6 +103,9 @@ def test_dockerfile_runs_the_server_like_vllms_image():
     assert ("EXPOSE", "8000") in instructions
     assert any(kw == "HEALTHCHECK" and "/health" in rest for kw, rest in instructions)
     assert any(kw == "VOLUME" and "/models" in rest for kw, rest in instructions)
+    # The conversion cache is a volume, where NEEDLE_CACHE points.
+    assert ("ENV", "NEEDLE_CACHE=/cache") in instructions
+    assert any(kw == "VOLUME" and "/cache" in rest for kw, rest in instructions)
     user = [rest for kw, rest in instructions if kw == "USER"]
     assert user and user[-1].split(":")[0] not in ("root", "0")
 
@@ -173,6 +176,7 @@ def test_compose_references_existing_files():
             assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
         for dep in service.get("depends_on", []):
             assert dep in compose["services"]
+    assert "needle-cache:/cache" in compose["services"]["needle"]["volumes"]  # NEEDLE_CACHE, set by the image
     for volume in (v.split(":")[0] for s in compose["services"].values() for v in s.get("volumes", [])):
         assert volume.startswith(".") or volume in compose["volumes"]
 
@@ -287,6 +291,7 @@ def test_kubernetes_manifests_fit_together():
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert "emptyDir" in volumes[mounts["/cache"]]  # NEEDLE_CACHE, set by the image
     claim = volumes[mounts["/models"]]["persistentVolumeClaim"]["claimName"]
     assert claim == r["PersistentVolumeClaim"]["metadata"]["name"]
     assert r["Deployment"]["spec"]["replicas"] > 1
