@@ -62,7 +62,7 @@ class LLMEngine:
         self.args = args
         self.device = resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype, self.device)
-        path, self.model_name = resolve_model(args.model, args.load_format)
+        path, self.model_name = resolve_model(args.model, args.load_format, args.revision, args.download_dir)
         cfg = load_config(path, self.model_name)
         self.model_config = cfg
         if args.max_model_len and args.max_model_len > cfg.max_model_len:

@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -98,7 +99,35 @@ def split_gguf(name: str) -> Path:
     return out
 
 
-def resolve_model(model: str | None, load_format: str) -> tuple[Path, str]:
+_HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+
+
+def hub_snapshot(repo: str, revision: str | None, download_dir: str | None) -> Path:
+    """A Hugging Face Hub repo's files through huggingface_hub: its cache (or `download_dir`), HF_TOKEN,
+    HF_HUB_OFFLINE=1 (then only what the cache holds). Only what needle reads is fetched."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    where = f"Hugging Face repo {repo!r} (revision {revision or 'main'})"
+    try:
+        path = Path(snapshot_download(repo, revision=revision, cache_dir=download_dir,
+                                      allow_patterns=_HUB_FILES))
+    except LocalEntryNotFoundError as e:
+        raise ModelLoadError(f"{where} is not in the cache and cannot be downloaded (HF_HUB_OFFLINE=1 or "
+                             f"no network): {e}") from e
+    except RepositoryNotFoundError as e:
+        raise ModelLoadError(f"{where} does not exist or needs a token (set HF_TOKEN)") from e
+    except HfHubHTTPError as e:
+        raise ModelLoadError(f"cannot download {where}: {e}") from e
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{where} has no config.json (a GGUF-only repo? download the .gguf you want "
+                             "and pass its path)")
+    return path
+
+
+def resolve_model(model: str | None, load_format: str, revision: str | None = None,
+                  download_dir: str | None = None) -> tuple[Path, str]:
     """-> (a directory with config.json [+ weights + tokenizer], served model name)."""
     if model is None:
         return gguf_to_directory(bundled_gguf()), BUNDLED_NAME
@@ -107,9 +136,12 @@ def resolve_model(model: str | None, load_format: str) -> tuple[Path, str]:
         return gguf_to_directory(split_gguf(model)), model
     if load_format == "dummy" and not path.exists() and (CONFIGS_DIR / f"{model}.json").exists():
         return CONFIGS_DIR / f"{model}.json", model
+    if not path.exists() and _HUB_REPO.match(model):
+        return hub_snapshot(model, revision, download_dir), model
     if not path.exists():
         raise ModelLoadError(f"model path {model!r} does not exist (expected a Hugging Face directory, "
-                             f"a .gguf file, or nothing for the bundled {BUNDLED_NAME})")
+                             f"a Hugging Face Hub repo ORG/NAME, a .gguf file, or nothing for the bundled "
+                             f"{BUNDLED_NAME})")
     if path.is_file() and path.suffix == ".gguf":
         return gguf_to_directory(path), path.stem
     if path.is_file() and path.suffix == ".json" and load_format == "dummy":

@@ -82,3 +82,37 @@ def test_gguf_cache_is_keyed_by_content_and_stored_in_the_gguf_dtypes(model_dir,
     assert dtypes["model.embed_tokens.weight"] == "BF16"  # Q8_0
     assert dtypes["model.layers.0.input_layernorm.weight"] == "F32"  # F32
     assert (model_dir / "model.safetensors").stat().st_size < 0.6 * 538_090_376  # the fp32 conversion
+
+
+def hub_cache_with(root, repo: str, model_dir, revision: str = "0123456789abcdef0123456789abcdef01234567"):
+    """A directory laid out as huggingface_hub's cache holding a tiny random Llama saved by transformers
+    (with the bundled model's tokenizer): models--ORG--NAME/{refs/main, snapshots/<rev>/...}."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / revision
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    LlamaForCausalLM(config).save_pretrained(snapshot)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(snapshot)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def test_hub_repo_resolves_offline_from_a_hub_cache(tmp_path, model_dir, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    snapshot = hub_cache_with(tmp_path, "needle-test/tiny-llama", model_dir)
+    path, name = resolve_model("needle-test/tiny-llama", "auto", download_dir=str(tmp_path))
+    assert (path, name) == (snapshot, "needle-test/tiny-llama")
+    assert resolve_model("needle-test/tiny-llama", "auto", revision=snapshot.name,
+                         download_dir=str(tmp_path))[0] == snapshot
+    llm = LLM("needle-test/tiny-llama", download_dir=str(tmp_path), attention="dense",
+              kv_cache_memory="16MiB")
+    out = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 3
+    with pytest.raises(ModelLoadError, match="not in the cache") as e:  # offline, never downloaded
+        resolve_model("needle-test/absent", "auto", download_dir=str(tmp_path))
+    assert "\n" not in str(e.value)
