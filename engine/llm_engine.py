@@ -113,6 +113,7 @@ class LLMEngine:
         if args.attention == "sparse":
             profile = resolve_profile(args.head_profile, self.model_name, cfg.identity, cfg.num_layers,
                                       cfg.num_kv_heads, args.streaming_ratio)
+        self.head_profile = profile
         return build_backend(self.pool, args.attention, self.kernels, self.sparse_config, profile,
                              cfg.num_heads, cfg.num_kv_heads)
 
@@ -141,6 +142,9 @@ class LLMEngine:
                if self.args.attention == "sparse" else "") + f", {self.kernels} kernels"
             + (", CUDA graphs" if self.runner.graphs is not None else ""),
             "prefix_caching": self.args.enable_prefix_caching,
+            "max_concurrency": self.pool.capacity_tokens // self.max_model_len,  # sequences at full length
+            "head_profile": "none (dense)" if self.head_profile is None else
+            f"{self.head_profile.model} ({self.head_profile.streaming_ratio:.0%} streaming heads)",
         }
 
     # -- requests ---------------------------------------------------------------------------------

@@ -270,18 +270,20 @@ def _load_safetensors(model: CausalLM, path: Path) -> None:
     rows_left = {name: p.shape[0] for name, p in params.items()}
     if model.config.tie_word_embeddings:
         rows_left.pop("lm_head.weight", None)
-    with tqdm(total=sum(rows_left.values()), desc=f"Loading {model.config.name}", unit="row",
-              unit_scale=True) as bar:
-        for file in files:
+    wanted = {}  # file -> the checkpoint tensors it holds that the model takes
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            wanted[file] = [k for k in f.keys() if checkpoint_target(model.config, k)[0] in rows_left]
+    with tqdm(total=sum(map(len, wanted.values())), desc=f"Loading {model.config.name}",
+              unit="tensor") as bar:
+        for file, keys in wanted.items():
             with safe_open(file, framework="pt") as f:
-                for key in f.keys():
+                for key in keys:
                     target, rows = checkpoint_target(model.config, key)
-                    if target not in rows_left:
-                        continue
                     tensor = f.get_tensor(key)
                     params[target].data[rows if rows is not None else slice(None)].copy_(tensor)
                     rows_left[target] -= tensor.shape[0]
-                    bar.update(tensor.shape[0])
+                    bar.update(1)
     missing = sorted(name for name, left in rows_left.items() if left)
     if missing:
         raise ModelLoadError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {missing[:3]}")

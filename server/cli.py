@@ -12,6 +12,7 @@ import os
 import sys
 
 from needle.engine.config import EngineArgs, parse_bytes
+from needle.server import needle_version
 from needle.server.metrics import METRICS_COMPAT
 
 _LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="needle", description="Long-context LLM inference server with sparse attention and an "
         "OpenAI-compatible HTTP API.")
+    parser.add_argument("--version", action="version", version=f"needle {needle_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve = commands.add_parser(
         "serve", help="Start the OpenAI-compatible HTTP server.",

@@ -3,10 +3,13 @@ the dummy model over HTTP, `needle --version` (issue 17)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import SMALL, LiveServer, parse_metrics
+from support import SMALL, LiveServer, error_of, parse_metrics
 
 from needle.server.metrics import Metrics
 
@@ -69,3 +72,45 @@ def test_without_compat_only_needle_names_and_cache_info() -> None:
     assert parse_metrics(text)[info] == 1
     with pytest.raises(ValueError, match="metrics-compat"):
         Metrics("m", compat="sglang")
+
+
+def test_every_response_carries_a_request_id(compat: LiveServer) -> None:
+    mine = httpx.get(f"{compat.url}/v1/models", headers={**compat.headers, "x-request-id": "trace-42"})
+    assert mine.status_code == 200 and mine.headers["x-request-id"] == "trace-42"
+    fresh = [httpx.get(f"{compat.url}/health").headers["x-request-id"] for _ in range(2)]
+    assert fresh[0] != fresh[1] and all(len(r) == 32 for r in fresh)
+    denied = httpx.get(f"{compat.url}/v1/models", headers={"x-request-id": "no-key"})  # 401 too
+    assert denied.status_code == 401 and denied.headers["x-request-id"] == "no-key"
+    traced = {**compat.headers, "x-request-id": "s-1"}
+    with httpx.stream("POST", f"{compat.url}/v1/completions", headers=traced,
+                      json={"prompt": "Hi", "max_tokens": 2, "stream": True}, timeout=60) as r:
+        assert r.headers["x-request-id"] == "s-1" and "[DONE]" in r.read().decode()
+
+
+def test_the_ready_line_and_the_load_bar_say_what_a_person_needs(compat: LiveServer) -> None:
+    log = compat.log.read_text()
+    ready = next(line for line in log.splitlines() if "needle ready" in line)
+    for part in ("max model length 1024", "sequences at full length", "head profile none (dense)",
+                 "prefix caching on"):
+        assert part in ready, ready
+    assert "tensor" in log and "row/s" not in log  # the load bar counts tensors
+
+
+def test_dummy_model_over_http_takes_token_ids_and_refuses_text(serve) -> None:
+    server = serve("smollm2-135m", "--load-format", "dummy", *SMALL)
+    url, headers = server.url, server.headers
+    ok = httpx.post(f"{url}/v1/completions", headers=headers, timeout=60,
+                    json={"prompt": [1, 2, 3], "max_tokens": 3, "ignore_eos": True})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["usage"]["completion_tokens"] == 3
+    for path, body in (("/v1/completions", {"prompt": "Hello", "max_tokens": 3}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+                       ("/tokenize", {"prompt": "Hello"})):
+        err = error_of(httpx.post(f"{url}{path}", headers=headers, json=body, timeout=60), 400)
+        assert "no tokenizer" in err["message"] and "token ids" in err["message"], err
+
+
+def test_needle_version() -> None:
+    out = subprocess.run([sys.executable, "-m", "needle.server.cli", "--version"], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.startswith("needle ") and out.split()[1][0].isdigit()
