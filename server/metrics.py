@@ -131,7 +131,7 @@ class Metrics:
                                               "Sparse decode steps that ran dense (context within budget).")
         if cache_info is not None:
             for prefix in ["needle"] + (["vllm"] if compat == "vllm" else []):
-                info = {k: str(v) for k, v in cache_info.items()}
+                info = {"model_name": model_name, **{k: str(v) for k, v in cache_info.items()}}
                 Gauge(f"{prefix}:cache_config_info", "KV-cache configuration (the value is always 1).",
                       sorted(info), registry=r).labels(**info).set(1)
         # vLLM's LoRA gauge, which the endpoint picker expects to find: needle serves no adapters.
