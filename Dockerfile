@@ -36,12 +36,15 @@ WORKDIR /opt/needle
 COPY . .
 RUN pip install --no-cache-dir .
 
+# /cache holds what needle converts once (GGUF -> safetensors, keyed by the file's content): mount a
+# volume there (-v needle-cache:/cache) and later starts skip the conversion.
+ENV NEEDLE_CACHE=/cache
 RUN useradd --create-home --uid 10001 needle \
-    && mkdir /models \
-    && chown needle:needle /models
+    && mkdir /models /cache \
+    && chown needle:needle /models /cache
 USER 10001:10001
 WORKDIR /home/needle
-VOLUME ["/models"]
+VOLUME ["/models", "/cache"]
 
 EXPOSE 8000
 # The start period covers loading the model; /health answers 503 until it is loaded.

@@ -30,8 +30,13 @@ class EngineArgs:
     """Every engine knob. Field metadata holds the --help text; names match vLLM's flags where one exists."""
 
     model: str | None = field(default=None, metadata={
-        "help": "Model: a Hugging Face model directory, a .gguf file, or omitted for the bundled "
-                "SmolLM2-135M-Instruct."})
+        "help": "Model: a Hugging Face model directory, a Hugging Face Hub repo (ORG/NAME), a .gguf file, "
+                "or omitted for the bundled SmolLM2-135M-Instruct."})
+    revision: str | None = field(default=None, metadata={
+        "help": "Hugging Face Hub model: the branch, tag or commit to use (default: main)."})
+    download_dir: str | None = field(default=None, metadata={
+        "help": "Hugging Face Hub model: the cache directory to download into and read from (default: "
+                "huggingface_hub's, $HF_HOME/hub). HF_TOKEN and HF_HUB_OFFLINE=1 apply as usual."})
     load_format: str = field(default="auto", metadata={
         "help": "auto: real weights; dummy: random weights of the real shapes (for speed benchmarks).",
         "choices": ["auto", "dummy"]})

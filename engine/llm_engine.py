@@ -62,7 +62,7 @@ class LLMEngine:
         self.args = args
         self.device = resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype, self.device)
-        path, self.model_name = resolve_model(args.model, args.load_format)
+        path, self.model_name = resolve_model(args.model, args.load_format, args.revision, args.download_dir)
         cfg = load_config(path, self.model_name)
         self.model_config = cfg
         if args.max_model_len and args.max_model_len > cfg.max_model_len:
@@ -113,6 +113,7 @@ class LLMEngine:
         if args.attention == "sparse":
             profile = resolve_profile(args.head_profile, self.model_name, cfg.identity, cfg.num_layers,
                                       cfg.num_kv_heads, args.streaming_ratio)
+        self.head_profile = profile
         return build_backend(self.pool, args.attention, self.kernels, self.sparse_config, profile,
                              cfg.num_heads, cfg.num_kv_heads)
 
@@ -133,12 +134,17 @@ class LLMEngine:
             + ("" if self.args.quantization == "none" else f", {self.args.quantization} weights"),
             "device": str(self.device),
             "kv_capacity_tokens": self.pool.capacity_tokens,
+            "page_size": self.args.page_size,
+            "num_pages": self.pool.num_pages,
             "max_model_len": self.max_model_len,
             "attention": self.args.attention
             + (f" ({self.args.sparse_policy}, budget {self.sparse_config.token_budget} tokens)"
                if self.args.attention == "sparse" else "") + f", {self.kernels} kernels"
             + (", CUDA graphs" if self.runner.graphs is not None else ""),
             "prefix_caching": self.args.enable_prefix_caching,
+            "max_concurrency": self.pool.capacity_tokens // self.max_model_len,  # sequences at full length
+            "head_profile": "none (dense)" if self.head_profile is None else
+            f"{self.head_profile.model} ({self.head_profile.streaming_ratio:.0%} streaming heads)",
         }
 
     # -- requests ---------------------------------------------------------------------------------

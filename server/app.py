@@ -13,9 +13,9 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request, Response
@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect
 
 from needle.engine.config import EngineArgs
 from needle.engine.stats import StepStats
+from needle.server import needle_version
 from needle.server.chat import create_chat_completion
 from needle.server.completions import create_completion
 from needle.server.errors import APIError, bad_request, from_validation_error, install_error_handlers
@@ -41,13 +42,6 @@ logger = logging.getLogger("needle.server")
 M = TypeVar("M", bound=BaseModel)
 EngineFactory = Callable[[Callable[[StepStats], None]], Any]
 OPEN_PATHS = ("/health", "/metrics")
-
-
-def needle_version() -> str:
-    try:
-        return version("needle-serve")
-    except PackageNotFoundError:
-        return "0.1.0+source"
 
 
 def default_engine_factory(args: EngineArgs) -> EngineFactory:
@@ -166,6 +160,31 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class RequestIdMiddleware:
+    """Every response carries `x-request-id`: the client's own (up to 128 printable ASCII characters), or
+    a new one. Plain ASGI, like APIKeyMiddleware, so streams pass through untouched."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"")
+        rid = given if 0 < len(given) <= 128 and _PRINTABLE.fullmatch(given) else uuid.uuid4().hex.encode()
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+_PRINTABLE = re.compile(rb"[\x21-\x7e]+")
+
+
 def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: EngineFactory | None = None,
               on_load_failure: Callable[[], None] | None = None) -> FastAPI:
     state = ServerState(config=config, engine_args=engine_args)
@@ -178,7 +197,9 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
     async def load() -> None:
         try:
             engine = await asyncio.to_thread(factory, on_step)
-            state.metrics = Metrics(config.served_model_name or engine.model_name)
+            info = engine.describe()
+            state.metrics = Metrics(config.served_model_name or engine.model_name, config.metrics_compat,
+                                    {"block_size": info["page_size"], "num_gpu_blocks": info["num_pages"]})
             engine.start()
         except Exception as err:
             state.load_error = f"{type(err).__name__}: {err}"
@@ -187,10 +208,12 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
                 on_load_failure()
             return
         state.engine = engine
-        info = engine.describe()
-        logger.info("needle ready: model %s (served as %s), dtype %s, device %s, KV capacity %s tokens, "
-                    "attention %s; listening on %s", info.get("model"), state.model_name, info.get("dtype"),
-                    info.get("device"), info.get("kv_capacity_tokens"), info.get("attention"), config.url)
+        logger.info("needle ready: model %s (served as %s), dtype %s, device %s, max model length %s, KV "
+                    "capacity %s tokens (%s sequences at full length), attention %s, head profile %s, "
+                    "prefix caching %s; listening on %s", info.get("model"), state.model_name,
+                    info.get("dtype"), info.get("device"), info.get("max_model_len"),
+                    info.get("kv_capacity_tokens"), info.get("max_concurrency"), info.get("attention"),
+                    info.get("head_profile"), "on" if info.get("prefix_caching") else "off", config.url)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -206,6 +229,7 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
     install_error_handlers(app)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(RequestIdMiddleware)  # added last = outermost: 401s carry the id too
     started = int(time.time())
 
     @app.get("/health")

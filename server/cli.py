@@ -12,6 +12,8 @@ import os
 import sys
 
 from needle.engine.config import EngineArgs, parse_bytes
+from needle.server import needle_version
+from needle.server.metrics import METRICS_COMPAT
 
 _LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
 
@@ -20,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="needle", description="Long-context LLM inference server with sparse attention and an "
         "OpenAI-compatible HTTP API.")
+    parser.add_argument("--version", action="version", version=f"needle {needle_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve = commands.add_parser(
         "serve", help="Start the OpenAI-compatible HTTP server.",
@@ -53,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="On SIGTERM/SIGINT: seconds the requests in flight get to finish (new ones "
                         "get 503) before the rest end with an error event; a second signal exits at once.")
+    server.add_argument("--metrics-compat", default="none", choices=METRICS_COMPAT,
+                        help="vllm: /metrics also serves vllm:num_requests_running, "
+                        "vllm:num_requests_waiting, vllm:kv_cache_usage_perc (and "
+                        "vllm:gpu_cache_usage_perc), vllm:prefix_cache_hits/queries (and "
+                        "vllm:gpu_prefix_cache_hits/queries), vllm:cache_config_info and "
+                        "vllm:lora_requests_info beside needle's names, for routers that read vLLM's (the "
+                        "Gateway API Inference Extension's endpoint picker, llm-d, vLLM's production-stack "
+                        "router).")
     server.add_argument("--log-level", default="info", choices=_LOG_LEVELS, help="needle's log level.")
     server.add_argument("--uvicorn-log-level", default="warning", choices=_LOG_LEVELS,
                         help="uvicorn's log level (access logs appear at info).")
@@ -105,7 +116,8 @@ def serve(ns: argparse.Namespace) -> int:
                           served_model_name=ns.served_model_name, max_queued_seqs=ns.max_queued_seqs,
                           max_seqs_per_request=ns.max_seqs_per_request,
                           max_request_bytes=ns.max_request_bytes, body_timeout=ns.request_body_timeout,
-                          special_tokens_in_content=ns.allow_special_tokens_in_content)
+                          special_tokens_in_content=ns.allow_special_tokens_in_content,
+                          metrics_compat=ns.metrics_compat)
     failed = []
 
     def on_load_failure() -> None:

@@ -1,5 +1,11 @@
 """Prometheus metrics under vLLM's names with the `needle:` prefix, so existing dashboards port over.
 
+With `--metrics-compat vllm` the gauges and counters that routers read are served a second time under
+vLLM's own names (`vllm:num_requests_waiting`, ...), because the Gateway API Inference Extension's
+endpoint picker and vLLM's production-stack router scrape those exact names. `cache_config_info`
+(a gauge fixed at 1 whose labels carry `block_size` and `num_gpu_blocks`, as vLLM serves it) tells a
+router the size of the KV cache.
+
 Engine-side numbers arrive as `StepStats` from the engine thread after every step (`on_step`);
 request latencies are measured here in the server from the moments `engine.generate()` yields
 (`RequestTimer`). Each `Metrics` owns its own `CollectorRegistry`: several servers in one process
@@ -34,21 +40,53 @@ _TOKEN_BUCKETS = tuple(2**i for i in range(0, 21))  # 1 .. 1M tokens
 _RECALL_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
 
 FINISH_REASONS = ("stop", "length", "abort")
+METRICS_COMPAT = ("none", "vllm")
+# needle's name -> the vLLM names a router reads for the same number (vLLM >= 0.9 names first, then the
+# older ones production-stack still reads).
+VLLM_ALIASES = {
+    "num_requests_running": ("num_requests_running",),
+    "num_requests_waiting": ("num_requests_waiting",),
+    "kv_cache_usage_perc": ("kv_cache_usage_perc", "gpu_cache_usage_perc"),
+    "prefix_cache_queries_total": ("prefix_cache_queries", "gpu_prefix_cache_queries"),
+    "prefix_cache_hits_total": ("prefix_cache_hits", "gpu_prefix_cache_hits"),
+}
+
+
+class Fanout:
+    """One number exported under several names: set/inc reach every child."""
+
+    def __init__(self, children: list):
+        self.children = children
+
+    def set(self, value: float) -> None:
+        for child in self.children:
+            child.set(value)
+
+    def inc(self, amount: float = 1.0) -> None:
+        for child in self.children:
+            child.inc(amount)
 
 
 class Metrics:
     """All collectors of one server, labelled with its served model name."""
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, compat: str = "none", cache_info: dict[str, int] | None = None):
+        """`compat` "vllm" adds vLLM's names for the router metrics; `cache_info` ({block_size,
+        num_gpu_blocks}) becomes `cache_config_info` (under `vllm:` too when compat is vllm)."""
+        if compat not in METRICS_COMPAT:
+            raise ValueError(f"--metrics-compat must be one of {', '.join(METRICS_COMPAT)}, not {compat!r}")
         self.registry = CollectorRegistry()
         self.model_name = model_name
         r, label = self.registry, ["model_name"]
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"needle:{name}", doc, label, registry=r).labels(model_name)
+        def names(name: str) -> list[str]:
+            return [f"needle:{name}"] + [f"vllm:{a}" for a in VLLM_ALIASES.get(name, ()) if compat == "vllm"]
 
-        def counter(name: str, doc: str) -> Counter:
-            return Counter(f"needle:{name}", doc, label, registry=r).labels(model_name)
+        def gauge(name: str, doc: str) -> Fanout:
+            return Fanout([Gauge(n, doc, label, registry=r).labels(model_name) for n in names(name)])
+
+        def counter(name: str, doc: str) -> Fanout:
+            return Fanout([Counter(n, doc, label, registry=r).labels(model_name) for n in names(name)])
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(f"needle:{name}", doc, label, buckets=buckets, registry=r).labels(model_name)
@@ -91,6 +129,18 @@ class Metrics:
                                             _TOKEN_BUCKETS)
         self.sparse_dense_fallbacks = counter("sparse_dense_fallbacks_total",
                                               "Sparse decode steps that ran dense (context within budget).")
+        if cache_info is not None:
+            for prefix in ["needle"] + (["vllm"] if compat == "vllm" else []):
+                info = {"model_name": model_name, **{k: str(v) for k, v in cache_info.items()}}
+                Gauge(f"{prefix}:cache_config_info", "KV-cache configuration (the value is always 1).",
+                      sorted(info), registry=r).labels(**info).set(1)
+        # vLLM's LoRA gauge, which the endpoint picker expects to find: needle serves no adapters.
+        self.lora_info = None
+        if compat == "vllm":
+            self.lora_info = Gauge("vllm:lora_requests_info", "Running stats on LoRA requests (none here).",
+                                   ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+                                   registry=r).labels("0", "", "")
+            self.lora_info.set_to_current_time()
 
     def on_step(self, stats: StepStats) -> None:
         """Engine listener; runs on the engine thread (prometheus_client collectors are thread-safe)."""
@@ -110,6 +160,8 @@ class Metrics:
         for tokens in stats.attention.tokens_read:
             self.sparse_tokens_read.observe(tokens)
         self.sparse_dense_fallbacks.inc(stats.attention.dense_fallbacks)
+        if self.lora_info is not None:
+            self.lora_info.set_to_current_time()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -35,6 +35,7 @@ class ServerConfig:
     max_request_bytes: int = 16 * 2**20
     body_timeout: float = 30.0  # seconds a request body may take to arrive (408 beyond)
     special_tokens_in_content: bool = False  # True: message content may spell control tokens (unsafe)
+    metrics_compat: str = "none"  # "vllm": also serve the router metrics under vLLM's names
 
     @property
     def url(self) -> str:
@@ -141,7 +142,14 @@ class ServerState:
 
     @property
     def tokenizer(self) -> Any:
-        return self.ready().tokenizer
+        """The model's tokenizer; a 400 for a model without one (--load-format dummy from a config),
+        which takes token ids only."""
+        tokenizer = self.ready().tokenizer
+        if tokenizer is None:
+            raise bad_request("this model has no tokenizer (--load-format dummy serves random weights from a "
+                              "config): send the prompt as token ids, e.g. \"prompt\": [1, 2, 3]",
+                              param="prompt")
+        return tokenizer
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))

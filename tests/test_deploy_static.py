@@ -5,6 +5,7 @@ Kubernetes manifests against the Kubernetes schemas and against each other."""
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 import shlex
 import subprocess
@@ -19,6 +20,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
+POOL = K8S / "inference-pool"
 K8S_VERSION = "1.37"
 
 
@@ -101,6 +103,9 @@ def test_dockerfile_runs_the_server_like_vllms_image():
     assert ("EXPOSE", "8000") in instructions
     assert any(kw == "HEALTHCHECK" and "/health" in rest for kw, rest in instructions)
     assert any(kw == "VOLUME" and "/models" in rest for kw, rest in instructions)
+    # The conversion cache is a volume, where NEEDLE_CACHE points.
+    assert ("ENV", "NEEDLE_CACHE=/cache") in instructions
+    assert any(kw == "VOLUME" and "/cache" in rest for kw, rest in instructions)
     user = [rest for kw, rest in instructions if kw == "USER"]
     assert user and user[-1].split(":")[0] not in ("root", "0")
 
@@ -171,6 +176,7 @@ def test_compose_references_existing_files():
             assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
         for dep in service.get("depends_on", []):
             assert dep in compose["services"]
+    assert "needle-cache:/cache" in compose["services"]["needle"]["volumes"]  # NEEDLE_CACHE, set by the image
     for volume in (v.split(":")[0] for s in compose["services"].values() for v in s.get("volumes", [])):
         assert volume.startswith(".") or volume in compose["volumes"]
 
@@ -285,6 +291,76 @@ def test_kubernetes_manifests_fit_together():
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert "emptyDir" in volumes[mounts["/cache"]]  # NEEDLE_CACHE, set by the image
     claim = volumes[mounts["/models"]]["persistentVolumeClaim"]["claimName"]
     assert claim == r["PersistentVolumeClaim"]["metadata"]["name"]
     assert r["Deployment"]["spec"]["replicas"] > 1
+
+
+# ---------------------------------------------------------------- Inference Extension overlay
+
+
+# No packaged schema for the Inference Extension's CRDs exists offline: this one is ours, written from
+# its API reference (see its $comment).
+INFERENCE_POOL_SCHEMA = json.loads((ROOT / "tests" / "schemas" / "inferencepool-v1.json").read_text())
+
+
+def pool_overlay() -> dict[tuple[str, str], dict]:
+    kustomization = yaml.safe_load((POOL / "kustomization.yaml").read_text())
+    base, *listed = kustomization["resources"]
+    assert base == ".."
+    assert sorted(listed) == sorted(p.name for p in POOL.glob("*.yaml") if p.name != "kustomization.yaml")
+    docs = [d for name in listed for d in yaml.safe_load_all((POOL / name).read_text()) if d]
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def test_inference_pool_overlay_validates_against_the_schemas():
+    for (kind, _), resource in pool_overlay().items():
+        if kind == "InferencePool":
+            jsonschema.validate(resource, INFERENCE_POOL_SCHEMA)
+        else:
+            kubernetes_validate.validate(resource, K8S_VERSION, strict=True)
+
+
+def test_inference_pool_schema_rejects_the_alpha_fields():
+    pool = dict(pool_overlay()[("InferencePool", "needle")])
+    pool["spec"] = {**pool["spec"], "targetPortNumber": 8000}  # v1alpha2's field, gone in v1
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(pool, INFERENCE_POOL_SCHEMA)
+
+
+def test_inference_pool_picks_needle_pods_that_serve_vllm_metric_names():
+    docs, base = pool_overlay(), k8s_resources()
+    pool = docs[("InferencePool", "needle")]
+    pod = base["Deployment"]["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert pool["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    pool_ports = {p["number"] for p in pool["spec"]["targetPorts"]}
+    assert pool_ports <= {p["containerPort"] for p in container["ports"]}
+    args = container["args"]
+    assert args[args.index("--metrics-compat") + 1] == "vllm"  # what the picker scrapes
+    # The pool names the picker's Service and port; the picker watches this pool and is not in it.
+    ref = pool["spec"]["endpointPickerRef"]
+    service = docs[("Service", ref["name"])]
+    epp = docs[("Deployment", ref["name"])]["spec"]["template"]
+    assert ref["port"]["number"] in {p["port"] for p in service["spec"]["ports"]}
+    assert service["spec"]["selector"].items() <= epp["metadata"]["labels"].items()
+    assert not pool["spec"]["selector"]["matchLabels"].items() <= epp["metadata"]["labels"].items()
+    epp_args = epp["spec"]["containers"][0]["args"]
+    assert epp_args[epp_args.index("--pool-name") + 1] == pool["metadata"]["name"]
+    # Its plugin config is the mounted ConfigMap's key, and every profile refers to a declared plugin.
+    config_path = Path(epp_args[epp_args.index("--config-file") + 1])
+    mounts = {m["mountPath"]: m["name"] for m in epp["spec"]["containers"][0]["volumeMounts"]}
+    mount = mounts[str(config_path.parent)]
+    volume = {v["name"]: v for v in epp["spec"]["volumes"]}[mount]
+    plugins = yaml.safe_load(docs[("ConfigMap", volume["configMap"]["name"])]["data"][config_path.name])
+    declared = {p["type"] for p in plugins["plugins"]}
+    assert {r["pluginRef"] for prof in plugins["schedulingProfiles"] for r in prof["plugins"]} <= declared
+    # RBAC: the picker's service account may read pools (of the pool's API group) and pods.
+    account = epp["spec"]["serviceAccountName"]
+    binding = next(d for (k, _), d in docs.items() if k == "RoleBinding")
+    assert binding["subjects"][0]["name"] == account
+    rules = docs[("Role", binding["roleRef"]["name"])]["rules"]
+    group = pool["apiVersion"].split("/")[0]
+    assert any(group in r["apiGroups"] and "inferencepools" in r["resources"] for r in rules)
+    assert any("" in r["apiGroups"] and "pods" in r["resources"] for r in rules)

@@ -65,6 +65,10 @@ ROWS = [
         ("Prefix cache hit rate", "timeseries", "percentunit", [
             (ratio("prefix_cache_hits_total", "prefix_cache_queries_total"), "hit rate")],
          "Share of prompt tokens found in the prefix cache."),
+        ("KV cache size", "timeseries", "short", [
+            (f"needle:cache_config_info{SEL}",
+             "{{instance}}: {{num_gpu_blocks}} pages of {{block_size}} tokens")],
+         "Each replica's KV cache (cache_config_info, always 1; the size is in its labels)."),
     ]),
     ("Latency", [
         ("Time to first token", "timeseries", "s", quantiles("time_to_first_token_seconds"),
