@@ -39,6 +39,10 @@ class Sequence:
     first_sibling: Sequence | None = None  # n > 1: wait until it has prefilled, then share its pages
     generator: torch.Generator | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
+    # Speculative decoding: draft slots the scheduler reserves this step, and the drafts proposed into
+    # them (never part of token_ids: they are verified, then the accepted ones are appended).
+    num_lookahead: int = 0
+    draft_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
@@ -53,6 +57,11 @@ class Sequence:
     @property
     def num_output(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        """Past its prompt with only its newest token to compute: the state a sequence speculates from."""
+        return self.num_output > 0 and len(self.token_ids) - self.num_computed == 1
 
     @property
     def is_finished(self) -> bool:
