@@ -158,6 +158,9 @@ class LLMEngine:
                if self.args.attention == "sparse" else "") + f", {self.kernels} kernels"
             + (", CUDA graphs" if self.runner.graphs is not None else ""),
             "prefix_caching": self.args.enable_prefix_caching,
+            "speculative": None if self.spec_config is None else
+            f"{self.spec_config.method}, K={self.spec_config.num_speculative_tokens}"
+            + (", goodput" if self.spec_config.dynamic else ", fixed"),
         }
 
     # -- requests ---------------------------------------------------------------------------------

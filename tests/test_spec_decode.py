@@ -191,3 +191,27 @@ def test_rollback_keeps_summaries_exact(ngram_llm):
         checked += 1
     assert checked > 3 and rejected > 0
     assert_no_leak(engine)
+
+
+def test_server_end_to_end_with_the_openai_client(serve):
+    """`--speculative-config` through the CLI; a request opting out gets the same greedy text; the
+    spec_decode counters count."""
+    from openai import OpenAI
+    from support import SMALL
+
+    server = serve(*SMALL, "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4}')
+    client = OpenAI(base_url=f"{server.url}/v1", api_key=server.api_key)
+    model = client.models.list().data[0].id
+    text = "Repeat exactly: alpha beta gamma delta, alpha beta gamma delta."
+    messages = [{"role": "user", "content": text}]
+    on = client.chat.completions.create(model=model, messages=messages, max_tokens=32, temperature=0)
+    off = client.chat.completions.create(model=model, messages=messages, max_tokens=32, temperature=0,
+                                         extra_body={"speculative": False})
+    assert on.choices[0].message.content == off.choices[0].message.content
+    stream = client.completions.create(model=model, prompt=SHORT[0], max_tokens=24, temperature=0,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices)
+    metrics = server.metrics()
+    assert metrics[("needle:spec_decode_num_draft_tokens_total", ())] > 0
+    assert metrics[("needle:spec_decode_num_accepted_tokens_total", ())] > 0
+    assert metrics[("needle:spec_decode_num_accepted_tokens_per_pos_total", (("position", "0"),))] > 0
