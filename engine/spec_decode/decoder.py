@@ -79,6 +79,8 @@ class SpecDecoder:
 
     def plan(self, running: list[Sequence]) -> None:
         self.stats = SpecStats(accepted_per_pos=[0] * self.config.num_speculative_tokens)
+        for seq in running:
+            seq.num_lookahead = 0  # nothing carried over (a preempted sequence may come back)
         decoding = [s for s in running if s.is_decoding]
         spec = [s for s in decoding if self.may_speculate(s)]
         if not spec:
