@@ -20,7 +20,7 @@ SHORT = [
     "Once upon a time, in a land far away,",
 ]
 LONG_TEXT = " ".join(f"Item {i}: the {['red', 'blue', 'green'][i % 3]} box holds {i * 7} coins."
-                     for i in range(190))
+                     for i in range(155))
 LONG = [LONG_TEXT + "\nQuestion: what does the red box hold? Answer:",
         LONG_TEXT + "\nRepeat the last item exactly:"]
 ENGINE = dict(attention="dense", kv_cache_memory="512MiB", max_num_batched_tokens=512)
@@ -55,7 +55,7 @@ def assert_no_leak(engine) -> None:
 
 @pytest.fixture(scope="module")
 def baseline(dense_llm):
-    greedy = SamplingParams(temperature=0, max_tokens=40)
+    greedy = SamplingParams(temperature=0, max_tokens=24)
     prompts = SHORT + LONG
     return prompts, staggered(dense_llm.engine, prompts, greedy)
 
@@ -75,14 +75,14 @@ def test_ngram_lookup():
 @pytest.mark.parametrize("method", ["ngram", "self_sparse", "draft_model"])
 def test_greedy_identical_to_plain_decoding(method, baseline, ngram_llm):
     prompts, expected = baseline
-    llm = ngram_llm if method == "ngram" else spec_llm(method, **({"model": "bundled"}
-                                                                    if method == "draft_model" else {}))
+    extra = {"model": "bundled"} if method == "draft_model" else {}
+    llm = ngram_llm if method == "ngram" else spec_llm(method, num_speculative_tokens=3, **extra)
     accepted = []
-    got = staggered(llm.engine, prompts, SamplingParams(temperature=0, max_tokens=40))
+    got = staggered(llm.engine, prompts, SamplingParams(temperature=0, max_tokens=24))
     assert got == expected
     assert_no_leak(llm.engine)
-    # Again: the long prompts' pages now come from the prefix cache; count what was accepted.
-    llm.engine.add_request("again", prompts[-1], SamplingParams(temperature=0, max_tokens=40))
+    # Again: the long prompt's pages now come from the prefix cache; count what was accepted.
+    llm.engine.add_request("again", prompts[-1], SamplingParams(temperature=0, max_tokens=24))
     again = run_engine(llm.engine, on_step=lambda s: accepted.append(s.spec.num_accepted_tokens))
     assert again["again"] == expected[f"r{len(prompts) - 1}"]
     assert sum(accepted) > 0

@@ -103,7 +103,7 @@ ROWS = [
             (rate("spec_decode_num_accepted_tokens_total"), "accepted tokens/s")],
          "Sequence-steps that verified drafts, draft tokens proposed and accepted, per second."),
         ("Accepted by draft position", "timeseries", "short", [
-            (rate("spec_decode_num_accepted_tokens_per_pos", "position"), "position {{position}}")],
+            (rate("spec_decode_num_accepted_tokens_per_pos_total", "position"), "position {{position}}")],
          "Accepted draft tokens per second at each position of the draft."),
         ("Chosen draft length k", "timeseries", "short", quantiles("spec_decode_draft_length"),
          "The draft length the goodput controller picked per step (0: no speculation)."),
