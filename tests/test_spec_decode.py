@@ -168,7 +168,7 @@ def test_rollback_keeps_summaries_exact(ngram_llm):
     llm = spec_llm("self_sparse")
     engine = llm.engine
     pool = engine.pool
-    engine.add_request("s", LONG[0], SamplingParams(temperature=0, max_tokens=24))
+    engine.add_request("s", LONG[0], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     checked = rejected = 0
     while engine.has_unfinished():
         _, stats = engine.step()
