@@ -21,6 +21,10 @@ KV cache layout (one tensor pair for all layers, see kvcache/pool.py):
 A step's new tokens of all sequences are flattened into one [T, ...] batch; sequence i owns rows
 query_start_loc[i]:query_start_loc[i+1], which are its last query_lens[i] positions.
 
+    verify      a decoding sequence's speculative step: its newest token plus num_draft_tokens[i] drafts,
+                query_lens[i] = 1 + num_draft_tokens[i]. Each row is a decode query at its own position
+                (causal among the rows), not a prefill chunk.
+
 This package may import kvcache/ only.
 """
 
@@ -48,11 +52,13 @@ class AttentionMetadata:
     # Per-sequence attention choice: "dense" or "sparse", and the sparse token budget (0: the default).
     modes: list[str]
     token_budgets: list[int]
+    num_draft_tokens: list[int] = field(default_factory=list)  # per sequence; empty: no speculation
 
     @classmethod
     def build(cls, seq_ids: list[int], query_lens: list[int], context_lens: list[int],
               page_tables: list[list[int]], page_size: int, device: torch.device | str,
-              modes: list[str] | None = None, token_budgets: list[int] | None = None) -> AttentionMetadata:
+              modes: list[str] | None = None, token_budgets: list[int] | None = None,
+              num_draft_tokens: list[int] | None = None) -> AttentionMetadata:
         """The one constructor: sequence i brings its last query_lens[i] of context_lens[i] positions."""
         positions, slots = [], []
         for n, ctx, table in zip(query_lens, context_lens, page_tables, strict=True):
@@ -71,11 +77,16 @@ class AttentionMetadata:
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             positions=torch.tensor(positions, dtype=torch.int64, device=device),
             modes=list(modes) if modes is not None else ["sparse"] * b,
-            token_budgets=list(token_budgets) if token_budgets is not None else [0] * b)
+            token_budgets=list(token_budgets) if token_budgets is not None else [0] * b,
+            num_draft_tokens=list(num_draft_tokens) if num_draft_tokens and any(num_draft_tokens) else [])
 
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
+
+    def is_verify(self, i: int) -> bool:
+        """Sequence i verifies drafts this step: its rows are decode queries, not a prefill chunk."""
+        return bool(self.num_draft_tokens) and self.num_draft_tokens[i] > 0
 
     @property
     def is_decode(self) -> bool:
@@ -99,7 +110,8 @@ class AttentionMetadata:
             query_start_loc=torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int64, device=dev),
             context_lens_t=self.context_lens_t[index], page_tables=self.page_tables[index],
             slot_mapping=self.slot_mapping[rows], positions=self.positions[rows],
-            modes=[self.modes[i] for i in index], token_budgets=[self.token_budgets[i] for i in index])
+            modes=[self.modes[i] for i in index], token_budgets=[self.token_budgets[i] for i in index],
+            num_draft_tokens=[self.num_draft_tokens[i] for i in index] if self.num_draft_tokens else [])
 
     def padded(self, num_seqs: int, **tensors: torch.Tensor) -> AttentionMetadata:
         """A decode step's metadata padded to `num_seqs` rows (a CUDA-graph bucket): padded rows have

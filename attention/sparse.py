@@ -5,6 +5,9 @@ Per layer and KV head, the head profile says streaming or retrieval. Decode, per
   * retrieval heads attend to the sink units, the newest units (`retrieval_local_tokens`) and the `k`
     units the policy ranks best (k fills the sequence's token budget); a selection is kept for
     `selector_interval` steps.
+A verify step (a decoding sequence's newest token + its drafts, see base.py) is decode: each row reads
+what a decode step at its position would, with the sequence's one kept selection (a verify step counts
+as one step of the reselection schedule; when due, its first row's query reselects).
 Prefill (also chunked): streaming heads attend to sinks + the last `prefill_local_tokens` before each
 query (a Lambda-shaped mask); retrieval heads attend densely, as in LServe.
 Dense, exactly as the dense backend computes it: the first `dense_layers` layers, sequences in "dense"
@@ -64,9 +67,9 @@ class _Decode:
     """Per-step layout of the sequences that decode sparsely; shared by every sparse layer."""
 
     index: list[int]  # positions in the step's batch
-    seq_ids: list[int]
-    rows: torch.Tensor  # [B] query row of each sequence
-    ctx: torch.Tensor  # [B] int64 context lengths
+    seq_ids: list[int]  # per entry: a decode sequence, or one row of a verifying one
+    rows: torch.Tensor  # [B] query row of each entry
+    ctx: torch.Tensor  # [B] int64 context lengths (a verify row sees the positions up to its own)
     page_tables: torch.Tensor  # [B, P]
     stream_pos: torch.Tensor  # [B, Ns] positions read by streaming heads (clamped inside the context)
     stream_valid: torch.Tensor  # [B, Ns]
@@ -168,12 +171,13 @@ class SparseBackend(AttentionBackend):
         for i in range(meta.num_seqs):
             sparse_mode = not meta.modes or meta.modes[i] != "dense"
             budget = self.budget_of(meta, i)
-            span = budget if meta.query_lens[i] == 1 else self.dense_prefill_span(budget)
+            decoding = meta.query_lens[i] == 1 or meta.is_verify(i)
+            span = budget if decoding else self.dense_prefill_span(budget)
             if not sparse_mode or meta.context_lens[i] <= span:
                 dense.append(i)
                 if sparse_mode:
                     self._stats.dense_fallbacks += 1
-            elif meta.query_lens[i] == 1:
+            elif decoding:
                 decode.append(i)
             else:
                 prefill.append(i)
@@ -183,8 +187,11 @@ class SparseBackend(AttentionBackend):
     def _plan_decode(self, meta: AttentionMetadata, index: list[int]) -> _Decode:
         dev = self.pool.device
         starts = meta.query_start_loc.tolist()
-        ctx = torch.tensor([meta.context_lens[i] for i in index], dtype=torch.long, device=dev)
-        sink = torch.arange(self.sink_tokens, device=dev).expand(len(index), -1)
+        # One entry per query row: a verifying sequence's rows decode at consecutive positions.
+        entries = [(i, j) for i in index for j in range(meta.query_lens[i])]
+        ctx = torch.tensor([meta.context_lens[i] - meta.query_lens[i] + 1 + j for i, j in entries],
+                           dtype=torch.long, device=dev)
+        sink = torch.arange(self.sink_tokens, device=dev).expand(len(entries), -1)
         local = ctx[:, None] - self.local_tokens + torch.arange(self.local_tokens, device=dev)
         stream_pos = torch.cat([sink, local], dim=1)
         stream_valid = torch.cat([sink < ctx[:, None], local >= max(self.sink_tokens, 0)], dim=1)
@@ -194,19 +201,22 @@ class SparseBackend(AttentionBackend):
                                 self.num_recent_units)
         budgets = [self.budget_of(meta, i) for i in index]
         fixed = self.num_sink_units + self.num_recent_units
-        k = torch.tensor([b // self.unit - fixed for b in budgets], dtype=torch.long, device=dev)
+        k = torch.tensor([self.budget_of(meta, i) // self.unit - fixed for i, _ in entries], dtype=torch.long,
+                         device=dev)
         seq_ids = [meta.seq_ids[i] for i in index]
         self.table.reserve(0, max(budgets) // self.unit)
-        slots = torch.tensor([self.table.slot(s) for s in seq_ids], dtype=torch.long, device=dev)
+        slots = torch.tensor([self.table.slot(meta.seq_ids[i]) for i, _ in entries], dtype=torch.long,
+                             device=dev)
+        fresh = dict(zip(index, self.due(seq_ids, budgets), strict=True))
         return _Decode(
-            index=index, seq_ids=[meta.seq_ids[i] for i in index],
-            rows=torch.tensor([starts[i] for i in index], dtype=torch.long, device=dev), ctx=ctx,
-            page_tables=meta.page_tables[index],
+            index=index, seq_ids=[meta.seq_ids[i] for i, _ in entries],
+            rows=torch.tensor([starts[i] + j for i, j in entries], dtype=torch.long, device=dev), ctx=ctx,
+            page_tables=meta.page_tables[[i for i, _ in entries]],
             stream_pos=stream_pos.clamp(min=0).minimum(ctx[:, None] - 1),
             stream_valid=stream_valid, sink_units=torch.arange(self.num_sink_units, device=dev),
             recent_units=recent.clamp(min=0),
             recent_valid=(recent >= self.num_sink_units), allowed=allowed, k=k,
-            reselect=self.due(seq_ids, budgets), slots=slots)
+            reselect=[fresh[i] and j == 0 for i, j in entries], slots=slots)
 
     def due(self, seq_ids: list[int], budgets: list[int]) -> list[bool]:
         """Which sequences reselect this decode step: every `selector_interval` steps of their own, and

@@ -102,6 +102,13 @@ class EngineArgs:
     sparse_recall_sample: float = field(default=0.01, metadata={
         "help": "Fraction of sparse decode steps that also run dense attention to measure recall."})
 
+    speculative_config: str | None = field(default=None, metadata={
+        "help": 'Speculative decoding, as JSON (vLLM\'s): {"method": "ngram" | "self_sparse" | '
+                '"draft_model", "num_speculative_tokens": K, "prompt_lookup_min": 1, "prompt_lookup_max": 4, '
+                '"model": PATH (draft_model), "draft_token_budget": 512 (self_sparse), "dynamic": true '
+                '(pick k in 0..K each step by goodput; false: always K)}. A request opts out with '
+                '"speculative": false.'})
+
     # Execution.
     attention_backend: str = field(default="auto", metadata={
         "help": "Attention kernels: torch (plain torch, the CPU path and the reference), triton (Triton "

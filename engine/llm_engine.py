@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -21,6 +22,7 @@ from needle.engine.outputs import RequestOutput
 from needle.engine.quantization import quantize
 from needle.engine.runner import ModelRunner
 from needle.engine.sampler import Sampler
+from needle.engine.spec_decode import SpecDecoder, SpeculativeConfig, build_drafter, step_shape
 from needle.engine.stats import StepStats
 from needle.engine.validation import RequestError, RequestLimits, validate_request
 from needle.kvcache.page_allocator import PageAllocator
@@ -72,6 +74,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(path)
         self.model = quantize(load_model(path, cfg, self.dtype, self.device, args.load_format, args.seed),
                               args.quantization, self.device)
+        self.spec_config = SpeculativeConfig.parse(args.speculative_config)
         self.pool = self._build_pool()
         self.kernels = args.kernel_backend(self.device.type)
         if self.kernels == "triton" and cfg.windowed:  # the Triton kernels read whole contexts
@@ -84,7 +87,7 @@ class LLMEngine:
         self.backend = self._build_backend()
         self.allocator = PageAllocator(self.pool.num_pages, args.page_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, args.max_num_seqs, args.max_num_batched_tokens,
-                                   on_release=lambda s: self.backend.release(s.seq_id))
+                                   on_release=self._on_release)
         graphs = None
         if self.device.type == "cuda" and self.kernels == "triton" and args.use_cuda_graphs:
             graphs = CudaGraphRunner(self.model, self.backend, self.device, args.max_num_seqs)
@@ -96,11 +99,15 @@ class LLMEngine:
                                     args.attention)
         self.requests: dict[str, Request] = {}
         self.rng = random.Random(args.seed)
+        self.spec: SpecDecoder | None = None
+        if self.spec_config is not None:
+            self.spec = SpecDecoder(self.spec_config, build_drafter(self.spec_config, self), self.sampler,
+                                    self.pool, self.allocator, self.max_model_len)
 
     def _build_pool(self) -> KVPool:
         cfg, args = self.model_config, self.args
         spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, args.page_size, dtype=self.dtype)
-        sparse = args.attention == "sparse"
+        sparse = self.keeps_summaries
         budget = args.kv_cache_bytes
         if budget is None and self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
@@ -110,12 +117,33 @@ class LLMEngine:
     def _build_backend(self) -> AttentionBackend:
         cfg, args = self.model_config, self.args
         profile = None
-        if args.attention == "sparse":
+        if self.keeps_summaries:
             profile = resolve_profile(args.head_profile, self.model_name, cfg.identity, cfg.num_layers,
                                       cfg.num_kv_heads, args.streaming_ratio)
         self.head_profile = profile
-        return build_backend(self.pool, args.attention, self.kernels, self.sparse_config, profile,
+        # A dense server drafting with self_sparse runs the sparse backend with every sequence in dense
+        # mode: the same attention, and the key summaries the draft's page selection reads stay exact.
+        mode = "sparse" if self.keeps_summaries else "dense"
+        return build_backend(self.pool, mode, self.kernels, self.sparse_config, profile,
                              cfg.num_heads, cfg.num_kv_heads)
+
+    @property
+    def keeps_summaries(self) -> bool:
+        spec = self.spec_config
+        return self.args.attention == "sparse" or (spec is not None and spec.method == "self_sparse")
+
+    def draft_backend(self, budget: int) -> AttentionBackend:
+        """A second sparse backend over the same pool, at the draft budget (self_sparse drafting)."""
+        cfg = self.model_config
+        profile = resolve_profile(self.args.head_profile, self.model_name, cfg.identity, cfg.num_layers,
+                                  cfg.num_kv_heads, self.args.streaming_ratio)
+        config = dataclasses.replace(self.sparse_config, token_budget=budget, recall_sample=0.0)
+        return build_backend(self.pool, "sparse", "torch", config, profile, cfg.num_heads, cfg.num_kv_heads)
+
+    def _on_release(self, seq: Sequence) -> None:
+        self.backend.release(seq.seq_id)
+        if self.spec is not None:
+            self.spec.release(seq.seq_id)
 
     def set_backend(self, backend: AttentionBackend) -> None:
         """Run later steps on another backend over the same pool (calibration probes, benchmarks); the
@@ -145,6 +173,9 @@ class LLMEngine:
             "max_concurrency": self.pool.capacity_tokens // self.max_model_len,  # sequences at full length
             "head_profile": "none (dense)" if self.head_profile is None else
             f"{self.head_profile.model} ({self.head_profile.streaming_ratio:.0%} streaming heads)",
+            "speculative": None if self.spec_config is None else
+            f"{self.spec_config.method}, K={self.spec_config.num_speculative_tokens}"
+            + (", goodput" if self.spec_config.dynamic else ", fixed"),
         }
 
     # -- requests ---------------------------------------------------------------------------------
@@ -204,6 +235,10 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------------
 
     def step(self) -> tuple[list[RequestOutput], StepStats]:
+        start = time.perf_counter()
+        spec, shape = self.spec, None
+        if spec is not None:
+            spec.plan(self.scheduler.running)
         batch = self.scheduler.schedule()
         stats = StepStats(num_preemptions=batch.num_preemptions,
                           prefix_cache_queries=batch.prefix_cache_queries,
@@ -213,13 +248,20 @@ class LLMEngine:
             for seq in batch.seqs:
                 req = self.requests[seq.request_id]
                 req.first_scheduled = req.first_scheduled or now
+            if spec is not None:
+                spec.propose(batch)
+                shape = step_shape(batch)
             logits, emitting = self.runner.execute(batch)
             for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
                 stats.num_prompt_tokens += max(min(seq.num_computed + n, seq.num_prompt_tokens)
                                                - seq.num_computed, 0)
-                seq.num_computed += n
+                seq.num_computed += n - len(seq.draft_ids)  # drafts count once verification keeps them
                 self.allocator.commit_full_pages(seq.pages, seq.token_ids, seq.num_computed)
-            if emitting:
+            if emitting and spec is not None:
+                stats.num_generation_tokens = spec.emit(
+                    logits, emitting, self._append_token,
+                    lambda seq: self.fail_request(seq.request_id, seq.error or "sampling failed"))
+            elif emitting:
                 tokens = self.sampler(logits, emitting)
                 for seq, token in zip(emitting, tokens, strict=True):
                     if token is None:
@@ -227,6 +269,8 @@ class LLMEngine:
                     elif not seq.is_finished:  # a sibling's fault may have ended it
                         self._append_token(seq, token)
                 stats.num_generation_tokens = sum(t is not None for t in tokens)
+        if spec is not None:
+            stats.spec = spec.finish(batch, time.perf_counter() - start, shape)
         stats.attention = self.backend.drain_stats()
         outputs = self.collect_outputs()
         return outputs, self.gauges(stats)
@@ -239,11 +283,13 @@ class LLMEngine:
         stats.kv_cache_usage = self.allocator.usage
         return stats
 
-    def _append_token(self, seq: Sequence, token: int) -> None:
+    def _append_token(self, seq: Sequence, token: int) -> bool:
+        """Append one sampled token and run the stop checks; -> whether the sequence finished on it."""
         seq.token_ids.append(token)
         end = self.outputs.finish_reason(self.requests[seq.request_id], seq)
         if end is not None:
             self.scheduler.finish(seq, *end)
+        return end is not None
 
     def collect_outputs(self) -> list[RequestOutput]:
         return self.outputs.collect(self.requests)

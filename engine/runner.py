@@ -1,6 +1,8 @@
 """Builds one step's flattened inputs and attention metadata, runs the model, returns logits.
 
-Only sequences that reach their last token this step (decodes and final prefill chunks) get logits.
+Only sequences that reach their last token this step (decodes and final prefill chunks) get logits;
+a verifying sequence (speculative decoding) gets one row per verified position: its newest token's and
+each draft's.
 """
 
 from __future__ import annotations
@@ -34,25 +36,28 @@ class ModelRunner:
     def build_metadata(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata]:
         ids: list[int] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            ids.extend(seq.token_ids[seq.num_computed:seq.num_computed + n])
+            ids.extend(seq.token_ids[seq.num_computed:seq.num_computed + n - len(seq.draft_ids)])
+            ids.extend(seq.draft_ids)
         meta = AttentionMetadata.build(
             seq_ids=[s.seq_id for s in batch.seqs], query_lens=list(batch.num_new_tokens),
             context_lens=[s.num_computed + n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)],
             page_tables=[s.pages.page_table for s in batch.seqs], page_size=self.page_size,
             device=self.device, modes=[self._mode(s) for s in batch.seqs],
-            token_budgets=[self._budget(s) for s in batch.seqs])
+            token_budgets=[self._budget(s) for s in batch.seqs],
+            num_draft_tokens=[len(s.draft_ids) for s in batch.seqs])
         return torch.tensor(ids, dtype=torch.int64, device=self.device), meta
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> tuple[torch.Tensor | None, list[Sequence]]:
-        """-> (logits [S, V] float32 for the sequences that emit a token, those sequences)."""
+        """-> (logits float32 for the sequences that emit a token, 1 + len(draft_ids) rows each, those
+        sequences)."""
         input_ids, meta = self.build_metadata(batch)
         hidden = self.forward(input_ids, meta)
         rows, emitting = [], []
         ends = meta.query_start_loc.tolist()[1:]
         for seq, n, end in zip(batch.seqs, batch.num_new_tokens, ends, strict=True):
-            if seq.num_computed + n == len(seq):
-                rows.append(end - 1)
+            if seq.num_computed + n - len(seq.draft_ids) == len(seq):
+                rows.extend(range(end - 1 - len(seq.draft_ids), end))
                 emitting.append(seq)
         if not rows:
             return None, []

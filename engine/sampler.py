@@ -65,7 +65,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
         """logits: [S, V] float32 for the S sequences that emit a token this step. -> one token per
         sequence, or None for a sequence that faulted (its `error` says why)."""
-        if all(_plain_greedy(s) for s in seqs):
+        if all(plain_greedy(s) for s in seqs):
             tokens = logits.argmax(-1).tolist()
             finite = torch.isfinite(logits).all(-1).tolist()
             if all(finite):
@@ -81,32 +81,44 @@ class Sampler:
             log.warning("sequence %s-%d failed in the sampler: %s", seq.request_id, seq.index, seq.error)
             return None
 
-    def sample_one(self, logits: torch.Tensor, seq: Sequence) -> int:
+    def adjust(self, logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+        """logit_bias, penalties and the min_tokens ban on one row, given the sequence so far (in place)."""
         p = seq.params
         if not torch.isfinite(logits).all():
             raise SamplingFault("the model produced non-finite logits")
-        raw = logits.clone() if p.logprobs is not None else None
         for token_id, bias in p.logit_bias.items():
             logits[token_id] += bias
         logits = apply_penalties(logits, seq)
         if seq.num_output < p.min_tokens:
             banned = [*p.stop_token_ids, *([] if p.ignore_eos else self.eos_token_ids)]
             logits[banned] = float("-inf")
+        return logits
+
+    def sample_one(self, logits: torch.Tensor, seq: Sequence) -> int:
+        p = seq.params
+        raw = logits.clone() if p.logprobs is not None else None
+        logits = self.adjust(logits, seq)
         if p.greedy:
             if not torch.isfinite(logits.max()):  # NaN, +inf, or nothing left to pick
                 raise SamplingFault("the penalised logits are not finite")
             token = int(logits.argmax())
         else:
-            probs = filter_logits(logits / p.temperature, p.top_k, p.top_p, p.min_p).softmax(-1)
-            if not (torch.isfinite(probs).all() and probs.sum() > 0):
-                raise SamplingFault("the sampling probabilities are not finite")
-            token = int(torch.multinomial(probs, 1, generator=seq.generator))
+            token = int(torch.multinomial(target_probs(logits, seq), 1, generator=seq.generator))
         if raw is not None:
             seq.logprobs.append(top_logprobs(raw, token, p.logprobs))
         return token
 
 
-def _plain_greedy(seq: Sequence) -> bool:
+def target_probs(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """The distribution sample_one draws from, for adjusted logits (speculative verification)."""
+    p = seq.params
+    probs = filter_logits(logits / p.temperature, p.top_k, p.top_p, p.min_p).softmax(-1)
+    if not (torch.isfinite(probs).all() and probs.sum() > 0):
+        raise SamplingFault("the sampling probabilities are not finite")
+    return probs
+
+
+def plain_greedy(seq: Sequence) -> bool:
     p = seq.params
     return (p.greedy and p.logprobs is None and not p.logit_bias and p.repetition_penalty == 1.0
             and not p.presence_penalty and not p.frequency_penalty and seq.num_output >= p.min_tokens)

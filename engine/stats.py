@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from needle.attention.base import AttentionStats
+from needle.engine.spec_decode.decoder import SpecStats
 
 
 @dataclass
@@ -20,3 +21,4 @@ class StepStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found
     attention: AttentionStats = field(default_factory=AttentionStats)  # sparse telemetry
+    spec: SpecStats | None = None  # speculative decoding telemetry (None: speculation is off)

@@ -98,6 +98,17 @@ class PageAllocator:
         while len(seq.page_table) < self.pages_needed(num_tokens):
             seq.page_table.append(self._take_fresh())
 
+    def truncate(self, seq: SeqPages, num_tokens: int) -> None:
+        """Give back the pages past the first num_tokens tokens (rejected speculative rows). Those pages
+        were never hashed: only pages of committed tokens are (commit_full_pages)."""
+        keep = self.pages_needed(num_tokens)
+        assert keep >= seq.num_hashed, "truncating into hashed pages"
+        while len(seq.page_table) > keep:
+            page = self.pages[seq.page_table.pop()]
+            page.ref_count -= 1
+            assert page.ref_count == 0 and page.hash is None, f"page {page.page_id} is shared"
+            self.free.append(page.page_id)
+
     def commit_full_pages(self, seq: SeqPages, token_ids: list[int], num_computed: int) -> None:
         """Publish the hashes of pages whose KV is now fully written, so later prompts can share them."""
         if not self.enable_prefix_caching:

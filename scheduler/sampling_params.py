@@ -63,6 +63,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     attention: AttentionOverride | None = None
+    speculative: bool = True  # False: never draft for this request (the server's --speculative-config)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -1,11 +1,12 @@
 """Iteration-level continuous batching with chunked prefill and preemption by recompute.
 
-Each step spends a token budget: running decodes first (one token each, so a long prompt never
-stalls them), then the next chunks of running prefills, then new sequences while pages last: fair
-share, the first waiting sequence of the group (API request) that runs the fewest, so one request of
-hundreds of sequences cannot hold back a request that arrives after it. When pages run out, the
-newest running sequence is preempted: its pages are freed and it re-enters the queue at the front, to
-be recomputed (cheaply, through the prefix cache).
+Each step spends a token budget: running decodes first (one token each, plus the draft slots
+`num_lookahead` of a speculating sequence, so a long prompt never stalls them), then the next chunks
+of running prefills, then new sequences while pages last: fair share, the first waiting sequence of the
+group (API request) that runs the fewest, so one request of hundreds of sequences cannot hold back a
+request that arrives after it. Draft slots never cost a preemption: a sequence whose drafts do not fit
+decodes one token. When pages run out, the newest running sequence is preempted: its pages are freed
+and it re-enters the queue at the front, to be recomputed (cheaply, through the prefix cache).
 """
 
 from __future__ import annotations
@@ -49,7 +50,12 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(len(seq) - seq.num_computed, budget)
+            n = len(seq) - seq.num_computed
+            if seq.is_decoding:
+                n += seq.num_lookahead  # the drafts to verify, trimmed by the budget below
+            n = min(n, budget)
+            if n > 1 and seq.is_decoding and not self.bm.can_grow(seq.pages, seq.num_computed + n):
+                n = 1
             while not self.bm.can_grow(seq.pages, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -116,6 +122,7 @@ class Scheduler:
         self._release(seq)
         seq.status = Status.WAITING
         seq.num_computed = 0
+        seq.draft_ids = []
         self.waiting.appendleft(seq)
 
     def _release(self, seq: Sequence) -> None:

@@ -41,6 +41,10 @@ class Sequence:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     group: str = ""  # the API request it belongs to: batch slots are shared fairly between groups
     error: str | None = None  # why the sampler failed this sequence (its request fails with it)
+    # Speculative decoding: draft slots the scheduler reserves this step, and the drafts proposed into
+    # them (never part of token_ids: they are verified, then the accepted ones are appended).
+    num_lookahead: int = 0
+    draft_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
@@ -55,6 +59,11 @@ class Sequence:
     @property
     def num_output(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        """Past its prompt with only its newest token to compute: the state a sequence speculates from."""
+        return self.num_output > 0 and len(self.token_ids) - self.num_computed == 1
 
     @property
     def is_finished(self) -> bool:

@@ -37,6 +37,9 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
                 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 _TOKEN_BUCKETS = tuple(2**i for i in range(0, 21))  # 1 .. 1M tokens
+_K_BUCKETS = tuple(range(0, 17))
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0,
+                 5.0, 10.0)
 _RECALL_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
 
 FINISH_REASONS = ("stop", "length", "abort")
@@ -141,6 +144,24 @@ class Metrics:
                                    ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
                                    registry=r).labels("0", "", "")
             self.lora_info.set_to_current_time()
+        # Speculative decoding (vLLM's names), and the goodput controller's view.
+        self.spec_drafts = counter("spec_decode_num_drafts_total", "Sequence-steps that verified drafts.")
+        self.spec_draft_tokens = counter("spec_decode_num_draft_tokens_total", "Draft tokens proposed.")
+        self.spec_accepted_tokens = counter("spec_decode_num_accepted_tokens_total",
+                                            "Draft tokens accepted by verification.")
+        self._spec_per_pos = Counter("needle:spec_decode_num_accepted_tokens_per_pos",
+                                     "Draft tokens accepted at each draft position.",
+                                     ["model_name", "position"], registry=r)
+        self.spec_per_pos: dict[int, Counter] = {}
+        self.spec_k = histogram("spec_decode_draft_length", "Draft length k the controller chose per step.",
+                                _K_BUCKETS)
+        self.spec_step_measured = histogram("spec_decode_step_seconds", "Measured engine step time.",
+                                            _STEP_BUCKETS)
+        self.spec_step_predicted = histogram("spec_decode_step_predicted_seconds",
+                                             "The step-time model's prediction for the same steps.",
+                                             _STEP_BUCKETS)
+        self.spec_fit_error = gauge("spec_decode_step_model_error",
+                                    "Mean relative error of the fitted step-time model (0-1).")
 
     def on_step(self, stats: StepStats) -> None:
         """Engine listener; runs on the engine thread (prometheus_client collectors are thread-safe)."""
@@ -162,6 +183,25 @@ class Metrics:
         self.sparse_dense_fallbacks.inc(stats.attention.dense_fallbacks)
         if self.lora_info is not None:
             self.lora_info.set_to_current_time()
+        if stats.spec is not None:
+            self._on_spec(stats.spec)
+
+    def _on_spec(self, spec) -> None:
+        self.spec_drafts.inc(spec.num_drafts)
+        self.spec_draft_tokens.inc(spec.num_draft_tokens)
+        self.spec_accepted_tokens.inc(spec.num_accepted_tokens)
+        for pos, n in enumerate(spec.accepted_per_pos):
+            counter = self.spec_per_pos.get(pos)
+            if counter is None:
+                counter = self.spec_per_pos[pos] = self._spec_per_pos.labels(self.model_name, str(pos))
+            counter.inc(n)
+        if spec.k is not None:
+            self.spec_k.observe(spec.k)
+        if spec.predicted_s is not None:
+            self.spec_step_measured.observe(spec.measured_s)
+            self.spec_step_predicted.observe(spec.predicted_s)
+        if spec.fit_error == spec.fit_error:  # not NaN: the model has been fitted
+            self.spec_fit_error.set(spec.fit_error)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -64,6 +64,7 @@ class _GenerationRequest(_Lenient):
     stream_options: StreamOptions | None = None
     user: str | None = None
     attention: AttentionField | None = None
+    speculative: bool = True  # needle's extension: false opts this request out of speculative decoding
 
     @property
     def include_usage(self) -> bool:
@@ -93,7 +94,7 @@ class _GenerationRequest(_Lenient):
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 attention=None if self.attention is None else AttentionOverride(
                     mode=self.attention.mode, token_budget=self.attention.token_budget),
-                **kwargs)
+                speculative=self.speculative, **kwargs)
         except ValueError as err:
             message = str(err)
             name = message.split(" ", 1)[0]

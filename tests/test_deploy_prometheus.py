@@ -154,7 +154,8 @@ def stack(tmp_path_factory, serve):
     prometheus = tool("prometheus")
     tmp = tmp_path_factory.mktemp("prometheus")
     flags = ["--kv-cache-memory", "256MiB", "--max-num-seqs", "4", "--attention", "sparse",
-             "--sparse-token-budget", str(SPARSE_BUDGET), "--sparse-recall-sample", "1"]
+             "--sparse-token-budget", str(SPARSE_BUDGET), "--sparse-recall-sample", "1",
+             "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}']
     needle = serve(*flags)
     models = httpx.get(f"{needle.url}/v1/models", headers=needle.headers, timeout=5).json()
     model = models["data"][0]["id"]
@@ -221,6 +222,7 @@ def test_the_dashboard_shows_the_traffic_that_was_sent(stack):
     assert 0 < value(by_title["Sparse attention recall"][-1]) <= 1  # mean recall of the long request
     assert value(by_title["Tokens read per step"][-1]) > 0
     assert value(by_title["Dense fallbacks"][0]) > 0  # the short requests fit in the budget
+    assert value(by_title["Drafts and accepted tokens"][1]) > 0  # n-gram drafts on the repetitive prompt
 
 
 def test_every_exported_metric_family_is_on_the_dashboard(stack):

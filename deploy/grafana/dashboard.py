@@ -98,6 +98,29 @@ ROWS = [
             (rate("sparse_dense_fallbacks_total"), "fallbacks/s")],
          "Sparse decode steps that attended densely instead (context within the budget)."),
     ]),
+    ("Speculative decoding", [
+        ("Draft acceptance rate", "timeseries", "percentunit", [
+            (ratio("spec_decode_num_accepted_tokens_total", "spec_decode_num_draft_tokens_total"),
+             "accepted / proposed")],
+         "Share of proposed draft tokens that verification kept."),
+        ("Drafts and accepted tokens", "timeseries", "short", [
+            (rate("spec_decode_num_drafts_total"), "drafts/s"),
+            (rate("spec_decode_num_draft_tokens_total"), "draft tokens/s"),
+            (rate("spec_decode_num_accepted_tokens_total"), "accepted tokens/s")],
+         "Sequence-steps that verified drafts, draft tokens proposed and accepted, per second."),
+        ("Accepted by draft position", "timeseries", "short", [
+            (rate("spec_decode_num_accepted_tokens_per_pos_total", "position"), "position {{position}}")],
+         "Accepted draft tokens per second at each position of the draft."),
+        ("Chosen draft length k", "timeseries", "short", quantiles("spec_decode_draft_length"),
+         "The draft length the goodput controller picked per step (0: no speculation)."),
+        ("Step time: measured vs predicted", "timeseries", "s", [
+            (mean("spec_decode_step_seconds"), "measured"),
+            (mean("spec_decode_step_predicted_seconds"), "predicted")],
+         "Mean engine step time and what the fitted step-time model predicted for the same steps."),
+        ("Step-time model error", "timeseries", "percentunit", [
+            (f"needle:spec_decode_step_model_error{SEL}", "{{instance}}")],
+         "Mean relative error of the step-time model over its window."),
+    ]),
 ]
 
 
@@ -139,7 +162,7 @@ def dashboard() -> dict:
     ]
     return {
         "uid": "needle", "title": "needle", "tags": ["needle", "llm"], "editable": True,
-        "description": "needle inference server: load, latency, lengths, sparse attention.",
+        "description": "needle inference server: load, latency, lengths, sparse attention, speculation.",
         "schemaVersion": 39, "version": 1, "refresh": "10s", "time": {"from": "now-1h", "to": "now"},
         "timezone": "", "graphTooltip": 1, "annotations": {"list": []}, "links": [],
         "templating": {"list": variables}, "panels": panels,
