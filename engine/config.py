@@ -54,7 +54,11 @@ class EngineArgs:
     max_num_seqs: int = field(default=64, metadata={"help": "Most sequences in one batch."})
     max_num_batched_tokens: int = field(default=2048, metadata={
         "help": "Token budget of one step; longer prompts are prefilled in chunks mixed with decodes."})
-    page_size: int = field(default=16, metadata={"help": "Tokens per KV-cache page."})
+    page_size: int = field(default=16, metadata={"help": "Tokens per KV-cache page.",
+                                                 "aliases": ["--block-size"]})
+    enable_chunked_prefill: bool = field(default=True, metadata={
+        "help": "Prefill long prompts in chunks of --max-num-batched-tokens mixed with decodes. Always on "
+                "(vLLM's flag, accepted): --no-enable-chunked-prefill is refused."})
     kv_cache_memory: str | None = field(default=None, metadata={
         "help": "Bytes for the KV cache, e.g. 2GiB (default on CPU: 1GiB; on CUDA: from "
                 "--gpu-memory-utilization)."})
@@ -118,6 +122,11 @@ class EngineArgs:
         "help": "Never capture CUDA graphs (they are captured for decode batches up to --max-num-seqs on "
                 "the triton backend). NEEDLE_CUDA_GRAPHS=0 in the environment means the same."})
 
+    def __post_init__(self) -> None:
+        if not self.enable_chunked_prefill:
+            raise ValueError("needle always prefills in chunks (mixed with decodes, within "
+                             "--max-num-batched-tokens); --no-enable-chunked-prefill cannot be honoured")
+
     def sparse_config(self, device_type: str) -> SparseConfig:
         """The sparse backend's settings; the budget default is 1/8 of an 8K context on CPU, 2048 on CUDA."""
         return SparseConfig(
@@ -164,7 +173,7 @@ class EngineArgs:
                 kwargs["type"] = _cli_type(f.type)
                 if "choices" in f.metadata:
                     kwargs["choices"] = f.metadata["choices"]
-            parser.add_argument(flag, **kwargs)
+            parser.add_argument(flag, *f.metadata.get("aliases", ()), **kwargs)
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:

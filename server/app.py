@@ -198,7 +198,8 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
         try:
             engine = await asyncio.to_thread(factory, on_step)
             info = engine.describe()
-            state.metrics = Metrics(config.served_model_name or engine.model_name, config.metrics_compat,
+            name = (config.served_model_names or (engine.model_name,))[0]
+            state.metrics = Metrics(name, config.metrics_compat,
                                     {"block_size": info["page_size"], "num_gpu_blocks": info["num_pages"]})
             engine.start()
         except Exception as err:
@@ -247,8 +248,8 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
     async def list_models() -> dict:
         engine = state.ready()
         return {"object": "list", "data": [{
-            "id": state.model_name, "object": "model", "created": started, "owned_by": "needle",
-            "root": engine.model_name, "max_model_len": engine.max_model_len}]}
+            "id": name, "object": "model", "created": started, "owned_by": "needle",
+            "root": engine.model_name, "max_model_len": engine.max_model_len} for name in state.model_names]}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:

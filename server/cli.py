@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--api-key", default=None,
                         help="Require 'Authorization: Bearer KEY' on every endpoint but /health and "
                         "/metrics. Falls back to $NEEDLE_API_KEY; with neither, no key is required.")
-    server.add_argument("--served-model-name", default=None,
-                        help="Model name clients send and see; unset: the model's own name.")
+    server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="Model names clients may send (/v1/models lists each); the first is the one "
+                        "responses and metrics report. Unset: the model's own name.")
     server.add_argument("--max-queued-seqs", "--max-queued-requests", dest="max_queued_seqs", type=int,
                         default=256, help="Sequences (prompts x n) beyond --max-num-seqs that may wait for a "
                         "batch slot; requests that would exceed it get 503 with Retry-After.")
@@ -113,7 +114,8 @@ def serve(ns: argparse.Namespace) -> int:
     ns.model = ns.model or ns.model_positional
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(host=ns.host, port=ns.port, api_key=ns.api_key or os.environ.get("NEEDLE_API_KEY"),
-                          served_model_name=ns.served_model_name, max_queued_seqs=ns.max_queued_seqs,
+                          served_model_names=tuple(ns.served_model_name or ()),
+                          max_queued_seqs=ns.max_queued_seqs,
                           max_seqs_per_request=ns.max_seqs_per_request,
                           max_request_bytes=ns.max_request_bytes, body_timeout=ns.request_body_timeout,
                           special_tokens_in_content=ns.allow_special_tokens_in_content,
@@ -124,7 +126,11 @@ def serve(ns: argparse.Namespace) -> int:
         failed.append(True)
         server.should_exit = True
 
-    app = build_app(config, EngineArgs.from_cli_args(ns), on_load_failure=on_load_failure)
+    try:
+        engine_args = EngineArgs.from_cli_args(ns)
+    except ValueError as err:  # a flag that cannot be honoured: one line, no traceback
+        raise SystemExit(f"needle serve: {err}") from None
+    app = build_app(config, engine_args, on_load_failure=on_load_failure)
     logging.getLogger("needle.server").info("loading the model; /health answers 503 until it is ready")
     server = DrainingServer(uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
                                            timeout_graceful_shutdown=5))

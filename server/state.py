@@ -29,7 +29,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    served_model_name: str | None = None
+    served_model_names: tuple[str, ...] = ()  # the first is reported; the others are aliases
     max_queued_seqs: int = 256  # sequences beyond --max-num-seqs that may wait for a batch slot
     max_seqs_per_request: int = 128  # prompts x n of one request
     max_request_bytes: int = 16 * 2**20
@@ -71,11 +71,15 @@ class ServerState:
         return self.engine
 
     @property
+    def model_names(self) -> tuple[str, ...]:
+        return self.config.served_model_names or (self.ready().model_name,)
+
+    @property
     def model_name(self) -> str:
-        return self.config.served_model_name or self.ready().model_name
+        return self.model_names[0]
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
+        if name is not None and name not in self.model_names:
             raise model_not_found(name)
 
     def admit(self, num_seqs: int) -> Callable[[], None]:
