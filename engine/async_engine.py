@@ -7,7 +7,6 @@ a thread-safe queue and receives outputs through per-request asyncio queues.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
@@ -106,14 +105,6 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             raise first
         return self._outputs(request_id, stream)
-
-    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
-                       prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
-        """add_request and its outputs in one iterator."""
-        outputs = await self.add_request(prompt, params, request_id, prompt_text)
-        async with contextlib.aclosing(outputs):
-            async for out in outputs:
-                yield out
 
     async def _outputs(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False

@@ -135,10 +135,9 @@ class LLMEngine:
     def draft_backend(self, budget: int) -> AttentionBackend:
         """A second sparse backend over the same pool, at the draft budget (self_sparse drafting)."""
         cfg = self.model_config
-        profile = resolve_profile(self.args.head_profile, self.model_name, cfg.identity, cfg.num_layers,
-                                  cfg.num_kv_heads, self.args.streaming_ratio)
         config = dataclasses.replace(self.sparse_config, token_budget=budget, recall_sample=0.0)
-        return build_backend(self.pool, "sparse", "torch", config, profile, cfg.num_heads, cfg.num_kv_heads)
+        return build_backend(self.pool, "sparse", "torch", config, self.head_profile, cfg.num_heads,
+                             cfg.num_kv_heads)
 
     def _on_release(self, seq: Sequence) -> None:
         self.backend.release(seq.seq_id)

@@ -7,7 +7,7 @@ endpoint picker and vLLM's production-stack router scrape those exact names. `ca
 router the size of the KV cache.
 
 Engine-side numbers arrive as `StepStats` from the engine thread after every step (`on_step`);
-request latencies are measured here in the server from the moments `engine.generate()` yields
+request latencies are measured here in the server from the moments a request's outputs arrive
 (`RequestTimer`). Each `Metrics` owns its own `CollectorRegistry`: several servers in one process
 (tests) never share or collide on collectors.
 """
