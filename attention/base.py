@@ -53,32 +53,50 @@ class AttentionMetadata:
     modes: list[str]
     token_budgets: list[int]
     num_draft_tokens: list[int] = field(default_factory=list)  # per sequence; empty: no speculation
+    # Offloaded values (kvcache/value_tiers.py): from layer `value_layers_from` on, values are not at a
+    # page's own slot but at the device value slot value_tables[i][j] of page j (-1: on the host).
+    value_tables: torch.Tensor | None = None  # [B, max_pages] int32, like page_tables
+    value_slot_mapping: torch.Tensor | None = None  # [T] int64 value slot of each new token
+    value_layers_from: int = 0
 
     @classmethod
     def build(cls, seq_ids: list[int], query_lens: list[int], context_lens: list[int],
               page_tables: list[list[int]], page_size: int, device: torch.device | str,
               modes: list[str] | None = None, token_budgets: list[int] | None = None,
-              num_draft_tokens: list[int] | None = None) -> AttentionMetadata:
+              num_draft_tokens: list[int] | None = None, value_tables: list[list[int]] | None = None,
+              value_layers_from: int = 0) -> AttentionMetadata:
         """The one constructor: sequence i brings its last query_lens[i] of context_lens[i] positions."""
-        positions, slots = [], []
-        for n, ctx, table in zip(query_lens, context_lens, page_tables, strict=True):
-            for pos in range(ctx - n, ctx):
-                positions.append(pos)
-                slots.append(table[pos // page_size] * page_size + pos % page_size)
+        positions = [pos for n, ctx in zip(query_lens, context_lens, strict=True) for pos in range(ctx - n, ctx)]
         width = max(len(t) for t in page_tables)
-        padded = [t + [0] * (width - len(t)) for t in page_tables]
+
+        def slots_and_padded(tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            slots = [table[pos // page_size] * page_size + pos % page_size
+                     for n, ctx, table in zip(query_lens, context_lens, tables, strict=True)
+                     for pos in range(ctx - n, ctx)]
+            padded = [t + [0] * (width - len(t)) for t in tables]
+            return (torch.tensor(slots, dtype=torch.int64, device=device),
+                    torch.tensor(padded, dtype=torch.int32, device=device))
+
+        slot_mapping, padded = slots_and_padded(page_tables)
+        value_slots, value_padded = slots_and_padded(value_tables) if value_tables is not None else (None, None)
         b = len(seq_ids)
         return cls(
             seq_ids=list(seq_ids), query_lens=list(query_lens), context_lens=list(context_lens),
             query_start_loc=torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int64,
                                          device=device),
             context_lens_t=torch.tensor(context_lens, dtype=torch.int32, device=device),
-            page_tables=torch.tensor(padded, dtype=torch.int32, device=device),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            page_tables=padded, slot_mapping=slot_mapping,
             positions=torch.tensor(positions, dtype=torch.int64, device=device),
             modes=list(modes) if modes is not None else ["sparse"] * b,
             token_budgets=list(token_budgets) if token_budgets is not None else [0] * b,
-            num_draft_tokens=list(num_draft_tokens) if num_draft_tokens and any(num_draft_tokens) else [])
+            num_draft_tokens=list(num_draft_tokens) if num_draft_tokens and any(num_draft_tokens) else [],
+            value_tables=value_padded, value_slot_mapping=value_slots, value_layers_from=value_layers_from)
+
+    def values_of(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page tables, slot mapping) through which `layer` reads and writes values."""
+        if self.value_tables is None or self.value_slot_mapping is None or layer < self.value_layers_from:
+            return self.page_tables, self.slot_mapping
+        return self.value_tables, self.value_slot_mapping
 
     @property
     def num_seqs(self) -> int:
@@ -111,7 +129,10 @@ class AttentionMetadata:
             context_lens_t=self.context_lens_t[index], page_tables=self.page_tables[index],
             slot_mapping=self.slot_mapping[rows], positions=self.positions[rows],
             modes=[self.modes[i] for i in index], token_budgets=[self.token_budgets[i] for i in index],
-            num_draft_tokens=[self.num_draft_tokens[i] for i in index] if self.num_draft_tokens else [])
+            num_draft_tokens=[self.num_draft_tokens[i] for i in index] if self.num_draft_tokens else [],
+            value_tables=None if self.value_tables is None else self.value_tables[index],
+            value_slot_mapping=None if self.value_slot_mapping is None else self.value_slot_mapping[rows],
+            value_layers_from=self.value_layers_from)
 
     def padded(self, num_seqs: int, **tensors: torch.Tensor) -> AttentionMetadata:
         """A decode step's metadata padded to `num_seqs` rows (a CUDA-graph bucket): padded rows have

@@ -80,6 +80,7 @@ class _Decode:
     k: torch.Tensor  # [B] chosen units per selector head (from each sequence's budget)
     reselect: list[bool]  # recompute the selection this step (else reuse the kept one)
     slots: torch.Tensor  # [B] int64 rows of the selection table
+    value_tables: torch.Tensor  # [B, P] where values sit (page_tables unless they are offloaded)
 
 
 @dataclass
@@ -208,15 +209,18 @@ class SparseBackend(AttentionBackend):
         slots = torch.tensor([self.table.slot(meta.seq_ids[i]) for i, _ in entries], dtype=torch.long,
                              device=dev)
         fresh = dict(zip(index, self.due(seq_ids, budgets), strict=True))
+        rows_of_entries = [i for i, _ in entries]
+        page_tables = meta.page_tables[rows_of_entries]
         return _Decode(
             index=index, seq_ids=[meta.seq_ids[i] for i, _ in entries],
             rows=torch.tensor([starts[i] + j for i, j in entries], dtype=torch.long, device=dev), ctx=ctx,
-            page_tables=meta.page_tables[[i for i, _ in entries]],
+            page_tables=page_tables,
             stream_pos=stream_pos.clamp(min=0).minimum(ctx[:, None] - 1),
             stream_valid=stream_valid, sink_units=torch.arange(self.num_sink_units, device=dev),
             recent_units=recent.clamp(min=0),
             recent_valid=(recent >= self.num_sink_units), allowed=allowed, k=k,
-            reselect=[fresh[i] and j == 0 for i, j in entries], slots=slots)
+            reselect=[fresh[i] and j == 0 for i, j in entries], slots=slots,
+            value_tables=page_tables if meta.value_tables is None else meta.value_tables[rows_of_entries])
 
     def due(self, seq_ids: list[int], budgets: list[int]) -> list[bool]:
         """Which sequences reselect this decode step: every `selector_interval` steps of their own, and
@@ -242,7 +246,7 @@ class SparseBackend(AttentionBackend):
             if window is not None:
                 self._count_window_reads(layer, step, window)
             return out
-        self.pool.write(layer, k, v, meta.slot_mapping)
+        self.pool.write(layer, k, v, meta.slot_mapping, meta.values_of(layer)[1])
         update_summaries(self.pool, layer, meta.slot_mapping)
         out = torch.empty_like(q)
         if step.dense:
@@ -277,14 +281,16 @@ class SparseBackend(AttentionBackend):
             hs = streaming.numel()
             pos = plan.stream_pos[:, None, :].expand(b, hs, -1)
             valid = plan.stream_valid[:, None, :].expand(b, hs, -1)
-            o, s = self._attend(layer, qg[:, streaming], pos, valid, streaming, plan.page_tables)
+            o, s = self._attend(layer, qg[:, streaming], pos, valid, streaming, plan.page_tables,
+                                plan.value_tables)
             out[:, streaming], lse[:, streaming] = o, s
             read += valid.sum(dim=(1, 2)) * self.group
         if retrieval.numel():
             kv_heads = retrieval.repeat_interleave(self.group) if self.per_query_head else retrieval
             qr = qg[:, retrieval].reshape(b, kv_heads.numel(), -1, self.head_dim)
             pos, valid = self._retrieval_positions(layer, qr, kv_heads, plan)
-            o, s = self._attend(layer, qr, pos, valid, kv_heads, plan.page_tables)
+            values = self._retrieval_values(layer, pos, valid, plan)
+            o, s = self._attend(layer, qr, pos, valid, kv_heads, plan.page_tables, values)
             out[:, retrieval] = o.view(b, retrieval.numel(), self.group, self.head_dim)
             lse[:, retrieval] = s.view(b, retrieval.numel(), self.group)
             read += valid.sum(dim=(1, 2)) * (qr.shape[2])
@@ -332,13 +338,21 @@ class SparseBackend(AttentionBackend):
             table[plan.slots[idx][:, None], rows[None, :], :k] = units.masked_fill(beyond, -1).to(table.dtype)
         return table[plan.slots[:, None], rows[None, :], :k].long()
 
+    def _retrieval_values(self, layer: int, pos: torch.Tensor, valid: torch.Tensor,
+                          plan: _Decode) -> torch.Tensor:
+        """The tables [B, P] through which retrieval heads read the values at pos [B, H, N] (valid)."""
+        return plan.value_tables
+
     def _attend(self, layer: int, q: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
-                kv_heads: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [B, H, G, D] over the keys at pos [B, H, N] (valid [B, H, N]) of kv_heads [H]
-        -> output [B, H, G, D] and the log-sum-exp of the scores [B, H, G] (for recall)."""
-        slots = token_slots(tables, pos, self.pool.spec.page_size)
+                kv_heads: torch.Tensor, tables: torch.Tensor,
+                value_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, H, G, D] over the keys at pos [B, H, N] (valid [B, H, N]) of kv_heads [H], values read
+        through value_tables -> output [B, H, G, D] and the log-sum-exp of the scores [B, H, G]."""
+        ps = self.pool.spec.page_size
+        slots = token_slots(tables, pos, ps)
         keys = gather_heads(self.pool.k[layer], slots, kv_heads).to(q.dtype)
-        values = gather_heads(self.pool.v[layer], slots, kv_heads).to(q.dtype)
+        value_slots = slots if value_tables is tables else token_slots(value_tables, pos, ps)
+        values = gather_heads(self.pool.v[layer], value_slots, kv_heads).to(q.dtype)
         scores = (q @ keys.transpose(-1, -2)) * self.scale
         scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
         lse = scores.logsumexp(dim=-1)
@@ -365,6 +379,7 @@ class SparseBackend(AttentionBackend):
         out = torch.empty_like(q).view(n, self.num_kv_heads, self.group, self.head_dim)
         qg = q.view(n, self.num_kv_heads, self.group, self.head_dim)
         table = meta.page_tables[i: i + 1]
+        value_table = meta.values_of(layer)[0][i: i + 1]
         kinds = ((self._retrieval[layer], None), (self._streaming[layer], self.prefill_local_tokens))
         for heads, window in kinds:
             if not heads.numel():
@@ -376,8 +391,9 @@ class SparseBackend(AttentionBackend):
                 kpos = torch.cat([torch.arange(min(self.sink_tokens, ctx), device=dev),
                                   torch.arange(first_local, ctx, device=dev)])
             slots = token_slots(table, kpos[None], self.pool.spec.page_size)[0]
+            value_slots = token_slots(value_table, kpos[None], self.pool.spec.page_size)[0]
             keys = self._rows(self.pool.k[layer], slots, q.dtype)[:, heads]
-            values = self._rows(self.pool.v[layer], slots, q.dtype)[:, heads]
+            values = self._rows(self.pool.v[layer], value_slots, q.dtype)[:, heads]
             mask = kpos[None, :] <= qpos[:, None]
             if window is not None:
                 mask &= (kpos[None, :] < self.sink_tokens) | (kpos[None, :] > qpos[:, None] - window)

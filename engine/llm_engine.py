@@ -17,6 +17,7 @@ from needle.engine.config import EngineArgs
 from needle.engine.cuda_graph import CudaGraphRunner
 from needle.engine.detokenizer import TextState
 from needle.engine.loader import ModelLoadError, load_config, load_model, resolve_model
+from needle.engine.offload import build_tiers, describe_sizes, offload_refusal, place_values
 from needle.engine.output_processor import OutputProcessor, Request
 from needle.engine.outputs import RequestOutput
 from needle.engine.quantization import quantize
@@ -75,28 +76,36 @@ class LLMEngine:
         self.model = quantize(load_model(path, cfg, self.dtype, self.device, args.load_format, args.seed),
                               args.quantization, self.device)
         self.spec_config = SpeculativeConfig.parse(args.speculative_config)
+        self.sparse_config = args.sparse_config(self.device.type)
+        self.tiers = None
+        if args.cpu_kv_cache_memory is not None and (refusal := offload_refusal(args, cfg.windowed)):
+            raise ModelLoadError(refusal)
         self.pool = self._build_pool()
-        self.kernels = args.kernel_backend(self.device.type)
+        self.kernels = "torch" if self.tiers is not None else args.kernel_backend(self.device.type)
         if self.kernels == "triton" and cfg.windowed:  # the Triton kernels read whole contexts
             if args.attention_backend == "triton":
                 raise ModelLoadError(f"{self.model_name} has sliding-window layers, which the Triton kernels "
                                      "do not support yet; use --attention-backend torch")
             log.info("%s has sliding-window layers: running the torch attention backends", self.model_name)
             self.kernels = "torch"
-        self.sparse_config = args.sparse_config(self.device.type)
         self.backend = self._build_backend()
-        self.allocator = PageAllocator(self.pool.num_pages, args.page_size, args.enable_prefix_caching)
+        if self.tiers is not None:
+            self.backend.tiers = self.tiers
+        self.allocator = PageAllocator(self.pool.num_pages, args.page_size, args.enable_prefix_caching,
+                                       self.tiers)
         self.scheduler = Scheduler(self.allocator, args.max_num_seqs, args.max_num_batched_tokens,
                                    on_release=self._on_release)
         graphs = None
         if self.device.type == "cuda" and self.kernels == "triton" and args.use_cuda_graphs:
             graphs = CudaGraphRunner(self.model, self.backend, self.device, args.max_num_seqs)
         self.runner = ModelRunner(self.model, self.backend, args.page_size, self.device, args.attention,
-                                  self.sparse_config.token_budget, graphs)
+                                  self.sparse_config.token_budget, graphs, self.tiers)
         self.sampler = Sampler(cfg.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer, cfg.eos_token_ids, self.max_model_len)
-        self.limits = RequestLimits(cfg.vocab_size, self.max_model_len, self.pool.capacity_tokens,
-                                    args.attention)
+        capacity = self.pool.capacity_tokens  # with offload, a prompt prefills with all its values resident
+        if self.tiers is not None:
+            capacity = min(capacity, self.tiers.sizes.resident_slots * args.page_size)
+        self.limits = RequestLimits(cfg.vocab_size, self.max_model_len, capacity, args.attention)
         self.requests: dict[str, Request] = {}
         self.rng = random.Random(args.seed)
         self.spec: SpecDecoder | None = None
@@ -112,20 +121,27 @@ class LLMEngine:
         if budget is None and self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = int(free - total * (1 - args.gpu_memory_utilization))
+        if args.cpu_kv_cache_memory is not None:
+            self.pool, self.tiers = build_tiers(spec, args, self.sparse_config, self._profile(), cfg.num_heads
+                                                // cfg.num_kv_heads, self.device, budget or CPU_KV_DEFAULT,
+                                                self.max_model_len)
+            return self.pool
         return KVPool.from_budget(spec, budget or CPU_KV_DEFAULT, self.device, with_summaries=sparse)
+
+    def _profile(self):
+        cfg, args = self.model_config, self.args
+        return resolve_profile(args.head_profile, self.model_name, cfg.identity, cfg.num_layers,
+                               cfg.num_kv_heads, args.streaming_ratio)
 
     def _build_backend(self) -> AttentionBackend:
         cfg, args = self.model_config, self.args
-        profile = None
-        if self.keeps_summaries:
-            profile = resolve_profile(args.head_profile, self.model_name, cfg.identity, cfg.num_layers,
-                                      cfg.num_kv_heads, args.streaming_ratio)
+        profile = self._profile() if self.keeps_summaries else None
         self.head_profile = profile
         # A dense server drafting with self_sparse runs the sparse backend with every sequence in dense
         # mode: the same attention, and the key summaries the draft's page selection reads stay exact.
         mode = "sparse" if self.keeps_summaries else "dense"
         return build_backend(self.pool, mode, self.kernels, self.sparse_config, profile,
-                             cfg.num_heads, cfg.num_kv_heads)
+                             cfg.num_heads, cfg.num_kv_heads, offload=self.tiers is not None)
 
     @property
     def keeps_summaries(self) -> bool:
@@ -167,7 +183,9 @@ class LLMEngine:
             "attention": self.args.attention
             + (f" ({self.args.sparse_policy}, budget {self.sparse_config.token_budget} tokens)"
                if self.args.attention == "sparse" else "") + f", {self.kernels} kernels"
-            + (", CUDA graphs" if self.runner.graphs is not None else ""),
+            + (", CUDA graphs" if self.runner.graphs is not None else "")
+            + ("" if self.tiers is None else ", values offloaded: " + describe_sizes(
+                self.tiers.sizes, self.args.page_size, self.tiers.pin_seconds)),
             "prefix_caching": self.args.enable_prefix_caching,
             "max_concurrency": self.pool.capacity_tokens // self.max_model_len,  # sequences at full length
             "head_profile": "none (dense)" if self.head_profile is None else
@@ -197,6 +215,11 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already running")
         ids = self.encode_prompt(prompt)
         validate_request(ids, params, self.limits)
+        budget = params.attention.token_budget if params.attention else None
+        if self.tiers is not None and budget and budget > self.sparse_config.token_budget:
+            raise RequestError(f"attention.token_budget {budget} exceeds this server's "
+                               f"{self.sparse_config.token_budget}, for which its value cache is sized "
+                               "(--cpu-kv-cache-memory)", param="attention.token_budget")
         arrival = time.monotonic() if arrival is None else arrival
         seqs: list[Sequence] = []
         for i in range(params.n):
@@ -250,6 +273,8 @@ class LLMEngine:
             if spec is not None:
                 spec.propose(batch)
                 shape = step_shape(batch)
+            if self.tiers is not None:
+                place_values(self.tiers, self.backend, self.scheduler.running, self.runner.attention_of)
             logits, emitting = self.runner.execute(batch)
             for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
                 stats.num_prompt_tokens += max(min(seq.num_computed + n, seq.num_prompt_tokens)
@@ -271,6 +296,9 @@ class LLMEngine:
         if spec is not None:
             stats.spec = spec.finish(batch, time.perf_counter() - start, shape)
         stats.attention = self.backend.drain_stats()
+        if self.tiers is not None:
+            stats.offload = self.tiers.drain_stats()
+            stats.cpu_kv_cache_usage = self.tiers.host_usage
         outputs = self.collect_outputs()
         return outputs, self.gauges(stats)
 

@@ -12,6 +12,7 @@ import torch
 from needle.attention.base import AttentionBackend, AttentionMetadata
 from needle.engine.cuda_graph import CudaGraphRunner
 from needle.engine.models.llama import LlamaForCausalLM
+from needle.kvcache.value_tiers import ValueTiers
 from needle.scheduler.scheduler import Batch
 from needle.scheduler.sequence import Sequence
 
@@ -19,7 +20,7 @@ from needle.scheduler.sequence import Sequence
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, page_size: int,
                  device: torch.device, default_mode: str, default_budget: int,
-                 graphs: CudaGraphRunner | None = None):
+                 graphs: CudaGraphRunner | None = None, tiers: ValueTiers | None = None):
         self.model = model
         self.backend = backend
         self.page_size = page_size
@@ -27,6 +28,7 @@ class ModelRunner:
         self.default_mode = default_mode
         self.default_budget = default_budget
         self.graphs = graphs  # CUDA graphs for decode steps, or None to run every step eagerly
+        self.tiers = tiers  # where offloaded values sit, or None
 
     def set_backend(self, backend: AttentionBackend) -> None:
         self.backend = backend
@@ -44,7 +46,10 @@ class ModelRunner:
             page_tables=[s.pages.page_table for s in batch.seqs], page_size=self.page_size,
             device=self.device, modes=[self._mode(s) for s in batch.seqs],
             token_budgets=[self._budget(s) for s in batch.seqs],
-            num_draft_tokens=[len(s.draft_ids) for s in batch.seqs])
+            num_draft_tokens=[len(s.draft_ids) for s in batch.seqs],
+            value_tables=None if self.tiers is None else
+            [self.tiers.value_table(s.pages.page_table) for s in batch.seqs],
+            value_layers_from=0 if self.tiers is None else self.tiers.first_layer)
         return torch.tensor(ids, dtype=torch.int64, device=self.device), meta
 
     @torch.inference_mode()
@@ -72,6 +77,10 @@ class ModelRunner:
     def attention_key(self, seq: Sequence) -> str:
         """What the sequence's KV depends on beyond its tokens: its attention mode (and sparse budget)."""
         return self.backend.kv_key(self._mode(seq), self._budget(seq))
+
+    def attention_of(self, seq: Sequence) -> tuple[str, int]:
+        """The sequence's attention mode and sparse token budget."""
+        return self._mode(seq), self._budget(seq)
 
     def _mode(self, seq: Sequence) -> str:
         override = seq.params.attention
