@@ -66,7 +66,8 @@ class AttentionMetadata:
               num_draft_tokens: list[int] | None = None, value_tables: list[list[int]] | None = None,
               value_layers_from: int = 0) -> AttentionMetadata:
         """The one constructor: sequence i brings its last query_lens[i] of context_lens[i] positions."""
-        positions = [pos for n, ctx in zip(query_lens, context_lens, strict=True) for pos in range(ctx - n, ctx)]
+        positions = [pos for n, ctx in zip(query_lens, context_lens, strict=True)
+                     for pos in range(ctx - n, ctx)]
         width = max(len(t) for t in page_tables)
 
         def slots_and_padded(tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +79,7 @@ class AttentionMetadata:
                     torch.tensor(padded, dtype=torch.int32, device=device))
 
         slot_mapping, padded = slots_and_padded(page_tables)
-        value_slots, value_padded = slots_and_padded(value_tables) if value_tables is not None else (None, None)
+        value_slots, value_padded = (None, None) if value_tables is None else slots_and_padded(value_tables)
         b = len(seq_ids)
         return cls(
             seq_ids=list(seq_ids), query_lens=list(query_lens), context_lens=list(context_lens),

@@ -12,7 +12,7 @@ import torch
 
 from needle.attention import build_backend
 from needle.attention.base import AttentionBackend
-from needle.attention.head_profile import resolve_profile
+from needle.attention.head_profile import HeadProfile, resolve_profile
 from needle.engine.config import EngineArgs
 from needle.engine.cuda_graph import CudaGraphRunner
 from needle.engine.detokenizer import TextState
@@ -128,13 +128,13 @@ class LLMEngine:
             return self.pool
         return KVPool.from_budget(spec, budget or CPU_KV_DEFAULT, self.device, with_summaries=sparse)
 
-    def _profile(self):
+    def _profile(self) -> HeadProfile:
         cfg, args = self.model_config, self.args
         return resolve_profile(args.head_profile, self.model_name, cfg.identity, cfg.num_layers,
                                cfg.num_kv_heads, args.streaming_ratio)
 
     def _build_backend(self) -> AttentionBackend:
-        cfg, args = self.model_config, self.args
+        cfg = self.model_config
         profile = self._profile() if self.keeps_summaries else None
         self.head_profile = profile
         # A dense server drafting with self_sparse runs the sparse backend with every sequence in dense

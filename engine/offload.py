@@ -21,7 +21,8 @@ log = logging.getLogger("needle.engine")
 def offload_refusal(args: EngineArgs, windowed: bool) -> str | None:
     """Why value offload cannot run with these settings, or None."""
     if args.attention != "sparse":
-        return "--cpu-kv-cache-memory offloads what sparse attention does not read: it needs --attention sparse"
+        return ("--cpu-kv-cache-memory offloads what sparse attention does not read: it needs "
+                "--attention sparse")
     if args.speculative_config:
         return "--cpu-kv-cache-memory cannot be combined with --speculative-config yet"
     if windowed:

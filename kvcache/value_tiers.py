@@ -76,7 +76,8 @@ class ValueTiers:
         self.cuda = pool.device.type == "cuda"
         start = time.perf_counter()
         row = (spec.page_size, spec.num_kv_heads, spec.head_dim)
-        self.host = torch.empty((sizes.host_pages, len(self.layers), *row), dtype=spec.dtype, pin_memory=self.cuda)
+        self.host = torch.empty((sizes.host_pages, len(self.layers), *row), dtype=spec.dtype,
+                                pin_memory=self.cuda)
         self.staging = torch.empty((min(STAGING_PAGES, max(sizes.host_pages, 1)), *row), dtype=spec.dtype,
                                    pin_memory=self.cuda)
         self.pin_seconds = time.perf_counter() - start  # pinned allocation (the start-up cost on CUDA)
@@ -306,7 +307,8 @@ class ValueTiers:
         in_flight = [s for _, slots in self.in_flight for s in slots]
         slots = list(self.slot_of.values()) + list(self.free_slots) + in_flight
         assert sorted(slots) == list(range(self.sizes.resident_slots)), "device slots lost or shared"
-        assert sorted(list(self.host_of.values()) + list(self.free_host)) == list(range(self.sizes.host_pages))
+        hosts = list(self.host_of.values()) + list(self.free_host)
+        assert sorted(hosts) == list(range(self.sizes.host_pages)), "host slots lost or shared"
         for cache, free in zip(self.cache, self.cache_free, strict=True):
             assert set(cache) <= set(self.host_of), "a cached copy of a page not on the host"
             assert len(cache) + len(free) == self.sizes.cache_slots
