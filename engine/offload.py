@@ -38,22 +38,21 @@ def build_tiers(spec: KVCacheSpec, args: EngineArgs, config: SparseConfig, profi
 
     Resident slots cover one prompt of --max-model-len being prefilled plus, per sequence, what a decode
     step reads from resident pages (or its whole context while it fits the budget and runs dense). The
-    value cache of each layer holds, for --max-num-seqs sequences, every retrieval head's budget: one
-    step's selections always fit, and the slack keeps older ones."""
+    value cache of each layer holds, for --max-num-seqs sequences, each of its retrieval heads' budget:
+    one step's selections always fit, and the slack keeps older ones."""
     ps = spec.page_size
     first = config.dense_layers
     pages = lambda tokens: -(-tokens // ps)  # noqa: E731
     window = pages(max(config.sink_tokens, config.unit_tokens)) + pages(
         max(config.local_tokens, config.retrieval_local_tokens + config.unit_tokens)) + 2
     per_seq = max(window, pages(config.token_budget) + 1)
-    selectors = max((sum(not s for s in row) for row in profile.streaming[first:]), default=0)
-    if config.per_query_head:  # each query head of a group selects its own units
-        selectors *= group
+    selectors = [sum(not s for s in row) * (group if config.per_query_head else 1)  # who picks units
+                 for row in profile.streaming[first:]]
+    cache = tuple(args.max_num_seqs * n * pages(config.token_budget) for n in selectors)
     sizes = plan_sizes(spec, first, device_bytes, args.cpu_kv_cache_bytes or 0,
-                       min_resident=pages(max_model_len) + args.max_num_seqs * per_seq,
-                       cache_slots=max(1, args.max_num_seqs * selectors * pages(config.token_budget)))
-    pool = KVPool(spec, sizes.num_pages, device, with_summaries=True, value_slots=sizes.resident_slots
-                  + sizes.cache_slots, offloaded_from=first)
+                       min_resident=pages(max_model_len) + args.max_num_seqs * per_seq, cache_slots=cache)
+    pool = KVPool(spec, sizes.num_pages, device, with_summaries=True,
+                  value_slots=[sizes.resident_slots + n for n in cache], offloaded_from=first)
     tiers = ValueTiers(pool, first, sizes)
     log.info("value offload: %s", describe_sizes(sizes, ps, tiers.pin_seconds))
     return pool, tiers
@@ -61,9 +60,9 @@ def build_tiers(spec: KVCacheSpec, args: EngineArgs, config: SparseConfig, profi
 
 def describe_sizes(sizes: TierSizes, page_size: int, pin_seconds: float) -> str:
     return (f"keys for {sizes.num_pages * page_size} tokens, device values for "
-            f"{sizes.resident_slots * page_size} tokens + a value cache of {sizes.cache_slots * page_size} "
-            f"tokens per layer, host values for {sizes.host_pages * page_size} tokens (allocated in "
-            f"{pin_seconds:.1f} s)")
+            f"{sizes.resident_slots * page_size} tokens + value caches of up to "
+            f"{max(sizes.cache_slots, default=0) * page_size} tokens per layer, host values for "
+            f"{sizes.host_pages * page_size} tokens (allocated in {pin_seconds:.1f} s)")
 
 
 def place_values(tiers: ValueTiers, backend: OffloadSparseBackend, running: list[Sequence],

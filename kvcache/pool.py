@@ -33,12 +33,12 @@ class KVCacheSpec:
 class KVPool:
     """All pages of all layers in two tensors, so a page id means the same slot in every layer.
 
-    With `value_slots` (value offload), layers from `offloaded_from` on keep only that many value slots
-    each, which value_tiers.py hands out: `v` is then a list of per-layer tensors (v[layer] either way).
+    With `value_slots` (value offload), layer offloaded_from + i keeps only value_slots[i] value slots,
+    which value_tiers.py hands out: `v` is then a list of per-layer tensors (v[layer] either way).
     """
 
     def __init__(self, spec: KVCacheSpec, num_pages: int, device: torch.device, with_summaries: bool,
-                 value_slots: int | None = None, offloaded_from: int = 0):
+                 value_slots: list[int] | None = None, offloaded_from: int = 0):
         if spec.page_size % spec.summary_tokens:
             raise ValueError(f"page_size {spec.page_size} must be a multiple of {spec.summary_tokens}")
         self.spec = spec
@@ -48,8 +48,8 @@ class KVPool:
         self.k = torch.zeros(shape, dtype=spec.dtype, device=device)
         self.v: torch.Tensor | list[torch.Tensor] = torch.zeros(shape, dtype=spec.dtype, device=device) \
             if value_slots is None else \
-            [torch.zeros((num_pages if layer < offloaded_from else value_slots, *shape[2:]), dtype=spec.dtype,
-                         device=device) for layer in range(spec.num_layers)]
+            [torch.zeros((rows, *shape[2:]), dtype=spec.dtype, device=device)
+             for rows in [num_pages] * offloaded_from + list(value_slots)]
         self.kmin: torch.Tensor | None = None
         self.kmax: torch.Tensor | None = None
         self.kmean: torch.Tensor | None = None

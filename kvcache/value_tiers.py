@@ -3,8 +3,9 @@ back only the pages its selection reads that a device value cache does not hold.
 
 Layers from `first_layer` on (the sparse layers) keep a small number of device value slots each
 (KVPool(value_slots=...)): slots [0, resident) hold the values of *resident* pages, the same slot in
-every offloaded layer; slots [resident, resident + cache) are each layer's own value cache of host
-pages, least recently used first. Keys, key summaries and the first layers' values never move.
+every offloaded layer; slots [resident, resident + cache[layer]) are each layer's own value cache of
+host pages, least recently used first (sized by the layer's retrieval heads: none for a layer of
+streaming heads only). Keys, key summaries and the first layers' values never move.
 
 Every page that holds values is in exactly one place: resident (a device slot), on the host (a host
 slot), or both for a moment while its device slot is *in flight* (being copied out; the slot is reused
@@ -45,25 +46,26 @@ class TierStats:
 class TierSizes:
     num_pages: int  # key pages (the allocator's pages)
     resident_slots: int
-    cache_slots: int  # per offloaded layer
+    cache_slots: tuple[int, ...]  # per offloaded layer
     host_pages: int
 
 
 def plan_sizes(spec: KVCacheSpec, first_layer: int, device_bytes: int, host_bytes: int, min_resident: int,
-               cache_slots: int) -> TierSizes:
+               cache_slots: tuple[int, ...]) -> TierSizes:
     """Split the device budget between key pages and value slots. Key pages beyond what the value
     slots and the host tier can hold are useless, so while the budget allows, the device gets exactly
     resident + host key pages and the rest goes to resident slots; otherwise min_resident slots."""
     value = spec.value_bytes_per_page(spec.num_layers - first_layer)
     key = spec.bytes_per_page(with_summaries=True) - value
     host = host_bytes // value
-    resident = (device_bytes - host * key - cache_slots * value) // (key + value)
+    cache = sum(cache_slots) * spec.value_bytes_per_page(1)
+    resident = (device_bytes - host * key - cache) // (key + value)
     if resident >= min_resident:
         return TierSizes(int(resident + host), int(resident), cache_slots, int(host))
-    pages = (device_bytes - (min_resident + cache_slots) * value) // key
+    pages = (device_bytes - min_resident * value - cache) // key
     if pages < min_resident:
         raise ValueError(f"a device KV budget of {device_bytes} bytes cannot hold {min_resident} resident "
-                         f"value pages and a value cache of {cache_slots} pages per layer: raise "
+                         f"value pages and value caches of {max(cache_slots)} pages per layer: raise "
                          "--kv-cache-memory or lower --max-model-len / --max-num-seqs")
     return TierSizes(int(pages), min_resident, cache_slots, int(host))
 
@@ -92,7 +94,7 @@ class ValueTiers:
         self.idle: OrderedDict[int, None] = OrderedDict()  # host pages no sequence holds (prefix cache)
         first_cache = sizes.resident_slots
         self.cache: list[OrderedDict[int, int]] = [OrderedDict() for _ in self.layers]  # page -> slot
-        self.cache_free = [list(range(first_cache, first_cache + sizes.cache_slots)) for _ in self.layers]
+        self.cache_free = [list(range(first_cache, first_cache + n)) for n in sizes.cache_slots]
         self.on_evict: Callable[[int], None] = lambda page: None  # the allocator forgets the page's hash
         self.stats = TierStats()
 
@@ -234,8 +236,9 @@ class ValueTiers:
         the layer's value cache; the least recently used entries not asked for make room."""
         i = layer - self.first_layer
         cache, free = self.cache[i], self.cache_free[i]
-        if len(pages) > self.sizes.cache_slots:
-            raise RuntimeError(f"{len(pages)} pages exceed the value cache of {self.sizes.cache_slots}")
+        if len(pages) > self.sizes.cache_slots[i]:
+            raise RuntimeError(f"{len(pages)} pages exceed layer {layer}'s value cache of "
+                               f"{self.sizes.cache_slots[i]}")
         slots, misses = [], []
         for page in pages:
             slot = cache.get(page)
@@ -309,10 +312,9 @@ class ValueTiers:
         assert sorted(slots) == list(range(self.sizes.resident_slots)), "device slots lost or shared"
         hosts = list(self.host_of.values()) + list(self.free_host)
         assert sorted(hosts) == list(range(self.sizes.host_pages)), "host slots lost or shared"
-        for cache, free in zip(self.cache, self.cache_free, strict=True):
+        for cache, free, n in zip(self.cache, self.cache_free, self.sizes.cache_slots, strict=True):
             assert set(cache) <= set(self.host_of), "a cached copy of a page not on the host"
-            assert len(cache) + len(free) == self.sizes.cache_slots
-            assert len(set(cache.values()) | set(free)) == self.sizes.cache_slots
+            assert len(cache) + len(free) == n and len(set(cache.values()) | set(free)) == n, "cache slots"
 
 
 def _runs(values: list[int]) -> list[tuple[int, int]]:

@@ -19,7 +19,7 @@ from needle.kvcache.pool import KVCacheSpec, KVPool
 from needle.kvcache.value_tiers import TierSizes, ValueTiers
 
 PAGE, LAYERS, FIRST = 4, 3, 1  # layer 0 stays dense (its values never move)
-SIZES = TierSizes(num_pages=20, resident_slots=12, cache_slots=5, host_pages=10)
+SIZES = TierSizes(num_pages=20, resident_slots=12, cache_slots=(5, 3), host_pages=10)
 
 ops = st.lists(
     st.tuples(st.sampled_from(["admit", "grow", "commit", "place", "fetch", "abort"]), st.integers(0, 5),
@@ -34,7 +34,8 @@ class Model:
     def __init__(self, prefix_caching: bool):
         spec = KVCacheSpec(LAYERS, num_kv_heads=1, head_dim=2, page_size=PAGE, summary_tokens=PAGE)
         self.pool = KVPool(spec, SIZES.num_pages, torch.device("cpu"), with_summaries=True,
-                           value_slots=SIZES.resident_slots + SIZES.cache_slots, offloaded_from=FIRST)
+                           value_slots=[SIZES.resident_slots + n for n in SIZES.cache_slots],
+                           offloaded_from=FIRST)
         self.tiers = ValueTiers(self.pool, FIRST, SIZES)
         self.bm = PageAllocator(SIZES.num_pages, PAGE, prefix_caching, self.tiers)
         self.live: dict[int, tuple[SeqPages, list[int]]] = {}
@@ -60,7 +61,7 @@ class Model:
                 lru.move_to_end(page)
             else:
                 self.misses += 1
-                if len(lru) >= SIZES.cache_slots:
+                if len(lru) >= SIZES.cache_slots[layer - FIRST]:
                     lru.popitem(last=False)
                 lru[page] = None
             assert torch.all(self.pool.v[layer][slot] == self.content[page]), "a cached copy is stale"
@@ -107,8 +108,9 @@ def run(model: Model, program) -> None:
             model.tiers.place({p for p in chosen if p in model.tiers.slot_of} | set(back), pages)
         elif op == "fetch":
             host = sorted(model.tiers.host_of)
-            wanted = [p for p in host if (p + seed) % 2][: SIZES.cache_slots]
-            model.fetch(FIRST + seed % (LAYERS - FIRST), wanted)
+            layer = FIRST + seed % (LAYERS - FIRST)
+            wanted = [p for p in host if (p + seed) % 2][: SIZES.cache_slots[layer - FIRST]]
+            model.fetch(layer, wanted)
         elif op == "abort" and entry is not None:
             model.bm.release(entry[0])
             del model.live[key]
