@@ -18,7 +18,7 @@ from support import error_of, run_engine, run_staggered
 from needle.engine.config import EngineArgs
 from needle.engine.llm_engine import LLMEngine
 from needle.engine.loader import ModelLoadError
-from needle.scheduler.sampling_params import SamplingParams
+from needle.scheduler.sampling_params import AttentionOverride, SamplingParams
 
 COMMON = dict(attention="sparse", device="cpu", max_model_len=2304, max_num_seqs=4, sparse_token_budget=256,
               max_num_batched_tokens=512, sparse_recall_sample=1.0)
@@ -66,10 +66,14 @@ def run_with_preemption(engine: LLMEngine, prompts: list[list[int]]) -> tuple[di
 
 
 @pytest.fixture(scope="module")
-def runs(prompts, offload_engine) -> dict[str, object]:
+def plain_engine() -> LLMEngine:
+    return LLMEngine(EngineArgs(**COMMON, kv_cache_memory="512MiB"))
+
+
+@pytest.fixture(scope="module")
+def runs(prompts, offload_engine, plain_engine) -> dict[str, object]:
     got, stats, preempted = run_with_preemption(offload_engine, prompts)
-    plain = LLMEngine(EngineArgs(**COMMON, kv_cache_memory="512MiB"))
-    base, _, base_preempted = run_with_preemption(plain, prompts)
+    base, _, base_preempted = run_with_preemption(plain_engine, prompts)
     assert preempted == base_preempted
     return {"offload": got, "base": base, "stats": stats, "preempted": preempted}
 
@@ -106,6 +110,20 @@ def test_abort_frees_both_tiers(runs, offload_engine, prompts):
     tiers.check(set())
     assert not tiers.slot_of and len(tiers.free_slots) == tiers.sizes.resident_slots
     assert set(tiers.host_of) == set(tiers.idle), "only evictable prefix-cache pages may stay on the host"
+
+
+def test_a_dense_request_keeps_every_value_on_the_device(runs, offload_engine, plain_engine, prompts):
+    """Dense mode reads the whole context each step, so its pages never move (no 400: it is served)."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                            attention=AttentionOverride("dense"))
+    tiers = offload_engine.tiers
+
+    def all_resident(_stats) -> None:
+        pages = [p for seq in offload_engine.scheduler.running for p in seq.pages.page_table]
+        assert all(p in tiers.slot_of for p in pages)
+
+    got = run_engine(offload_engine, {"dense": (prompts[6], params)}, on_step=all_resident)
+    assert got == run_engine(plain_engine, {"dense": (prompts[6], params)})
 
 
 def test_offload_refuses_what_it_cannot_serve():
