@@ -90,7 +90,8 @@ class LLMEngine:
                                    on_release=self._on_release)
         graphs = None
         if self.device.type == "cuda" and self.kernels == "triton" and args.use_cuda_graphs:
-            graphs = CudaGraphRunner(self.model, self.backend, self.device, args.max_num_seqs)
+            verify = 0 if self.spec_config is None else self.spec_config.num_speculative_tokens
+            graphs = CudaGraphRunner(self.model, self.backend, self.device, args.max_num_seqs, 1 + verify)
         self.runner = ModelRunner(self.model, self.backend, args.page_size, self.device, args.attention,
                                   self.sparse_config.token_budget, graphs)
         self.sampler = Sampler(cfg.eos_token_ids)
@@ -136,7 +137,7 @@ class LLMEngine:
         """A second sparse backend over the same pool, at the draft budget (self_sparse drafting)."""
         cfg = self.model_config
         config = dataclasses.replace(self.sparse_config, token_budget=budget, recall_sample=0.0)
-        return build_backend(self.pool, "sparse", "torch", config, self.head_profile, cfg.num_heads,
+        return build_backend(self.pool, "sparse", self.kernels, config, self.head_profile, cfg.num_heads,
                              cfg.num_kv_heads)
 
     def _on_release(self, seq: Sequence) -> None:

@@ -31,7 +31,8 @@ class ModelRunner:
     def set_backend(self, backend: AttentionBackend) -> None:
         self.backend = backend
         if self.graphs is not None:
-            self.graphs = CudaGraphRunner(self.model, backend, self.device, self.graphs.buckets[-1])
+            self.graphs = CudaGraphRunner(self.model, backend, self.device, self.graphs.buckets[-1],
+                                          self.graphs.max_query_len)
 
     def build_metadata(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata]:
         ids: list[int] = []
