@@ -46,33 +46,40 @@ class TritonDenseBackend(DenseBackend):
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata, window: int | None = None) -> torch.Tensor:
-        _refuse_window(window)
         append(self.pool, layer, k, v, meta.slot_mapping)
         if meta.decodes_only:
-            return self._decode(layer, q, meta)
+            return self._decode(layer, q, meta, window)
         out = torch.empty_like(q)
         starts = meta.query_start_loc.tolist()
         dec = [i for i in range(meta.num_seqs) if meta.decodes(i)]
         if dec:
             rows = meta.rows_of(dec)
-            out[rows] = self._decode(layer, q[rows], meta.subset(dec))
+            out[rows] = self._decode(layer, q[rows], meta.subset(dec), window)
         for i, n in enumerate(meta.query_lens):
             if not meta.decodes(i):
                 rows = slice(starts[i], starts[i] + n)
                 out[rows] = self.prefill(layer, q[rows], k[rows], v[rows], meta.page_tables[i],
-                                         meta.context_lens[i])
+                                         meta.context_lens[i], window)
         return out
 
-    def _decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,
+                window: int | None) -> torch.Tensor:
         """Decodes and verifies (several queries per sequence, in the same kernel)."""
         return paged_decode(q, self.pool.k[layer], self.pool.v[layer], meta.page_tables, meta.context_lens_t,
-                            1.0 / math.sqrt(q.shape[-1]), **meta.decode_kernel_args())
+                            1.0 / math.sqrt(q.shape[-1]), window=window, **meta.decode_kernel_args())
 
-    def prefill(self, layer: int, q, k, v, page_table: torch.Tensor, ctx: int) -> torch.Tensor:
-        if ctx > q.shape[0]:  # a later chunk: attend to the whole context in the pages
-            k = gather_context(self.pool.k[layer], page_table, ctx)
-            v = gather_context(self.pool.v[layer], page_table, ctx)
-        return prefill_dense(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
+    def prefill(self, layer: int, q, k, v, page_table: torch.Tensor, ctx: int,
+                window: int | None = None) -> torch.Tensor:
+        """A prefill chunk: causal over the context in the pages (a later chunk) or its own keys; a
+        sliding-window layer gathers only the keys its oldest query can see."""
+        n, scale = q.shape[0], 1.0 / math.sqrt(q.shape[-1])
+        first = 0 if window is None else max(0, ctx - n - window + 1)
+        if ctx > n:
+            k = gather_context(self.pool.k[layer], page_table, ctx)[first:]
+            v = gather_context(self.pool.v[layer], page_table, ctx)[first:]
+        if window is None:
+            return prefill_dense(q, k, v, scale)
+        return prefill_streaming(q, k, v, scale, sink=0, local=window)
 
     def graph_key(self, meta: AttentionMetadata):
         return "decode" if meta.uniform_query_len else None
@@ -178,12 +185,12 @@ class TritonSparseBackend(SparseBackend):
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata, window: int | None = None) -> torch.Tensor:
-        _refuse_window(window)
         if self._fast is None:
-            return super().forward(layer, q, k, v, meta)
+            return super().forward(layer, q, k, v, meta, window)
         reselect, kk = self._fast
-        if layer < self.dense_layers or reselect == "dense":
-            return self.dense.forward(layer, q, k, v, meta)  # its append keeps the summaries exact
+        if layer < self.dense_layers or reselect == "dense" or window is not None:
+            # (a sliding-window layer is one streaming head over its window, as in sparse.py)
+            return self.dense.forward(layer, q, k, v, meta, window)  # its append keeps the summaries exact
         pool = self.pool
         append(pool, layer, k, v, meta.slot_mapping)
         sel = self._sel[layer][:meta.num_seqs, :, :kk]
@@ -229,8 +236,3 @@ class TritonSparseBackend(SparseBackend):
             out[:, heads] = o.view(n, heads.numel(), self.group, self.head_dim)
         return out.view(n, self.num_q_heads, self.head_dim)
 
-
-def _refuse_window(window: int | None) -> None:
-    """The kernels read whole contexts; the engine keeps sliding-window models on the torch backends."""
-    if window is not None:
-        raise NotImplementedError("the Triton kernels have no sliding window; use --attention-backend torch")

@@ -77,12 +77,6 @@ class LLMEngine:
         self.spec_config = SpeculativeConfig.parse(args.speculative_config)
         self.pool = self._build_pool()
         self.kernels = args.kernel_backend(self.device.type)
-        if self.kernels == "triton" and cfg.windowed:  # the Triton kernels read whole contexts
-            if args.attention_backend == "triton":
-                raise ModelLoadError(f"{self.model_name} has sliding-window layers, which the Triton kernels "
-                                     "do not support yet; use --attention-backend torch")
-            log.info("%s has sliding-window layers: running the torch attention backends", self.model_name)
-            self.kernels = "torch"
         self.sparse_config = args.sparse_config(self.device.type)
         self.backend = self._build_backend()
         self.allocator = PageAllocator(self.pool.num_pages, args.page_size, args.enable_prefix_caching)

@@ -165,6 +165,28 @@ def test_paged_decode_verifies_several_queries_as_decodes_at_their_positions(hq,
 
 
 @needs_kernels
+@pytest.mark.parametrize("window", [24, 100, 4096])
+@pytest.mark.parametrize("verify", [False, True])
+def test_paged_decode_reads_only_a_sliding_window(window, verify):
+    """Each query reads its last `window` keys: a streaming head with no sinks in the reference."""
+    from needle.attention.kernels.paged_decode import paged_decode
+
+    gen = torch.Generator().manual_seed(window + verify)
+    hq, hkv, d, dtype = 8, 2, 64, torch.float16
+    lens, qlens = [300, 45, 1000, 7], [3, 1, 4, 2]
+    _, k, v, _, _, bt, ctx = _decode_case(gen, hq, hkv, d, dtype, lens)
+    starts, t, nq = _verify_case(gen, lens, qlens if verify else [1] * len(lens))
+    q = torch.randn(t, hq, d, generator=gen).to(dtype).to(DEVICE)
+    kw = dict(query_start_loc=starts, max_query_len=nq) if verify else {}
+    out = paged_decode(q, k, v, bt, ctx, d ** -0.5, window=window, **kw)
+    rctx, rbt, _ = ref.verify_as_decodes(starts, ctx, bt)
+    want = ref.paged_decode_ref(q, k, v, rbt, rctx, d ** -0.5, streaming_kv=torch.ones(hkv, dtype=torch.bool),
+                                sink=0, recent=0, stream_sink=0, stream_local=window,
+                                units=torch.full((t, hkv, 1), -1, dtype=torch.int32))
+    assert rel_err(out, want) < 1e-2
+
+
+@needs_kernels
 @pytest.mark.parametrize("hq,hkv,shared", [(8, 2, False), (8, 2, True), (32, 8, True)])
 def test_sparse_decode_verifies_several_queries_as_decodes_at_their_positions(hq, hkv, shared):
     from needle.attention.kernels.paged_decode import sparse_decode

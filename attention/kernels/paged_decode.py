@@ -31,7 +31,7 @@ if HAS_TRITON:
     @triton.jit
     def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, qs_ptr, units_ptr, stream_ptr, o_ptr,
                              lse_ptr, qk_scale, bt_stride, u_stride_b, u_stride_r, k_sel,
-                             sink, recent, recent_units, stream_sink, stream_local,
+                             sink, recent, recent_units, stream_sink, stream_local, window,
                              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
                              QPR: tl.constexpr, NQ: tl.constexpr, GP: tl.constexpr, UT: tl.constexpr,
                              S: tl.constexpr, SPARSE: tl.constexpr, PRECISION: tl.constexpr):
@@ -56,9 +56,9 @@ if HAS_TRITON:
             sk = tl.where(streaming, stream_sink, sink)
             rc = tl.where(streaming, stream_local, recent)
             nsel = tl.where(streaming, 0, k_sel)
-        else:
+        else:  # dense; a sliding-window layer reads each query's last `window` keys
             sk = 0
-            rc = ctx
+            rc = tl.where(window > 0, window, ctx)
             nsel = 0
         # The program walks the units of the widest context's fixed ranges (the recent range of the
         # oldest query starts earliest) and its chosen units; each query row masks what it does not read.
@@ -98,6 +98,8 @@ if HAS_TRITON:
             if SPARSE:
                 fixed = (pos[None, :] < sk) | (pos[None, :] >= rec_start[:, None])  # [GP, UT]
                 valid = valid & (fixed != chosen)
+            else:
+                valid = valid & (pos[None, :] >= rec_start[:, None])
             page = tl.load(bt_ptr + b * bt_stride + pos // PS, mask=loaded, other=0).to(tl.int64)
             off = ((page * PS + pos % PS) * HKV + kvh) * D
             k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=loaded[:, None], other=0.0)
@@ -148,7 +150,7 @@ def choose_splits(batch: int, rows: int, max_units: int, device: torch.device) -
 
 def _launch(q, k_cache, v_cache, page_tables, context_lens, scale, *, qpr, units, streaming_kv, sink,
             recent, recent_units, stream_sink, stream_local, unit_tokens, max_units, num_splits, num_warps,
-            num_stages, query_start_loc, max_query_len):
+            num_stages, query_start_loc, max_query_len, window=0):
     t, hq, d = q.shape
     b = page_tables.shape[0]
     _, ps, hkv, _ = k_cache.shape
@@ -166,7 +168,7 @@ def _launch(q, k_cache, v_cache, page_tables, context_lens, scale, *, qpr, units
         units if sparse else dummy, streaming_kv if sparse else dummy, o_part, lse,
         scale * 1.4426950408889634, page_tables.stride(0),
         units.stride(0) if sparse else 0, units.stride(1) if sparse else 0,
-        units.shape[2] if sparse else 0, sink, recent, recent_units, stream_sink, stream_local,
+        units.shape[2] if sparse else 0, sink, recent, recent_units, stream_sink, stream_local, window,
         HQ=hq, HKV=hkv, D=d, PS=ps, QPR=qpr, NQ=nq, GP=max(16, triton.next_power_of_2(qpr * nq)),
         UT=unit_tokens, S=s, SPARSE=sparse, PRECISION=dot_precision(q.dtype), num_warps=num_warps,
         num_stages=num_stages)
@@ -177,20 +179,25 @@ def _launch(q, k_cache, v_cache, page_tables, context_lens, scale, *, qpr, units
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float | None = None, *, block_n: int = 64,
                  num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                 query_start_loc: torch.Tensor | None = None, max_query_len: int = 1) -> torch.Tensor:
+                 query_start_loc: torch.Tensor | None = None, max_query_len: int = 1,
+                 window: int | None = None) -> torch.Tensor:
     """Dense decode. q [B, Hq, D]; one layer's k/v_cache [pages, page_size, Hkv, D]; page_tables [B, P]
-    int32; context_lens [B] int32 (0 = padded row, output 0) -> [B, Hq, D].
+    int32; context_lens [B] int32 (0 = padded row, output 0) -> [B, Hq, D]. `window`: a sliding-window
+    layer's, each query reads only its last `window` keys (only their pages are loaded).
 
     Verify steps: q [T, Hq, D] holds sequence i's queries at rows query_start_loc[i]:query_start_loc[i+1]
     (at most max_query_len of them), its last ones, causal among themselves -> [T, Hq, D]."""
     hq, d = q.shape[1], q.shape[2]
     g = hq // k_cache.shape[2]
     max_units = triton.cdiv(page_tables.shape[1] * k_cache.shape[1], block_n)
+    if window:
+        max_units = min(max_units, triton.cdiv(window + max_query_len, block_n) + 1)
     return _launch(q, k_cache, v_cache, page_tables, context_lens, scale or 1.0 / math.sqrt(d), qpr=g,
                    units=None, streaming_kv=None, sink=0, recent=0, recent_units=0, stream_sink=0,
                    stream_local=0,
                    unit_tokens=block_n, max_units=max_units, num_splits=num_splits, num_warps=num_warps,
-                   num_stages=num_stages, query_start_loc=query_start_loc, max_query_len=max_query_len)
+                   num_stages=num_stages, query_start_loc=query_start_loc, max_query_len=max_query_len,
+                   window=window or 0)
 
 
 def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_tables: torch.Tensor,
