@@ -4,11 +4,14 @@ SamplingParams on every verified position, and the step's bookkeeping (pages, ha
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from support import run_engine
 
 from needle import LLM, SamplingParams
+from needle.engine.loader import CONFIGS_DIR, ModelLoadError
 from needle.engine.spec_decode.ngram import lookup
 
 SHORT = [
@@ -87,6 +90,25 @@ def test_greedy_identical_to_plain_decoding(method, baseline, ngram_llm):
     assert again["again"] == expected[f"r{len(prompts) - 1}"]
     assert sum(accepted) > 0
     assert_no_leak(llm.engine)
+
+
+def test_draft_model_from_a_dummy_config_is_lossless_and_needs_the_same_vocabulary(baseline, tmp_path):
+    """A draft model of the configs/ shape with random weights (it proposes nonsense): the output is still
+    exactly plain decoding's; a draft config with another vocabulary is refused at start-up."""
+    prompts, expected = baseline
+    llm = spec_llm("draft_model", num_speculative_tokens=3, model="smollm2-135m", load_format="dummy")
+    drafted = []
+    got = staggered(llm.engine, prompts, SamplingParams(temperature=0, max_tokens=24))
+    assert got == expected
+    llm.engine.add_request("again", prompts[0], SamplingParams(temperature=0, max_tokens=8))
+    run_engine(llm.engine, on_step=lambda s: drafted.append(s.spec.num_draft_tokens))
+    assert sum(drafted) > 0
+    assert_no_leak(llm.engine)
+    config = json.loads((CONFIGS_DIR / "smollm2-135m.json").read_text())
+    other = tmp_path / "other-vocab.json"
+    other.write_text(json.dumps({**config, "vocab_size": 1000}))
+    with pytest.raises(ModelLoadError, match="same tokenizer"):
+        spec_llm("draft_model", model=str(other), load_format="dummy")
 
 
 def test_preemption_and_abort_mid_speculation():
