@@ -185,6 +185,13 @@ class AttentionBackend:
     def release(self, seq_id: int) -> None:
         """Called when a sequence leaves the batch (finished, aborted or preempted)."""
 
+    def rollback(self, seq_id: int, rejected: int) -> None:
+        """The sequence's last verify step kept all but its last `rejected` rows."""
+
+    def draft_limit(self, seq_id: int, budget: int, context: int) -> int | None:
+        """The most drafts the sequence may verify next step with its output unchanged (None: any)."""
+        return None
+
     def reserve(self, max_batch: int) -> None:
         """Allocate, before CUDA graphs are captured, every buffer a graph will read: it must not move."""
 

@@ -154,7 +154,7 @@ class TritonSparseBackend(SparseBackend):
         self.table.reserve(meta.num_seqs, budget // self.unit)
         slots = [self.table.slot(s) for s in meta.seq_ids]
         self._reserve_rows(meta.num_seqs)  # after the table: its width may have grown
-        fresh = self.due(meta.seq_ids, [budget] * meta.num_seqs)
+        fresh = self.due(meta.seq_ids, [budget] * meta.num_seqs, meta.query_lens)
         b = meta.num_seqs
         # Host -> device copies from pinned memory, asynchronous: the host never waits for the GPU here.
         if self._synced != meta.seq_ids:  # another batch, or the torch path ran: copy the rows in

@@ -184,6 +184,26 @@ def test_per_request_opt_out_and_sparse_verify(sparse_llm):
     assert_no_leak(engine)
 
 
+def test_sparse_mode_speculation_is_plain_sparse_decoding(sparse_llm):
+    """In sparse mode (selector interval 4) drafts never span a reselection or the dense/sparse boundary,
+    so speculating gives plain sparse decoding's tokens: long prompts, and one whose decode crosses the
+    budget."""
+    tok = sparse_llm.engine.tokenizer
+    items = LONG_TEXT.split(". ")
+    n = next(i for i in range(len(items)) if len(tok.encode(". ".join(items[:i]))) > 1010)
+    prompts = [*LONG, ". ".join(items[:n]), SHORT[0]]
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    expected = run_engine(sparse_llm.engine, {f"r{i}": (p, greedy) for i, p in enumerate(prompts)})
+    spec = LLM(attention="sparse", sparse_recall_sample=1.0, max_num_batched_tokens=4096,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 4, "dynamic": False})
+    accepted = []
+    got = run_engine(spec.engine, {f"r{i}": (p, greedy) for i, p in enumerate(prompts)},
+                     on_step=lambda s: accepted.append(s.spec.num_accepted_tokens))
+    assert got == expected
+    assert sum(accepted) > 0
+    assert_no_leak(spec.engine)
+
+
 def test_rollback_keeps_summaries_exact(ngram_llm):
     """After a step with rejected drafts, every key summary of the sequence equals a recomputation
     from its committed keys (self_sparse pools keep summaries even on a dense server)."""
