@@ -82,12 +82,6 @@ class LLMEngine:
             raise ModelLoadError(refusal)
         self.pool = self._build_pool()
         self.kernels = "torch" if self.tiers is not None else args.kernel_backend(self.device.type)
-        if self.kernels == "triton" and cfg.windowed:  # the Triton kernels read whole contexts
-            if args.attention_backend == "triton":
-                raise ModelLoadError(f"{self.model_name} has sliding-window layers, which the Triton kernels "
-                                     "do not support yet; use --attention-backend torch")
-            log.info("%s has sliding-window layers: running the torch attention backends", self.model_name)
-            self.kernels = "torch"
         self.backend = self._build_backend()
         if self.tiers is not None:
             self.backend.tiers = self.tiers
@@ -97,7 +91,8 @@ class LLMEngine:
                                    on_release=self._on_release)
         graphs = None
         if self.device.type == "cuda" and self.kernels == "triton" and args.use_cuda_graphs:
-            graphs = CudaGraphRunner(self.model, self.backend, self.device, args.max_num_seqs)
+            verify = 0 if self.spec_config is None else self.spec_config.num_speculative_tokens
+            graphs = CudaGraphRunner(self.model, self.backend, self.device, args.max_num_seqs, 1 + verify)
         self.runner = ModelRunner(self.model, self.backend, args.page_size, self.device, args.attention,
                                   self.sparse_config.token_budget, graphs, self.tiers)
         self.sampler = Sampler(cfg.eos_token_ids)
@@ -111,7 +106,7 @@ class LLMEngine:
         self.spec: SpecDecoder | None = None
         if self.spec_config is not None:
             self.spec = SpecDecoder(self.spec_config, build_drafter(self.spec_config, self), self.sampler,
-                                    self.pool, self.allocator, self.max_model_len)
+                                    self.pool, self.allocator, self.max_model_len, self.runner)
 
     def _build_pool(self) -> KVPool:
         cfg, args = self.model_config, self.args
@@ -152,7 +147,7 @@ class LLMEngine:
         """A second sparse backend over the same pool, at the draft budget (self_sparse drafting)."""
         cfg = self.model_config
         config = dataclasses.replace(self.sparse_config, token_budget=budget, recall_sample=0.0)
-        return build_backend(self.pool, "sparse", "torch", config, self.head_profile, cfg.num_heads,
+        return build_backend(self.pool, "sparse", self.kernels, config, self.head_profile, cfg.num_heads,
                              cfg.num_kv_heads)
 
     def _on_release(self, seq: Sequence) -> None:
