@@ -173,9 +173,12 @@ def offload_rows(model: str, ctx: int, kv_gib: float, host_gib: float, rows: lis
         release(engine, tables, seq_ids)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    ttft(engine, 9000)  # after the decode rows: the torch prefill is the slow part, and time-limited
-    seconds = ttft(engine, ctx, limit_s=45.0)
-    rows[first_row]["ttft_s"] = seconds if seconds is not None else float("nan")
+    try:  # after the decode rows: the torch prefill is the slow part (time-limited; it may run out of memory)
+        ttft(engine, 9000)
+        seconds = ttft(engine, ctx, limit_s=45.0)
+        rows[first_row]["ttft_s"] = seconds if seconds is not None else float("nan")
+    except torch.OutOfMemoryError as e:
+        seconds = repr(e)[:200]
     print(json.dumps({"ctx": ctx, "offload_ttft_s": seconds}), flush=True)
     del engine, tiers, meta
     free_memory()
