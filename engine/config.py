@@ -70,9 +70,9 @@ class EngineArgs:
                 "local window move to this tier (pinned memory on CUDA), in every layer past "
                 "--dense-layers; keys, key summaries and those values stay on the device, which then "
                 "holds about 1.75x the tokens (Llama-3.1-8B). Each decode step copies back the "
-                "selected pages that its device value cache lacks. Costs: host->device copies when selections change, and the "
-                "torch attention kernels (no Triton, no CUDA graphs); pinning takes ~0.65 s per GiB at "
-                "start-up."})
+                "selected pages that its device value cache lacks. Costs: host->device copies when "
+                "selections change, and the torch attention kernels (no Triton, no CUDA graphs); pinning "
+                "takes ~0.65 s per GiB at start-up."})
     enable_prefix_caching: bool = field(default=True, metadata={
         "help": "Reuse the KV pages of shared prompt prefixes (hash chain of full pages)."})
     # Attention.
