@@ -120,7 +120,12 @@ class EngineArgs:
                 "NEEDLE_TRITON=0 in the environment means torch.", "choices": ["auto", "torch", "triton"]})
     enforce_eager: bool = field(default=False, metadata={
         "help": "Never capture CUDA graphs (they are captured for decode batches up to --max-num-seqs on "
-                "the triton backend). NEEDLE_CUDA_GRAPHS=0 in the environment means the same."})
+                "the triton backend) nor compile. NEEDLE_CUDA_GRAPHS=0 in the environment means the same."})
+    compilation_level: int = field(default=1, metadata={
+        "choices": [0, 1], "aliases": ["-O"],
+        "help": "As vLLM's -O: 1 fuses the elementwise ops between the matmuls (RMSNorm + residual add, the "
+                "gated activation, RoPE) with torch.compile on CUDA when CUDA graphs are on (a one-time "
+                "compile on the first steps); 0 never compiles. Ignored on the CPU."})
 
     def __post_init__(self) -> None:
         if not self.enable_chunked_prefill:

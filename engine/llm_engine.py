@@ -17,6 +17,7 @@ from needle.engine.config import EngineArgs
 from needle.engine.cuda_graph import CudaGraphRunner
 from needle.engine.detokenizer import TextState
 from needle.engine.loader import ModelLoadError, load_config, load_model, resolve_model
+from needle.engine.models.layers import compile_pointwise
 from needle.engine.output_processor import OutputProcessor, Request
 from needle.engine.outputs import RequestOutput
 from needle.engine.quantization import quantize
@@ -84,6 +85,8 @@ class LLMEngine:
                                    on_release=self._on_release)
         graphs = None
         if self.device.type == "cuda" and self.kernels == "triton" and args.use_cuda_graphs:
+            if args.compilation_level > 0:
+                compile_pointwise(self.model)  # compiled on the first steps, then captured with them
             verify = 0 if self.spec_config is None else self.spec_config.num_speculative_tokens
             graphs = CudaGraphRunner(self.model, self.backend, self.device, args.max_num_seqs, 1 + verify)
         self.runner = ModelRunner(self.model, self.backend, args.page_size, self.device, args.attention,
