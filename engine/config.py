@@ -64,6 +64,9 @@ class EngineArgs:
                 "--gpu-memory-utilization)."})
     gpu_memory_utilization: float = field(default=0.9, metadata={
         "help": "Fraction of GPU memory for weights + activations + KV cache."})
+    max_logprobs: int = field(default=20, metadata={
+        "help": "Most top logprobs per token a request may ask for (logprobs, prompt_logprobs, "
+                "top_logprobs); more get 400."})
     enable_prefix_caching: bool = field(default=True, metadata={
         "help": "Reuse the KV pages of shared prompt prefixes (hash chain of full pages)."})
     # Attention.

@@ -70,4 +70,5 @@ def merge(results: dict[str, RequestOutput], delta: RequestOutput) -> RequestOut
     acc.outputs = [by_index[i] for i in sorted(by_index)]
     acc.finished, acc.metrics, acc.num_cached_tokens = delta.finished, delta.metrics, delta.num_cached_tokens
     acc.error = acc.error or delta.error
+    acc.prompt_logprobs = acc.prompt_logprobs or delta.prompt_logprobs
     return acc

@@ -19,6 +19,7 @@ from needle.engine.detokenizer import TextState
 from needle.engine.loader import ModelLoadError, load_config, load_model, resolve_model
 from needle.engine.output_processor import OutputProcessor, Request
 from needle.engine.outputs import RequestOutput
+from needle.engine.prompt_logprobs import private_salt, record
 from needle.engine.quantization import quantize
 from needle.engine.runner import ModelRunner
 from needle.engine.sampler import Sampler
@@ -96,7 +97,7 @@ class LLMEngine:
         self.sampler = Sampler(cfg.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer, cfg.eos_token_ids, self.max_model_len)
         self.limits = RequestLimits(cfg.vocab_size, self.max_model_len, self.pool.capacity_tokens,
-                                    args.attention)
+                                    args.attention, args.max_logprobs)
         self.requests: dict[str, Request] = {}
         self.rng = random.Random(args.seed)
         self.spec: SpecDecoder | None = None
@@ -205,10 +206,14 @@ class LLMEngine:
             seed = (params.seed + i) % 2**64 if params.seed is not None else self.rng.getrandbits(63)
             seq.generator = torch.Generator().manual_seed(seed)
             seq.pages.salt = chain_hash(None, [ord(c) for c in self.runner.attention_key(seq)])
+            if params.prompt_logprobs is not None:  # every prompt position must run: no shared prefix
+                seq.pages.salt = private_salt(seq.pages.salt, seqs[0] if seqs else seq)
             seqs.append(seq)
         texts = [TextState.for_prompt(len(ids)) for _ in seqs]
         text = prompt if isinstance(prompt, str) else prompt_text
         self.requests[request_id] = Request(request_id, text, ids, params, seqs, texts, arrival)
+        if params.prompt_logprobs is not None:
+            self.requests[request_id].prompt_logprobs = [None] * len(ids)
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -250,7 +255,9 @@ class LLMEngine:
             if spec is not None:
                 spec.propose(batch)
                 shape = step_shape(batch)
-            logits, emitting = self.runner.execute(batch)
+            logits, emitting, prompt_rows = self.runner.execute(batch)
+            for rows in prompt_rows:
+                record(self.model.logits, rows, self.requests[rows.seq.request_id].prompt_logprobs)
             for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
                 stats.num_prompt_tokens += max(min(seq.num_computed + n, seq.num_prompt_tokens)
                                                - seq.num_computed, 0)

@@ -59,6 +59,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token
+    prompt_logprobs: int | None = None  # top-N logprobs per prompt token, computed during the prefill
     logit_bias: dict[int, float] = field(default_factory=dict)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
@@ -103,8 +104,11 @@ class SamplingParams:
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         # Logits are divided or multiplied by it: tiny or huge values overflow to inf (then NaN).
         _check_range("repetition_penalty", self.repetition_penalty, 0.01, 100.0)
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        # The upper bound is the server's --max-logprobs, which engine/validation.py checks.
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be non-negative, got {value}")
         if len(self.logit_bias) > MAX_TOKEN_LIST:
             raise ValueError(f"logit_bias takes at most {MAX_TOKEN_LIST} entries, got {len(self.logit_bias)}")
         for token_id, bias in self.logit_bias.items():

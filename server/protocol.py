@@ -19,7 +19,8 @@ from needle.server.errors import APIError, bad_request
 # SamplingParams' messages start with the field name ("top_p must be ..."); this maps it to the wire name.
 _PARAM_NAMES = {
     "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "max_tokens", "logprobs", "attention.mode", "attention.token_budget", "seed",
+    "repetition_penalty", "max_tokens", "logprobs", "prompt_logprobs", "attention.mode",
+    "attention.token_budget", "seed",
     "stop", "min_tokens", "logit_bias", "stop_token_ids",
 }
 
@@ -74,7 +75,8 @@ class _GenerationRequest(_Lenient):
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """Build the engine's SamplingParams; any invalid value becomes a 400 naming the field."""
         fields: dict[str, Any] = {
             "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
@@ -88,6 +90,7 @@ class _GenerationRequest(_Lenient):
         try:
             return SamplingParams(
                 n=self.n, seed=self.seed, max_tokens=max_tokens, logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
                 stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
                 logit_bias=_logit_bias(self.logit_bias), skip_special_tokens=self.skip_special_tokens,
