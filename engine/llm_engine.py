@@ -25,6 +25,7 @@ from needle.engine.runner import ModelRunner
 from needle.engine.sampler import Sampler
 from needle.engine.spec_decode import SpecDecoder, SpeculativeConfig, build_drafter, step_shape
 from needle.engine.stats import StepStats
+from needle.engine.structured_output import Grammars
 from needle.engine.validation import RequestError, RequestLimits, validate_request
 from needle.kvcache.page_allocator import PageAllocator
 from needle.kvcache.pool import KVCacheSpec, KVPool
@@ -94,7 +95,8 @@ class LLMEngine:
             graphs = CudaGraphRunner(self.model, self.backend, self.device, args.max_num_seqs)
         self.runner = ModelRunner(self.model, self.backend, args.page_size, self.device, args.attention,
                                   self.sparse_config.token_budget, graphs)
-        self.sampler = Sampler(cfg.eos_token_ids)
+        self.grammars = Grammars(self.tokenizer, cfg.vocab_size, cfg.eos_token_ids)
+        self.sampler = Sampler(cfg.eos_token_ids, self.grammars)
         self.outputs = OutputProcessor(self.tokenizer, cfg.eos_token_ids, self.max_model_len)
         self.limits = RequestLimits(cfg.vocab_size, self.max_model_len, self.pool.capacity_tokens,
                                     args.attention, args.max_logprobs)
@@ -142,6 +144,8 @@ class LLMEngine:
 
     def _on_release(self, seq: Sequence) -> None:
         self.backend.release(seq.seq_id)
+        if seq.is_finished:  # a preempted sequence keeps its tokens, so its grammar state stays
+            self.grammars.release(seq)
         if self.spec is not None:
             self.spec.release(seq.seq_id)
 
@@ -198,6 +202,8 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already running")
         ids = self.encode_prompt(prompt)
         validate_request(ids, params, self.limits)
+        spec = params.structured_outputs
+        grammar = None if spec is None else self.grammars.compile(spec)
         arrival = time.monotonic() if arrival is None else arrival
         seqs: list[Sequence] = []
         for i in range(params.n):
@@ -208,6 +214,8 @@ class LLMEngine:
             seq.pages.salt = chain_hash(None, [ord(c) for c in self.runner.attention_key(seq)])
             if params.prompt_logprobs is not None:  # every prompt position must run: no shared prefix
                 seq.pages.salt = private_salt(seq.pages.salt, seqs[0] if seqs else seq)
+            if grammar is not None:
+                self.grammars.add(seq, grammar)
             seqs.append(seq)
         texts = [TextState.for_prompt(len(ids)) for _ in seqs]
         text = prompt if isinstance(prompt, str) else prompt_text
@@ -292,6 +300,7 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int) -> bool:
         """Append one sampled token and run the stop checks; -> whether the sequence finished on it."""
         seq.token_ids.append(token)
+        self.grammars.accept(seq, token)
         end = self.outputs.finish_reason(self.requests[seq.request_id], seq)
         if end is not None:
             self.scheduler.finish(seq, *end)

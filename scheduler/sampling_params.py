@@ -8,8 +8,10 @@ the lowest layer that holds them (each Sequence carries its request's).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_STOP_STRINGS = 32
 MAX_STOP_CHARS = 256
@@ -41,6 +43,34 @@ class AttentionOverride:
 
 
 @dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a grammar (vLLM's names): `json`, a JSON schema (dict or JSON text), or
+    `json_object`, any JSON object. The sampler masks every token the grammar does not allow."""
+
+    json: str | dict[str, Any] | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if (self.json is None) == (not self.json_object):
+            raise ValueError("structured_outputs takes exactly one of json (a schema) or json_object")
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {err}") from None
+        if self.json is not None and not isinstance(self.json, dict):
+            raise ValueError("structured_outputs.json must be a JSON schema object")
+
+    @property
+    def schema_text(self) -> str:
+        """The schema as JSON text, its keys in their order (a schema's property order is the output's)."""
+        return json.dumps(self.json if self.json is not None else {"type": "object"})
+
+
+@dataclass
 class SamplingParams:
     """What vLLM users pass: the same names, the same meaning."""
 
@@ -65,6 +95,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     attention: AttentionOverride | None = None
     speculative: bool = True  # False: never draft for this request (the server's --speculative-config)
+    structured_outputs: StructuredOutputsParams | None = None  # constrained decoding (never speculates)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -117,3 +148,5 @@ class SamplingParams:
             _check_range("logit_bias", bias, -100.0, 100.0)
         if self.attention is not None:
             self.attention.validate()
+        if self.structured_outputs is not None:
+            self.structured_outputs.validate()

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "vllm:lora_requests_info beside needle's names, for routers that read vLLM's (the "
                         "Gateway API Inference Extension's endpoint picker, llm-d, vLLM's production-stack "
                         "router).")
+    server.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                        help="Jinja chat template (a file, or the template text itself) used instead of the "
+                        "tokenizer's; one that renders `tools` enables tool_choice 'auto' (Hermes-style "
+                        "<tool_call> blocks are read back).")
     server.add_argument("--log-level", default="info", choices=_LOG_LEVELS, help="needle's log level.")
     server.add_argument("--uvicorn-log-level", default="warning", choices=_LOG_LEVELS,
                         help="uvicorn's log level (access logs appear at info).")
@@ -73,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Profile attention heads into retrieval / streaming (see `needle calibrate "
                         "--help`).")
     return parser
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's text, or the value itself when it is a Jinja template (as vLLM takes it)."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{{" in value or "{%" in value:
+        return value
+    raise SystemExit(f"needle serve: --chat-template {value!r} is neither a file nor a Jinja template")
 
 
 def serve(ns: argparse.Namespace) -> int:
@@ -119,7 +135,8 @@ def serve(ns: argparse.Namespace) -> int:
                           max_seqs_per_request=ns.max_seqs_per_request,
                           max_request_bytes=ns.max_request_bytes, body_timeout=ns.request_body_timeout,
                           special_tokens_in_content=ns.allow_special_tokens_in_content,
-                          metrics_compat=ns.metrics_compat)
+                          metrics_compat=ns.metrics_compat,
+                          chat_template=read_chat_template(ns.chat_template))
     failed = []
 
     def on_load_failure() -> None:

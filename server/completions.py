@@ -44,9 +44,11 @@ async def create_completion(state: ServerState, body: CompletionRequest, receive
     state.ready()
     state.check_model(body.model)
     body.check_stream_options()
+    body.refuse_unsupported()
     scored = body.echo and body.logprobs is not None
     params = body.sampling_params(body.max_tokens, body.logprobs,
-                                  prompt_logprobs=body.logprobs if scored else None)
+                                  prompt_logprobs=body.logprobs if scored else None,
+                                  structured=body.structured_outputs())
     prompts = await prompt_ids(state, body.prompt)
     gen = await state.generation("cmpl", prompts, params)
     echoes = [state.tokenizer.decode(ids) if body.echo else "" for ids in prompts]
