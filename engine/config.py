@@ -124,6 +124,17 @@ class EngineArgs:
     enforce_eager: bool = field(default=False, metadata={
         "help": "Never capture CUDA graphs (they are captured for decode batches up to --max-num-seqs on "
                 "the triton backend). NEEDLE_CUDA_GRAPHS=0 in the environment means the same."})
+    kv_cache_dtype: str = field(default="auto", metadata={
+        "help": "KV cache dtype. auto: the model dtype; fp8 (fp8_e4m3, fp8_e5m2) is refused: not "
+                "implemented on CUDA yet, and the CPU path reads the cache in the model dtype.",
+        "choices": ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "Tokenizer: a Hugging Face tokenizer directory or Hub repo (default: the model's own)."})
+    generation_config: str = field(default="auto", metadata={
+        "help": "Default sampling (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens as "
+                "max_tokens) for what a request leaves unset. auto: from the model's "
+                "generation_config.json, as vLLM; vllm: none (SamplingParams' defaults); or a folder "
+                "holding a generation_config.json."})
 
     def __post_init__(self) -> None:
         if not self.enable_chunked_prefill:

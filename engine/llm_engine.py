@@ -16,6 +16,7 @@ from needle.attention.head_profile import resolve_profile
 from needle.engine.config import EngineArgs
 from needle.engine.cuda_graph import CudaGraphRunner
 from needle.engine.detokenizer import TextState
+from needle.engine.generation_defaults import generation_defaults
 from needle.engine.loader import ModelLoadError, load_config, load_model, resolve_model
 from needle.engine.output_processor import OutputProcessor, Request
 from needle.engine.outputs import RequestOutput
@@ -52,12 +53,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_tokenizer(path: Path):
-    """The model's tokenizer, or None for a config-only (dummy) model: prompts must then be token ids."""
-    if path.is_file() or not any(path.glob("tokenizer*")):
-        return None
+def load_tokenizer(path: Path, override: str | None = None):
+    """The model's tokenizer (or --tokenizer's), or None for a config-only (dummy) model: prompts must
+    then be token ids."""
     from transformers import AutoTokenizer
 
+    if override is not None:
+        try:
+            return AutoTokenizer.from_pretrained(override)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"--tokenizer {override}: cannot load a tokenizer from it ({err})") from None
+    if path.is_file() or not any(path.glob("tokenizer*")):
+        return None
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -73,7 +80,13 @@ class LLMEngine:
             raise ModelLoadError(f"--max-model-len {args.max_model_len} exceeds the model's context "
                                  f"length {cfg.max_model_len}")
         self.max_model_len = args.max_model_len or cfg.max_model_len
-        self.tokenizer = load_tokenizer(path)
+        if args.kv_cache_dtype != "auto":
+            raise ModelLoadError(f"--kv-cache-dtype {args.kv_cache_dtype} is not available: "
+                                 + ("the CPU attention reads the KV cache in the model dtype"
+                                    if self.device.type == "cpu" else "fp8 KV pages are not implemented on "
+                                    "CUDA yet") + "; use --kv-cache-dtype auto")
+        self.tokenizer = load_tokenizer(path, args.tokenizer)
+        self.sampling_defaults = generation_defaults(args.generation_config, path)
         self.model = quantize(load_model(path, cfg, self.dtype, self.device, args.load_format, args.seed),
                               args.quantization, self.device)
         self.spec_config = SpeculativeConfig.parse(args.speculative_config)

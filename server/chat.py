@@ -37,7 +37,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     plan = plan_tools(body, state.template_has_tools)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     structured = plan.structured() or body.structured_outputs()
-    params = body.sampling_params(max_tokens, top_n, structured=structured)
+    params = body.sampling_params(max_tokens, top_n, structured=structured,
+                                  defaults=state.ready().sampling_defaults)
     messages, template_tools = body.messages, None
     if plan.active and state.template_has_tools:
         template_tools = plan.tools

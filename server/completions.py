@@ -48,7 +48,8 @@ async def create_completion(state: ServerState, body: CompletionRequest, receive
     scored = body.echo and body.logprobs is not None
     params = body.sampling_params(body.max_tokens, body.logprobs,
                                   prompt_logprobs=body.logprobs if scored else None,
-                                  structured=body.structured_outputs())
+                                  structured=body.structured_outputs(),
+                                  defaults=state.ready().sampling_defaults)
     prompts = await prompt_ids(state, body.prompt)
     gen = await state.generation("cmpl", prompts, params)
     echoes = [state.tokenizer.decode(ids) if body.echo else "" for ids in prompts]

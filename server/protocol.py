@@ -117,17 +117,21 @@ class _GenerationRequest(_Lenient):
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None,
-                        structured: StructuredOutputsParams | None = None) -> SamplingParams:
-        """Build the engine's SamplingParams; any invalid value becomes a 400 naming the field."""
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, *,
+                        prompt_logprobs: int | None = None, structured: StructuredOutputsParams | None = None,
+                        defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """Build the engine's SamplingParams; any invalid value becomes a 400 naming the field. What the
+        request leaves unset comes from `defaults` (--generation-config) where it names it."""
         fields: dict[str, Any] = {
             "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
             "min_p": self.min_p, "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
             "min_tokens": self.min_tokens,
         }
-        kwargs = {k: v for k, v in fields.items() if v is not None}
+        defaults = dict(defaults or {})
+        default_max_tokens = defaults.pop("max_tokens", None)
+        max_tokens = default_max_tokens if max_tokens is None else max_tokens
+        kwargs = {**defaults, **{k: v for k, v in fields.items() if v is not None}}
         if kwargs.get("top_k") == 0:
             kwargs["top_k"] = -1  # OpenAI-style clients send 0 for "off"
         try:

@@ -37,10 +37,14 @@ class ServerConfig:
     special_tokens_in_content: bool = False  # True: message content may spell control tokens (unsafe)
     metrics_compat: str = "none"  # "vllm": also serve the router metrics under vLLM's names
     chat_template: str | None = None  # --chat-template: Jinja text replacing the tokenizer's own
+    log_requests: bool = True  # one log line per admitted request (--disable-log-requests: none)
+    log_stats: bool = True  # the periodic throughput line (--disable-log-stats: none)
+    allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from ("*": any)
+    tls: bool = False  # --ssl-keyfile / --ssl-certfile: HTTPS only
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
 
 @dataclass
@@ -123,6 +127,10 @@ class ServerState:
         gen = Generation(engine, self.metrics, new_id(kind), prompts, params, self.background,
                          release=release, prompt_param="messages" if kind == "chatcmpl" else "prompt")
         self.generations.add(gen)
+        if self.config.log_requests:  # counts and settings only: prompts may be private
+            logger.info("request %s: %d prompt(s), %d prompt tokens, n=%d, max_tokens=%s, temperature=%g%s",
+                        gen.request_id, len(prompts), sum(map(len, prompts)), params.n, params.max_tokens,
+                        params.temperature, ", structured output" if params.structured_outputs else "")
         await gen.start()
         return gen
 
