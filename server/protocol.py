@@ -31,7 +31,7 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""), "best_of": (None, 1), "functions": (None, []), "function_call": (None, "none"),
     "audio": (None,), "prediction": (None,), "web_search_options": (None,), "modalities": (None, ["text"]),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
-    "structured_outputs": (None,),
+    "structured_outputs": (None,), "prompt_logprobs": (None,),
 }
 
 
@@ -103,7 +103,8 @@ class _GenerationRequest(_Lenient):
     def refuse_unsupported(self) -> None:
         for name, value in (self.model_extra or {}).items():
             if name in UNSUPPORTED_FIELDS and value not in UNSUPPORTED_FIELDS[name]:
-                hint = " (use response_format)" if name.startswith(("guided_", "structured")) else ""
+                hint = {"prompt_logprobs": " (on /v1/completions, echo with logprobs returns them)"}.get(
+                    name, " (use response_format)" if name.startswith(("guided_", "structured")) else "")
                 raise bad_request(f"{name} is not supported by this server{hint}", param=name)
 
     def structured_outputs(self) -> StructuredOutputsParams | None:

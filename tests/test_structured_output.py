@@ -166,6 +166,7 @@ def test_hermes_parsing_keeps_text_and_refuses_nothing_silently():
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"suffix": "end"}, "suffix"),
     ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"prompt_logprobs": 1}, "prompt_logprobs"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
     ({"response_format": {"type": "yaml"}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object",
