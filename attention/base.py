@@ -93,6 +93,28 @@ class AttentionMetadata:
         """True when every sequence brings exactly one new token (the hot path)."""
         return all(n == 1 for n in self.query_lens)
 
+    def decodes(self, i: int) -> bool:
+        """Sequence i's rows are decode queries: one new token, or a verify."""
+        return self.query_lens[i] == 1 or self.is_verify(i)
+
+    @property
+    def decodes_only(self) -> bool:
+        """No prefill chunk in the step: one decode kernel launch serves every sequence."""
+        return all(self.decodes(i) for i in range(self.num_seqs))
+
+    @property
+    def uniform_query_len(self) -> int | None:
+        """The query length every sequence of a decode/verify step shares (a CUDA graph's shape), or
+        None when the step has prefill chunks or verifies of several lengths."""
+        lens = set(self.query_lens)
+        return lens.pop() if len(lens) == 1 and self.decodes_only else None
+
+    def decode_kernel_args(self) -> dict:
+        """What a decode kernel needs beyond the batch to run a verify step (nothing for plain decode)."""
+        if self.is_decode:
+            return {}
+        return {"query_start_loc": self.query_start_loc, "max_query_len": max(self.query_lens)}
+
     def rows_of(self, index: list[int]) -> torch.Tensor:
         """The flattened token rows of the sequences at batch positions `index`."""
         starts = self.query_start_loc.tolist()
@@ -114,13 +136,17 @@ class AttentionMetadata:
             num_draft_tokens=[self.num_draft_tokens[i] for i in index] if self.num_draft_tokens else [])
 
     def padded(self, num_seqs: int, **tensors: torch.Tensor) -> AttentionMetadata:
-        """A decode step's metadata padded to `num_seqs` rows (a CUDA-graph bucket): padded rows have
-        seq id -1 and context 0; the tensors are the caller's (static, already padded) buffers."""
+        """A decode or verify step's metadata padded to `num_seqs` sequences (a CUDA-graph bucket) of
+        the step's one query length: padded sequences have seq id -1 and context 0; the tensors are the
+        caller's (static, already padded) buffers."""
         pad = num_seqs - self.num_seqs
+        n = self.query_lens[0]
         return dataclasses.replace(
-            self, seq_ids=self.seq_ids + [-1] * pad, query_lens=self.query_lens + [1] * pad,
+            self, seq_ids=self.seq_ids + [-1] * pad, query_lens=self.query_lens + [n] * pad,
             context_lens=self.context_lens + [0] * pad, modes=self.modes + self.modes[-1:] * pad,
-            token_budgets=self.token_budgets + self.token_budgets[-1:] * pad, **tensors)
+            token_budgets=self.token_budgets + self.token_budgets[-1:] * pad,
+            num_draft_tokens=self.num_draft_tokens + [n - 1] * pad if self.num_draft_tokens else [],
+            **tensors)
 
 
 @dataclass
@@ -158,6 +184,13 @@ class AttentionBackend:
 
     def release(self, seq_id: int) -> None:
         """Called when a sequence leaves the batch (finished, aborted or preempted)."""
+
+    def rollback(self, seq_id: int, rejected: int) -> None:
+        """The sequence's last verify step kept all but its last `rejected` rows."""
+
+    def draft_limit(self, seq_id: int, budget: int, context: int) -> int | None:
+        """The most drafts the sequence may verify next step with its output unchanged (None: any)."""
+        return None
 
     def reserve(self, max_batch: int) -> None:
         """Allocate, before CUDA graphs are captured, every buffer a graph will read: it must not move."""

@@ -6,8 +6,11 @@ Per layer and KV head, the head profile says streaming or retrieval. Decode, per
     units the policy ranks best (k fills the sequence's token budget); a selection is kept for
     `selector_interval` steps.
 A verify step (a decoding sequence's newest token + its drafts, see base.py) is decode: each row reads
-what a decode step at its position would, with the sequence's one kept selection (a verify step counts
-as one step of the reselection schedule; when due, its first row's query reselects).
+what a decode step at its position would, with the sequence's one kept selection. The reselection
+schedule counts positions, so a verify of n rows advances it by n (rejected rows are taken back,
+`rollback`), and when due its first row's query reselects. `draft_limit` bounds the drafts so that no
+row would reselect, or cross from dense to sparse, where plain decoding would: then speculation in
+sparse mode gives plain sparse decoding's tokens exactly.
 Prefill (also chunked): streaming heads attend to sinks + the last `prefill_local_tokens` before each
 query (a Lambda-shaped mask); retrieval heads attend densely, as in LServe.
 Dense, exactly as the dense backend computes it: the first `dense_layers` layers, sequences in "dense"
@@ -118,7 +121,7 @@ class SparseBackend(AttentionBackend):
         self.recall_sample = config.recall_sample
         heads = num_q_heads if config.per_query_head else num_kv_heads
         self.table = SelectionTable(profile.num_layers, heads, pool.device)  # the kept selections
-        self._age: dict[int, tuple[int, int]] = {}  # seq_id -> (decode steps since selection, its budget)
+        self._age: dict[int, tuple[int, int]] = {}  # seq_id -> (positions since selection, its budget)
         self.set_policy(config.policy, config.page_score, config.retrieval_local_tokens)
         self._rng = random.Random(config.seed)
         dev = pool.device
@@ -145,6 +148,21 @@ class SparseBackend(AttentionBackend):
     def release(self, seq_id: int) -> None:
         self.table.release(seq_id)
         self._age.pop(seq_id, None)
+
+    def rollback(self, seq_id: int, rejected: int) -> None:
+        if seq_id in self._age and rejected:
+            age, budget = self._age[seq_id]
+            self._age[seq_id] = (age - rejected, budget)
+
+    def draft_limit(self, seq_id: int, budget: int, context: int) -> int | None:
+        """At context `context` (before the step), the drafts a sparse-mode sequence may verify: all its
+        rows on one side of the dense/sparse boundary, none at a position where plain decoding reselects."""
+        budget = self._whole_units(budget or self.token_budget)
+        if context <= budget:
+            return budget - context
+        age, kept = self._age.get(seq_id, (self.selector_interval, budget))
+        fresh = age >= self.selector_interval or kept != budget
+        return self.selector_interval - 1 - (0 if fresh else age)
 
     def budget_of(self, meta: AttentionMetadata, i: int) -> int:
         """The sequence's token budget, rounded down to whole units (never below the always-kept ones)."""
@@ -207,7 +225,7 @@ class SparseBackend(AttentionBackend):
         self.table.reserve(0, max(budgets) // self.unit)
         slots = torch.tensor([self.table.slot(meta.seq_ids[i]) for i, _ in entries], dtype=torch.long,
                              device=dev)
-        fresh = dict(zip(index, self.due(seq_ids, budgets), strict=True))
+        fresh = dict(zip(index, self.due(seq_ids, budgets, [meta.query_lens[i] for i in index]), strict=True))
         return _Decode(
             index=index, seq_ids=[meta.seq_ids[i] for i, _ in entries],
             rows=torch.tensor([starts[i] + j for i, j in entries], dtype=torch.long, device=dev), ctx=ctx,
@@ -218,14 +236,15 @@ class SparseBackend(AttentionBackend):
             recent_valid=(recent >= self.num_sink_units), allowed=allowed, k=k,
             reselect=[fresh[i] and j == 0 for i, j in entries], slots=slots)
 
-    def due(self, seq_ids: list[int], budgets: list[int]) -> list[bool]:
-        """Which sequences reselect this decode step: every `selector_interval` steps of their own, and
-        whenever their budget changes. Advances each sequence's count (both backends' one schedule)."""
+    def due(self, seq_ids: list[int], budgets: list[int], rows: list[int]) -> list[bool]:
+        """Which sequences reselect this decode step: every `selector_interval` positions of their own,
+        and whenever their budget changes. Advances each sequence's count by its query rows (both
+        backends' one schedule)."""
         fresh = []
-        for seq_id, budget in zip(seq_ids, budgets, strict=True):
+        for seq_id, budget, n in zip(seq_ids, budgets, rows, strict=True):
             age, kept_budget = self._age.get(seq_id, (self.selector_interval, budget))
             fresh.append(age >= self.selector_interval or kept_budget != budget)
-            self._age[seq_id] = (1 if fresh[-1] else age + 1, budget)
+            self._age[seq_id] = (n if fresh[-1] else age + n, budget)
         return fresh
 
     # ---- forward ---------------------------------------------------------------------------------

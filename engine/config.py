@@ -123,7 +123,12 @@ class EngineArgs:
                 "NEEDLE_TRITON=0 in the environment means torch.", "choices": ["auto", "torch", "triton"]})
     enforce_eager: bool = field(default=False, metadata={
         "help": "Never capture CUDA graphs (they are captured for decode batches up to --max-num-seqs on "
-                "the triton backend). NEEDLE_CUDA_GRAPHS=0 in the environment means the same."})
+                "the triton backend) nor compile. NEEDLE_CUDA_GRAPHS=0 in the environment means the same."})
+    compilation_level: int = field(default=1, metadata={
+        "choices": [0, 1], "aliases": ["-O"],
+        "help": "As vLLM's -O: 1 fuses the elementwise ops between the matmuls (RMSNorm + residual add, the "
+                "gated activation, RoPE) with torch.compile on CUDA when CUDA graphs are on (a one-time "
+                "compile on the first steps); 0 never compiles. Ignored on the CPU."})
     kv_cache_dtype: str = field(default="auto", metadata={
         "help": "KV cache dtype. auto: the model dtype; fp8 (fp8_e4m3, fp8_e5m2) is refused: not "
                 "implemented on CUDA yet, and the CPU path reads the cache in the model dtype.",

@@ -18,6 +18,7 @@ from needle.engine.cuda_graph import CudaGraphRunner
 from needle.engine.detokenizer import TextState
 from needle.engine.generation_defaults import generation_defaults
 from needle.engine.loader import ModelLoadError, load_config, load_model, resolve_model
+from needle.engine.models.layers import compile_pointwise
 from needle.engine.output_processor import OutputProcessor, Request
 from needle.engine.outputs import RequestOutput
 from needle.engine.prompt_logprobs import private_salt, record
@@ -92,12 +93,6 @@ class LLMEngine:
         self.spec_config = SpeculativeConfig.parse(args.speculative_config)
         self.pool = self._build_pool()
         self.kernels = args.kernel_backend(self.device.type)
-        if self.kernels == "triton" and cfg.windowed:  # the Triton kernels read whole contexts
-            if args.attention_backend == "triton":
-                raise ModelLoadError(f"{self.model_name} has sliding-window layers, which the Triton kernels "
-                                     "do not support yet; use --attention-backend torch")
-            log.info("%s has sliding-window layers: running the torch attention backends", self.model_name)
-            self.kernels = "torch"
         self.sparse_config = args.sparse_config(self.device.type)
         self.backend = self._build_backend()
         self.allocator = PageAllocator(self.pool.num_pages, args.page_size, args.enable_prefix_caching)
@@ -105,7 +100,10 @@ class LLMEngine:
                                    on_release=self._on_release)
         graphs = None
         if self.device.type == "cuda" and self.kernels == "triton" and args.use_cuda_graphs:
-            graphs = CudaGraphRunner(self.model, self.backend, self.device, args.max_num_seqs)
+            if args.compilation_level > 0:
+                compile_pointwise(self.model)  # compiled on the first steps, then captured with them
+            verify = 0 if self.spec_config is None else self.spec_config.num_speculative_tokens
+            graphs = CudaGraphRunner(self.model, self.backend, self.device, args.max_num_seqs, 1 + verify)
         self.runner = ModelRunner(self.model, self.backend, args.page_size, self.device, args.attention,
                                   self.sparse_config.token_budget, graphs)
         self.grammars = Grammars(self.tokenizer, cfg.vocab_size, cfg.eos_token_ids)
@@ -118,7 +116,7 @@ class LLMEngine:
         self.spec: SpecDecoder | None = None
         if self.spec_config is not None:
             self.spec = SpecDecoder(self.spec_config, build_drafter(self.spec_config, self), self.sampler,
-                                    self.pool, self.allocator, self.max_model_len)
+                                    self.pool, self.allocator, self.max_model_len, self.runner)
 
     def _build_pool(self) -> KVPool:
         cfg, args = self.model_config, self.args
@@ -152,7 +150,7 @@ class LLMEngine:
         """A second sparse backend over the same pool, at the draft budget (self_sparse drafting)."""
         cfg = self.model_config
         config = dataclasses.replace(self.sparse_config, token_budget=budget, recall_sample=0.0)
-        return build_backend(self.pool, "sparse", "torch", config, self.head_profile, cfg.num_heads,
+        return build_backend(self.pool, "sparse", self.kernels, config, self.head_profile, cfg.num_heads,
                              cfg.num_kv_heads)
 
     def _on_release(self, seq: Sequence) -> None:

@@ -33,7 +33,8 @@ class ModelRunner:
     def set_backend(self, backend: AttentionBackend) -> None:
         self.backend = backend
         if self.graphs is not None:
-            self.graphs = CudaGraphRunner(self.model, backend, self.device, self.graphs.buckets[-1])
+            self.graphs = CudaGraphRunner(self.model, backend, self.device, self.graphs.buckets[-1],
+                                          self.graphs.max_query_len)
 
     def build_metadata(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata]:
         ids: list[int] = []
@@ -72,6 +73,12 @@ class ModelRunner:
         self.backend.begin_step(meta)
         hidden = self.graphs.run(input_ids, meta) if self.graphs is not None else None
         return hidden if hidden is not None else self.model(input_ids, self.backend, meta)
+
+    def draft_limit(self, seq: Sequence) -> int | None:
+        """The most drafts the sequence may verify next step and still emit what it would without them."""
+        if self._mode(seq) == "dense":
+            return None
+        return self.backend.draft_limit(seq.seq_id, self._budget(seq), len(seq))
 
     def attention_key(self, seq: Sequence) -> str:
         """What the sequence's KV depends on beyond its tokens: its attention mode (and sparse budget)."""
