@@ -64,6 +64,9 @@ class EngineArgs:
                 "--gpu-memory-utilization)."})
     gpu_memory_utilization: float = field(default=0.9, metadata={
         "help": "Fraction of GPU memory for weights + activations + KV cache."})
+    max_logprobs: int = field(default=20, metadata={
+        "help": "Most top logprobs per token a request may ask for (logprobs, prompt_logprobs, "
+                "top_logprobs); more get 400."})
     enable_prefix_caching: bool = field(default=True, metadata={
         "help": "Reuse the KV pages of shared prompt prefixes (hash chain of full pages)."})
     # Attention.
@@ -126,6 +129,17 @@ class EngineArgs:
         "help": "As vLLM's -O: 1 fuses the elementwise ops between the matmuls (RMSNorm + residual add, the "
                 "gated activation, RoPE) with torch.compile on CUDA when CUDA graphs are on (a one-time "
                 "compile on the first steps); 0 never compiles. Ignored on the CPU."})
+    kv_cache_dtype: str = field(default="auto", metadata={
+        "help": "KV cache dtype. auto: the model dtype; fp8 (fp8_e4m3, fp8_e5m2) is refused: not "
+                "implemented on CUDA yet, and the CPU path reads the cache in the model dtype.",
+        "choices": ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "Tokenizer: a Hugging Face tokenizer directory or Hub repo (default: the model's own)."})
+    generation_config: str = field(default="auto", metadata={
+        "help": "Default sampling (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens as "
+                "max_tokens) for what a request leaves unset. auto: from the model's "
+                "generation_config.json, as vLLM; vllm: none (SamplingParams' defaults); or a folder "
+                "holding a generation_config.json."})
 
     def __post_init__(self) -> None:
         if not self.enable_chunked_prefill:

@@ -16,15 +16,18 @@ from needle.attention.head_profile import resolve_profile
 from needle.engine.config import EngineArgs
 from needle.engine.cuda_graph import CudaGraphRunner
 from needle.engine.detokenizer import TextState
+from needle.engine.generation_defaults import generation_defaults
 from needle.engine.loader import ModelLoadError, load_config, load_model, resolve_model
 from needle.engine.models.layers import compile_pointwise
 from needle.engine.output_processor import OutputProcessor, Request
 from needle.engine.outputs import RequestOutput
+from needle.engine.prompt_logprobs import private_salt, record
 from needle.engine.quantization import quantize
 from needle.engine.runner import ModelRunner
 from needle.engine.sampler import Sampler
 from needle.engine.spec_decode import SpecDecoder, SpeculativeConfig, build_drafter, step_shape
 from needle.engine.stats import StepStats
+from needle.engine.structured_output import Grammars
 from needle.engine.validation import RequestError, RequestLimits, validate_request
 from needle.kvcache.page_allocator import PageAllocator
 from needle.kvcache.pool import KVCacheSpec, KVPool
@@ -51,12 +54,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_tokenizer(path: Path):
-    """The model's tokenizer, or None for a config-only (dummy) model: prompts must then be token ids."""
-    if path.is_file() or not any(path.glob("tokenizer*")):
-        return None
+def load_tokenizer(path: Path, override: str | None = None):
+    """The model's tokenizer (or --tokenizer's), or None for a config-only (dummy) model: prompts must
+    then be token ids."""
     from transformers import AutoTokenizer
 
+    if override is not None:
+        try:
+            return AutoTokenizer.from_pretrained(override)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"--tokenizer {override}: cannot load a tokenizer from it ({err})") from None
+    if path.is_file() or not any(path.glob("tokenizer*")):
+        return None
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -72,7 +81,13 @@ class LLMEngine:
             raise ModelLoadError(f"--max-model-len {args.max_model_len} exceeds the model's context "
                                  f"length {cfg.max_model_len}")
         self.max_model_len = args.max_model_len or cfg.max_model_len
-        self.tokenizer = load_tokenizer(path)
+        if args.kv_cache_dtype != "auto":
+            raise ModelLoadError(f"--kv-cache-dtype {args.kv_cache_dtype} is not available: "
+                                 + ("the CPU attention reads the KV cache in the model dtype"
+                                    if self.device.type == "cpu" else "fp8 KV pages are not implemented on "
+                                    "CUDA yet") + "; use --kv-cache-dtype auto")
+        self.tokenizer = load_tokenizer(path, args.tokenizer)
+        self.sampling_defaults = generation_defaults(args.generation_config, path)
         self.model = quantize(load_model(path, cfg, self.dtype, self.device, args.load_format, args.seed),
                               args.quantization, self.device)
         self.spec_config = SpeculativeConfig.parse(args.speculative_config)
@@ -91,10 +106,11 @@ class LLMEngine:
             graphs = CudaGraphRunner(self.model, self.backend, self.device, args.max_num_seqs, 1 + verify)
         self.runner = ModelRunner(self.model, self.backend, args.page_size, self.device, args.attention,
                                   self.sparse_config.token_budget, graphs)
-        self.sampler = Sampler(cfg.eos_token_ids)
+        self.grammars = Grammars(self.tokenizer, cfg.vocab_size, cfg.eos_token_ids)
+        self.sampler = Sampler(cfg.eos_token_ids, self.grammars)
         self.outputs = OutputProcessor(self.tokenizer, cfg.eos_token_ids, self.max_model_len)
         self.limits = RequestLimits(cfg.vocab_size, self.max_model_len, self.pool.capacity_tokens,
-                                    args.attention)
+                                    args.attention, args.max_logprobs)
         self.requests: dict[str, Request] = {}
         self.rng = random.Random(args.seed)
         self.spec: SpecDecoder | None = None
@@ -139,6 +155,8 @@ class LLMEngine:
 
     def _on_release(self, seq: Sequence) -> None:
         self.backend.release(seq.seq_id)
+        if seq.is_finished:  # a preempted sequence keeps its tokens, so its grammar state stays
+            self.grammars.release(seq)
         if self.spec is not None:
             self.spec.release(seq.seq_id)
 
@@ -195,6 +213,8 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already running")
         ids = self.encode_prompt(prompt)
         validate_request(ids, params, self.limits)
+        spec = params.structured_outputs
+        grammar = None if spec is None else self.grammars.compile(spec)
         arrival = time.monotonic() if arrival is None else arrival
         seqs: list[Sequence] = []
         for i in range(params.n):
@@ -203,10 +223,16 @@ class LLMEngine:
             seed = (params.seed + i) % 2**64 if params.seed is not None else self.rng.getrandbits(63)
             seq.generator = torch.Generator().manual_seed(seed)
             seq.pages.salt = chain_hash(None, [ord(c) for c in self.runner.attention_key(seq)])
+            if params.prompt_logprobs is not None:  # every prompt position must run: no shared prefix
+                seq.pages.salt = private_salt(seq.pages.salt, seqs[0] if seqs else seq)
+            if grammar is not None:
+                self.grammars.add(seq, grammar)
             seqs.append(seq)
         texts = [TextState.for_prompt(len(ids)) for _ in seqs]
         text = prompt if isinstance(prompt, str) else prompt_text
         self.requests[request_id] = Request(request_id, text, ids, params, seqs, texts, arrival)
+        if params.prompt_logprobs is not None:
+            self.requests[request_id].prompt_logprobs = [None] * len(ids)
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -248,7 +274,9 @@ class LLMEngine:
             if spec is not None:
                 spec.propose(batch)
                 shape = step_shape(batch)
-            logits, emitting = self.runner.execute(batch)
+            logits, emitting, prompt_rows = self.runner.execute(batch)
+            for rows in prompt_rows:
+                record(self.model.logits, rows, self.requests[rows.seq.request_id].prompt_logprobs)
             for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
                 stats.num_prompt_tokens += max(min(seq.num_computed + n, seq.num_prompt_tokens)
                                                - seq.num_computed, 0)
@@ -283,6 +311,7 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int) -> bool:
         """Append one sampled token and run the stop checks; -> whether the sequence finished on it."""
         seq.token_ids.append(token)
+        self.grammars.accept(seq, token)
         end = self.outputs.finish_reason(self.requests[seq.request_id], seq)
         if end is not None:
             self.scheduler.finish(seq, *end)
