@@ -326,7 +326,10 @@ class SparseBackend(AttentionBackend):
         """Token positions [B, H, N] of the sink, chosen and recent units, and which of them are read."""
         b, h = q.shape[:2]
         chosen = self._chosen_units(layer, q, kv_heads, plan)
-        chosen_ok = (chosen >= 0) & plan.allowed.gather(1, chosen.clamp(min=0).view(b, -1)).view_as(chosen)
+        width = plan.allowed.shape[1]
+        inside = chosen.clamp(0, width - 1)
+        chosen_ok = ((chosen >= 0) & (chosen < width)
+                     & plan.allowed.gather(1, inside.view(b, -1)).view_as(chosen))
         chosen_ok &= torch.arange(chosen.shape[-1], device=q.device) < plan.k[:, None, None]
         units = torch.cat([plan.sink_units.expand(b, h, -1), chosen.clamp(min=0),
                            plan.recent_units[:, None, :].expand(b, h, -1)], dim=-1)

@@ -11,7 +11,8 @@ sparse attention, at 8K/32K/128K x batch 1/8/16 (what fits the pool):
   * the goodput controller's step-time model fitted on these shapes (a step = k draft rounds + the
     verify), and its relative error on each;
   * the predicted self_sparse speed-up over plain decode: E[tokens](a, k) / step(k) x decode.
-Writes spec_gpu.json and spec_gpu.md under --out.
+Writes spec_gpu.json, spec_gpu.md and (with matplotlib) spec_gpu.png under --out; `--replot JSON`
+redraws the plot from a saved run.
 """
 
 from __future__ import annotations
@@ -143,16 +144,60 @@ def report(result: dict, acceptance: list[float]) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict, path: Path) -> None:
+    """Verify cost vs queries per sequence (one line per context x batch), and the predicted speed-up
+    of self_sparse + dense verify at 32K x 16 against acceptance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from needle.engine.spec_decode.controller import expected_tokens
+
+    by = {(r["mode"], r["ctx"], r["batch"], r["queries"]): r for r in result["rows"]}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, mode in zip(axes[:2], ("dense", "sparse"), strict=True):
+        for ctx in CONTEXTS:
+            for batch in BATCHES:
+                if (mode, ctx, batch, 1) not in by:
+                    continue
+                base = by[(mode, ctx, batch, 1)]["ms"]
+                ax.plot(QUERIES, [by[(mode, ctx, batch, n)]["ms"] / base for n in QUERIES], marker="o",
+                        label=f"{ctx // 1024}K x {batch}")
+        ax.axhline(1.2, color="grey", ls="--", lw=0.8)
+        ax.set(title=f"{mode} verify cost", xlabel="queries per sequence (k + 1)",
+               ylabel="step time / decode step", xticks=QUERIES)
+        ax.legend(fontsize=7)
+    ax = axes[2]
+    base = by.get(("dense", 32768, 16, 1))
+    if base is not None:
+        accept = [0.5 + 0.01 * i for i in range(50)]
+        for k in (1, 3, 7):
+            step = by[("dense", 32768, 16, k + 1)]["ms"] + k * by[("dense", 32768, 16, 1)]["draft_round_ms"]
+            ax.plot(accept, [expected_tokens(a, k) * base["ms"] / step for a in accept], label=f"k = {k}")
+        ax.axhline(1.0, color="grey", ls="--", lw=0.8)
+        ax.set(title="self_sparse + dense verify, 32K x 16 (predicted)", xlabel="per-draft acceptance",
+               ylabel="speed-up over dense decode")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result['device']}, Llama-3.1-8B shapes, {result['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="where the JSON and table go")
     ap.add_argument("--acceptance", type=float, nargs="+", default=[0.86, 0.98],
                     help="per-draft acceptance for the prediction (measured on the CPU, BENCHMARKS.md)")
     ap.add_argument("--modes", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"])
+    ap.add_argument("--replot", default=None, help="a saved spec_gpu.json: only redraw its plot")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), out / "spec_gpu.png")
+        return
     if not torch.cuda.is_available():
         sys.exit("bench/spec_gpu.py needs a CUDA device")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     result = {"device": torch.cuda.get_device_name(), "date": date, "rows": [], "skipped": [], "fit": {}}
@@ -163,6 +208,10 @@ def main() -> None:
     (out / "spec_gpu.json").write_text(json.dumps(result, indent=1))
     (out / "spec_gpu.md").write_text(table + "\n")
     print(table)
+    try:
+        plot(result, out / "spec_gpu.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot")
 
 
 if __name__ == "__main__":

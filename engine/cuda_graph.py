@@ -6,8 +6,10 @@ A step runs through a graph when the backend names one (`backend.graph_key(meta)
 the batch fits the largest bucket, which is --max-num-seqs, and every sequence brings the same number of
 queries n: 1 for decode, 1 + k for a speculative verify of k drafts (SGLang likewise keeps a graph set
 per draft length). Batches are padded up to their bucket: padded sequences write no KV (slot -1) and
-attend to nothing (context length 0). A wider page table than the static one drops the graphs and
-re-captures at the next power of two.
+attend to nothing (context length 0). Page tables are padded to the next power of two of their width,
+and graphs are kept per width, so short contexts keep their short graphs after a long one was served
+(the kernels' work grows with the table's width); a width beyond the static buffer reallocates it and
+drops every graph.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ class CudaGraphRunner:
         if key is None or q is None or q > self.max_query_len or b > self.buckets[-1]:
             return None
         width = meta.page_tables.shape[1]
-        if width > self.width:
-            self._grow(width)
+        padded = max(256, 1 << (width - 1).bit_length())
+        if padded > self.width:
+            self._grow(padded)
         bucket = next(x for x in self.buckets if x >= b)
         t = b * q
         self.ids[:t].copy_(input_ids)
@@ -57,27 +60,27 @@ class CudaGraphRunner:
         self.ctx[:b].copy_(meta.context_lens_t)
         self.ctx[b:bucket].fill_(0)
         self.tables[:b, :width].copy_(meta.page_tables)
-        entry = self.graphs.get((bucket, q, key))
+        entry = self.graphs.get((bucket, q, padded, key))
         if entry is None:
-            entry = self.graphs[(bucket, q, key)] = self._capture(bucket, q, meta)
+            entry = self.graphs[(bucket, q, padded, key)] = self._capture(bucket, q, padded, meta)
         graph, out = entry
         graph.replay()
         return out[:t]
 
     def _grow(self, width: int) -> None:
-        self.width = max(256, 1 << (width - 1).bit_length())
+        self.width = width
         self.tables = torch.zeros(self.buckets[-1], self.width, dtype=torch.int32, device=self.device)
         self.graphs.clear()
         self.mempool = None  # the old pool dies with its graphs; reusing its id trips the allocator
 
-    def _static_meta(self, bucket: int, q: int, meta: AttentionMetadata) -> AttentionMetadata:
+    def _static_meta(self, bucket: int, q: int, width: int, meta: AttentionMetadata) -> AttentionMetadata:
         t = bucket * q
         return meta.padded(bucket, query_start_loc=self.starts[q][:bucket + 1],
-                           context_lens_t=self.ctx[:bucket], page_tables=self.tables[:bucket],
+                           context_lens_t=self.ctx[:bucket], page_tables=self.tables[:bucket, :width],
                            slot_mapping=self.slots[:t], positions=self.positions[:t])
 
-    def _capture(self, bucket: int, q: int, meta: AttentionMetadata):
-        static = self._static_meta(bucket, q, meta)
+    def _capture(self, bucket: int, q: int, width: int, meta: AttentionMetadata):
+        static = self._static_meta(bucket, q, width, meta)
         ids = self.ids[:bucket * q]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))

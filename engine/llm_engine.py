@@ -16,15 +16,19 @@ from needle.attention.head_profile import HeadProfile, resolve_profile
 from needle.engine.config import EngineArgs
 from needle.engine.cuda_graph import CudaGraphRunner
 from needle.engine.detokenizer import TextState
+from needle.engine.generation_defaults import generation_defaults
 from needle.engine.loader import ModelLoadError, load_config, load_model, resolve_model
+from needle.engine.models.layers import compile_pointwise
 from needle.engine.offload import build_tiers, describe_sizes, offload_refusal, place_values
 from needle.engine.output_processor import OutputProcessor, Request
 from needle.engine.outputs import RequestOutput
+from needle.engine.prompt_logprobs import private_salt, record
 from needle.engine.quantization import quantize
 from needle.engine.runner import ModelRunner
 from needle.engine.sampler import Sampler
 from needle.engine.spec_decode import SpecDecoder, SpeculativeConfig, build_drafter, step_shape
 from needle.engine.stats import StepStats
+from needle.engine.structured_output import Grammars
 from needle.engine.validation import RequestError, RequestLimits, validate_request
 from needle.kvcache.page_allocator import PageAllocator
 from needle.kvcache.pool import KVCacheSpec, KVPool
@@ -51,12 +55,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_tokenizer(path: Path):
-    """The model's tokenizer, or None for a config-only (dummy) model: prompts must then be token ids."""
-    if path.is_file() or not any(path.glob("tokenizer*")):
-        return None
+def load_tokenizer(path: Path, override: str | None = None):
+    """The model's tokenizer (or --tokenizer's), or None for a config-only (dummy) model: prompts must
+    then be token ids."""
     from transformers import AutoTokenizer
 
+    if override is not None:
+        try:
+            return AutoTokenizer.from_pretrained(override)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"--tokenizer {override}: cannot load a tokenizer from it ({err})") from None
+    if path.is_file() or not any(path.glob("tokenizer*")):
+        return None
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -72,7 +82,13 @@ class LLMEngine:
             raise ModelLoadError(f"--max-model-len {args.max_model_len} exceeds the model's context "
                                  f"length {cfg.max_model_len}")
         self.max_model_len = args.max_model_len or cfg.max_model_len
-        self.tokenizer = load_tokenizer(path)
+        if args.kv_cache_dtype != "auto":
+            raise ModelLoadError(f"--kv-cache-dtype {args.kv_cache_dtype} is not available: "
+                                 + ("the CPU attention reads the KV cache in the model dtype"
+                                    if self.device.type == "cpu" else "fp8 KV pages are not implemented on "
+                                    "CUDA yet") + "; use --kv-cache-dtype auto")
+        self.tokenizer = load_tokenizer(path, args.tokenizer)
+        self.sampling_defaults = generation_defaults(args.generation_config, path)
         self.model = quantize(load_model(path, cfg, self.dtype, self.device, args.load_format, args.seed),
                               args.quantization, self.device)
         self.spec_config = SpeculativeConfig.parse(args.speculative_config)
@@ -91,16 +107,20 @@ class LLMEngine:
                                    on_release=self._on_release)
         graphs = None
         if self.device.type == "cuda" and self.kernels == "triton" and args.use_cuda_graphs:
+            if args.compilation_level > 0:
+                compile_pointwise(self.model)  # compiled on the first steps, then captured with them
             verify = 0 if self.spec_config is None else self.spec_config.num_speculative_tokens
             graphs = CudaGraphRunner(self.model, self.backend, self.device, args.max_num_seqs, 1 + verify)
         self.runner = ModelRunner(self.model, self.backend, args.page_size, self.device, args.attention,
                                   self.sparse_config.token_budget, graphs, self.tiers)
-        self.sampler = Sampler(cfg.eos_token_ids)
+        self.grammars = Grammars(self.tokenizer, cfg.vocab_size, cfg.eos_token_ids)
+        self.sampler = Sampler(cfg.eos_token_ids, self.grammars)
         self.outputs = OutputProcessor(self.tokenizer, cfg.eos_token_ids, self.max_model_len)
         capacity = self.pool.capacity_tokens  # with offload, a prompt prefills with all its values resident
         if self.tiers is not None:
             capacity = min(capacity, self.tiers.sizes.resident_slots * args.page_size)
-        self.limits = RequestLimits(cfg.vocab_size, self.max_model_len, capacity, args.attention)
+        self.limits = RequestLimits(cfg.vocab_size, self.max_model_len, capacity, args.attention,
+                                    args.max_logprobs)
         self.requests: dict[str, Request] = {}
         self.rng = random.Random(args.seed)
         self.spec: SpecDecoder | None = None
@@ -152,6 +172,8 @@ class LLMEngine:
 
     def _on_release(self, seq: Sequence) -> None:
         self.backend.release(seq.seq_id)
+        if seq.is_finished:  # a preempted sequence keeps its tokens, so its grammar state stays
+            self.grammars.release(seq)
         if self.spec is not None:
             self.spec.release(seq.seq_id)
 
@@ -215,6 +237,8 @@ class LLMEngine:
             raise RequestError(f"attention.token_budget {budget} exceeds this server's "
                                f"{self.sparse_config.token_budget}, for which its value cache is sized "
                                "(--cpu-kv-cache-memory)", param="attention.token_budget")
+        spec = params.structured_outputs
+        grammar = None if spec is None else self.grammars.compile(spec)
         arrival = time.monotonic() if arrival is None else arrival
         seqs: list[Sequence] = []
         for i in range(params.n):
@@ -223,10 +247,16 @@ class LLMEngine:
             seed = (params.seed + i) % 2**64 if params.seed is not None else self.rng.getrandbits(63)
             seq.generator = torch.Generator().manual_seed(seed)
             seq.pages.salt = chain_hash(None, [ord(c) for c in self.runner.attention_key(seq)])
+            if params.prompt_logprobs is not None:  # every prompt position must run: no shared prefix
+                seq.pages.salt = private_salt(seq.pages.salt, seqs[0] if seqs else seq)
+            if grammar is not None:
+                self.grammars.add(seq, grammar)
             seqs.append(seq)
         texts = [TextState.for_prompt(len(ids)) for _ in seqs]
         text = prompt if isinstance(prompt, str) else prompt_text
         self.requests[request_id] = Request(request_id, text, ids, params, seqs, texts, arrival)
+        if params.prompt_logprobs is not None:
+            self.requests[request_id].prompt_logprobs = [None] * len(ids)
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -270,7 +300,9 @@ class LLMEngine:
                 shape = step_shape(batch)
             if self.tiers is not None:
                 place_values(self.tiers, self.backend, self.scheduler.running, self.runner.attention_of)
-            logits, emitting = self.runner.execute(batch)
+            logits, emitting, prompt_rows = self.runner.execute(batch)
+            for rows in prompt_rows:
+                record(self.model.logits, rows, self.requests[rows.seq.request_id].prompt_logprobs)
             for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
                 stats.num_prompt_tokens += max(min(seq.num_computed + n, seq.num_prompt_tokens)
                                                - seq.num_computed, 0)
@@ -308,6 +340,7 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int) -> bool:
         """Append one sampled token and run the stop checks; -> whether the sequence finished on it."""
         seq.token_ids.append(token)
+        self.grammars.accept(seq, token)
         end = self.outputs.finish_reason(self.requests[seq.request_id], seq)
         if end is not None:
             self.scheduler.finish(seq, *end)

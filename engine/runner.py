@@ -2,7 +2,8 @@
 
 Only sequences that reach their last token this step (decodes and final prefill chunks) get logits;
 a verifying sequence (speculative decoding) gets one row per verified position: its newest token's and
-each draft's.
+each draft's. A sequence that asked for prompt logprobs also hands back the hidden states of its
+prefill positions (`PromptRows`), from which engine/prompt_logprobs.py takes them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from needle.attention.base import AttentionBackend, AttentionMetadata
 from needle.engine.cuda_graph import CudaGraphRunner
 from needle.engine.models.llama import LlamaForCausalLM
+from needle.engine.prompt_logprobs import PromptRows, prompt_rows
 from needle.kvcache.value_tiers import ValueTiers
 from needle.scheduler.scheduler import Batch
 from needle.scheduler.sequence import Sequence
@@ -54,20 +56,22 @@ class ModelRunner:
         return torch.tensor(ids, dtype=torch.int64, device=self.device), meta
 
     @torch.inference_mode()
-    def execute(self, batch: Batch) -> tuple[torch.Tensor | None, list[Sequence]]:
+    def execute(self, batch: Batch) -> tuple[torch.Tensor | None, list[Sequence], list[PromptRows]]:
         """-> (logits float32 for the sequences that emit a token, 1 + len(draft_ids) rows each, those
-        sequences)."""
+        sequences, the prompt rows of sequences that asked for prompt logprobs)."""
         input_ids, meta = self.build_metadata(batch)
         hidden = self.forward(input_ids, meta)
-        rows, emitting = [], []
+        rows, emitting, prompt = [], [], []
         ends = meta.query_start_loc.tolist()[1:]
         for seq, n, end in zip(batch.seqs, batch.num_new_tokens, ends, strict=True):
+            if (found := prompt_rows(seq, n, hidden[end - n:end])) is not None:
+                prompt.append(found)
             if seq.num_computed + n - len(seq.draft_ids) == len(seq):
                 rows.extend(range(end - 1 - len(seq.draft_ids), end))
                 emitting.append(seq)
         if not rows:
-            return None, []
-        return self.model.logits(hidden[torch.tensor(rows, device=self.device)]), emitting
+            return None, [], prompt
+        return self.model.logits(hidden[torch.tensor(rows, device=self.device)]), emitting, prompt
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Final hidden states of one step: a CUDA-graph replay where the backend names one, else eager."""

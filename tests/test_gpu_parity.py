@@ -54,7 +54,7 @@ def greedy(path: Path, prompts: list[list[int]], attention: str, name: str = "",
               **kw)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
     graphs = llm.engine.runner.graphs
-    CAPTURED[(attention, name)] = set() if graphs is None else {q for _, q, _ in graphs.graphs}
+    CAPTURED[(attention, name)] = set() if graphs is None else {q for _, q, _, _ in graphs.graphs}
     return [o.outputs[0].token_ids for o in outs]
 
 

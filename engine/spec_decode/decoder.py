@@ -70,7 +70,7 @@ class SpecDecoder:
 
     def may_speculate(self, seq: Sequence) -> bool:
         p = seq.params
-        if not p.speculative or not seq.is_decoding:
+        if not p.speculative or not seq.is_decoding or p.structured_outputs is not None:
             return False
         # A seeded sampled request draws from its generator once per verified position, so its text
         # depends on how many drafts it verifies: only a fixed K keeps that independent of the batch.
