@@ -61,6 +61,9 @@ def test_copies_run_on_their_own_stream_from_pinned_memory(offloaded):
     assert tiers.pool.v[tiers.first_layer].shape[0] < tiers.pool.num_pages, "device value slots are fewer"
     assert tiers.host_of, "finished sequences leave their prefix-cached pages on the host"
     page = next(iter(tiers.host_of))
-    slot = tiers.fetch(tiers.first_layer, [page])[0]  # copied on the tiers' stream, waited for here
-    host = tiers.host[tiers.host_of[page], 0].to("cuda")
-    assert torch.equal(tiers.pool.v[tiers.first_layer][slot], host)
+    # a layer whose retrieval heads have a value cache (a layer of streaming heads only has none)
+    i = next(i for i, n in enumerate(tiers.sizes.cache_slots) if n > 0)
+    layer = tiers.first_layer + i
+    slot = tiers.fetch(layer, [page])[0]  # copied on the tiers' stream, waited for here
+    host = tiers.host[tiers.host_of[page], i].to("cuda")
+    assert torch.equal(tiers.pool.v[layer][slot], host)
