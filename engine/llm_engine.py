@@ -85,7 +85,8 @@ class LLMEngine:
             self.kernels = "torch"
         self.sparse_config = args.sparse_config(self.device.type)
         self.backend = self._build_backend()
-        self.allocator = PageAllocator(self.pool.num_pages, args.page_size, args.enable_prefix_caching)
+        self.allocator = PageAllocator(self.pool.num_pages, args.page_size, args.enable_prefix_caching,
+                                       uncached_tail=max(1, self.sparse_config.observation_window))
         self.scheduler = Scheduler(self.allocator, args.max_num_seqs, args.max_num_batched_tokens,
                                    on_release=self._on_release)
         graphs = None
@@ -135,7 +136,8 @@ class LLMEngine:
     def draft_backend(self, budget: int) -> AttentionBackend:
         """A second sparse backend over the same pool, at the draft budget (self_sparse drafting)."""
         cfg = self.model_config
-        config = dataclasses.replace(self.sparse_config, token_budget=budget, recall_sample=0.0)
+        config = dataclasses.replace(self.sparse_config, token_budget=budget, recall_sample=0.0,
+                                     min_recall=0.0)  # verification keeps drafts lossless: no guard
         return build_backend(self.pool, "sparse", "torch", config, self.head_profile, cfg.num_heads,
                              cfg.num_kv_heads)
 

@@ -132,6 +132,9 @@ class Metrics:
                                             _TOKEN_BUCKETS)
         self.sparse_dense_fallbacks = counter("sparse_dense_fallbacks_total",
                                               "Sparse decode steps that ran dense (context within budget).")
+        self.sparse_guard_widenings = counter("sparse_guard_widenings_total",
+                                              "Budgets the fidelity guard widened (sampled recall under "
+                                              "--sparse-min-recall).")
         if cache_info is not None:
             for prefix in ["needle"] + (["vllm"] if compat == "vllm" else []):
                 info = {"model_name": model_name, **{k: str(v) for k, v in cache_info.items()}}
@@ -181,6 +184,7 @@ class Metrics:
         for tokens in stats.attention.tokens_read:
             self.sparse_tokens_read.observe(tokens)
         self.sparse_dense_fallbacks.inc(stats.attention.dense_fallbacks)
+        self.sparse_guard_widenings.inc(stats.attention.guard_widenings)
         if self.lora_info is not None:
             self.lora_info.set_to_current_time()
         if stats.spec is not None:
