@@ -9,6 +9,10 @@ question per fact, so the questions of a haystack share its prefilled prefix.
       values of 5 digits, one word, or a UUID.
   qa: a one-sentence fact about a person ("<name> lives in the town of <town>.") in standard-library
       source, asked as a question: the answer sits in one place of a natural document.
+  niah_single / qa_single: RULER's single needle, 5 a haystack but each its own relation ("The secret
+      code word is ...", "The treasure is buried in the city of ...", ...), so no fact looks like
+      another (a 135M model confuses look-alike needles far more than it loses one in a long text);
+      in the noise haystack or in standard-library source.
   vt: variable tracking, "VAR A = 12345." and later "VAR B = VAR A.", asked for B's value: the model
       must read two places.
 A question is right when the answer's text starts within the first two characters of the reply
@@ -49,6 +53,7 @@ class Task:
     chat: bool  # ask through the tokenizer's chat template
     twins: bool = False  # keys in pairs sharing their first word
     hop: str = ""  # variable tracking: the statement copying the value, with {key} and {source}
+    distinct: bool = False  # each fact its own relation (RELATIONS): no look-alike distractors
 
 
 def _raw(name: str, noun: str, haystack: str, twins: bool = False) -> Task:
@@ -64,6 +69,19 @@ def _magic(name: str, what: str, values: str) -> Task:
                 f"The special magic {what} for {{key}} is", values, 10, chat=True)
 
 
+# (fact's start, question, value kind): one of each per haystack for the `distinct` tasks.
+RELATIONS = (
+    ("The special magic number is", "What is the special magic number?", "digits5"),
+    ("The secret code word is", "What is the secret code word?", "word"),
+    ("The treasure is buried in the city of", "In which city is the treasure buried?", "city"),
+    ("The meeting takes place in room", "In which room does the meeting take place?", "digits3"),
+    ("The name of the ship's captain is", "What is the name of the ship's captain?", "name"),
+)
+CITIES = ("Paris Tokyo Cairo Lima Oslo Dublin Madrid Nairobi Toronto Sydney Berlin Lisbon Vienna Prague "
+          "Athens Havana Moscow Mumbai Seoul Rome").split()
+NAMES = ("Alice Bruno Clara Diego Elena Felix Greta Hugo Irene Jonas Karla Leon Mira Nadia Oscar Paula "
+         "Rafael Sofia Tomas Vera").split()
+
 TASKS: dict[str, Task] = {t.name: t for t in (
     _raw("passkey", "pass key", "noise"),
     _raw("needle", "secret number", "code"),
@@ -74,6 +92,10 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("qa", "code", "Read this source code; a few sentences about people are hidden in it.\n",
          "{key} lives in the town of {value}.", "In which town does {key} live?",
          "{key} lives in the town of", "word", 10, chat=True),
+    Task("niah_single", "noise", "Some facts are hidden in the text below. Memorize them.\n",
+         "{key} {value}.", "{key}", "{key}", "", len(RELATIONS), chat=True, distinct=True),
+    Task("qa_single", "code", "Read this source code; a few facts are hidden in it.\n",
+         "{key} {value}.", "{key}", "{key}", "", len(RELATIONS), chat=True, distinct=True),
     Task("vt", "noise", "Memorize the variable assignments hidden in the text below.\n",
          "VAR {key} = {value}.", "What is the value of VAR {key}?", "The value of VAR {key} is",
          "digits5", 5, chat=True, hop="VAR {key} = VAR {source}."),
@@ -103,6 +125,8 @@ def chat_frame(tokenizer) -> tuple[str, str]:
 
 
 def keys_for(task: Task, count: int, rng: random.Random) -> list[str]:
+    if task.distinct:  # fact starts; the questions are looked up in RELATIONS
+        return [r[0] for r in rng.sample(RELATIONS, count)]
     if task.hop:  # variable names, one pair per question
         return ["".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ", k=5)) for _ in range(2 * count)]
     pairs = [f"{w}-{a}" for w in WORDS for a in ANIMALS]
@@ -119,8 +143,10 @@ def values_for(kind: str, count: int, rng: random.Random) -> list[str]:
         return [str(rng.randrange(10**6, 10**7)) for _ in range(count)]
     if kind == "digits5":
         return [str(rng.randrange(10**4, 10**5)) for _ in range(count)]
-    if kind == "word":
-        return rng.sample(VALUE_WORDS, count)
+    if kind == "digits3":
+        return [str(rng.randrange(100, 1000)) for _ in range(count)]
+    if kind in ("word", "city", "name"):
+        return rng.sample({"word": VALUE_WORDS, "city": CITIES, "name": NAMES}[kind], count)
     return [str(uuid.UUID(int=rng.getrandbits(128))) for _ in range(count)]
 
 
@@ -129,7 +155,11 @@ def haystack(tokenizer, task: Task, length: int, needles: int, seed: int,
     """-> (prefix ids shared by the group's questions, its questions)."""
     rng = random.Random(f"{task.name}/{length}/{seed}/{group}")
     keys = keys_for(task, needles, rng)
-    values = values_for(task.values, needles, rng)
+    if task.distinct:
+        kinds = {r[0]: r[2] for r in RELATIONS}
+        values = [values_for(kinds[k], 1, rng)[0] for k in keys]
+    else:
+        values = values_for(task.values, needles, rng)
     if task.hop:  # statement 2i sets key 2i to the value, statement 2i+1 copies it to key 2i+1
         statements = [s for i, v in enumerate(values) for s in (
             task.fact.format(key=keys[2 * i], value=v),
@@ -149,7 +179,8 @@ def haystack(tokenizer, task: Task, length: int, needles: int, seed: int,
     head = pieces(tokenizer, before + task.intro.format(count=needles))
     if not (bos and head[:len(bos)] == bos):
         head = bos + head
-    tails = [pieces(tokenizer, f"\n{task.question.format(key=k)}{after}"
+    questions = {r[0]: r[1] for r in RELATIONS}
+    tails = [pieces(tokenizer, f"\n{questions[k] if task.distinct else task.question.format(key=k)}{after}"
                     f"{'' if task.chat else ' '}{task.answer.format(key=k)}") for k in asked]
     fill = length - len(head) - sum(map(len, fact_ids)) - max(64, max(map(len, tails)) + 24)
     filler = filler[:fill]
