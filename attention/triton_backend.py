@@ -127,6 +127,8 @@ class TritonSparseBackend(SparseBackend):
         it reselects on the torch path's schedule (SparseBackend.due) into the same selection table."""
         if not meta.is_decode or self.policy.name not in ("hierarchical", "quest"):
             return None
+        if self.min_recall > 0 and set(meta.seq_ids) - self._checked:
+            return None  # the guard measures a sequence's first sparse decode step (torch path)
         if meta.modes and any(m == "dense" for m in meta.modes):
             return None
         budgets = {self.budget_of(meta, i) for i in range(meta.num_seqs)}
@@ -210,6 +212,7 @@ class TritonSparseBackend(SparseBackend):
                                       local=self.prefill_local_tokens)
             else:
                 o = prefill_dense(qh, kh, vh, self.scale)
+                self.seed_selection(layer, qg[:, heads], kh, meta, i)
             out[:, heads] = o.view(n, heads.numel(), self.group, self.head_dim)
         return out.view(n, self.num_q_heads, self.head_dim)
 
