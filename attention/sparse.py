@@ -145,6 +145,14 @@ class SparseBackend(AttentionBackend):
         self.table.clear()
         self._age.clear()
 
+    def set_selection(self, per_query_head: bool) -> None:
+        """Select per query head or per KV group (torch path; the quality harness compares both over
+        one prefilled cache). Kept selections are dropped."""
+        self.per_query_head = per_query_head
+        heads = self.num_q_heads if per_query_head else self.num_kv_heads
+        self.table = SelectionTable(self.profile.num_layers, heads, self.pool.device)
+        self._age.clear()
+
     # ---- lifecycle -------------------------------------------------------------------------------
 
     def release(self, seq_id: int) -> None:

@@ -38,6 +38,7 @@ from needle.scheduler.sampling_params import AttentionOverride, SamplingParams
 
 PPL_MODULES = ("collections/__init__", "functools", "subprocess", "tarfile", "logging/__init__")
 DEPTH_BUCKETS = 5
+ROW_OPTIONS = ("obs", "min_recall", "interval", "heads")
 
 
 def page_aligned(prefix: list[int], question: list[int], newline: list[int], page: int) -> list[int]:
@@ -237,19 +238,25 @@ def _line(task: str, row: str, cells: list[float | None], fmt: Callable[[float],
 def _set_policy(llm: LLM, row: str) -> None:
     """Row "quest" uses the engine's page score and retrieval heads' local window; "quest:bound" names
     its own score, "hierarchical:mean:256" its score and window (retrieval_local_tokens). Options after
-    "@" switch the fidelity levers in place: "hierarchical@obs=32" (prompt-aware selection over the
-    last 32 prompt queries), "hierarchical@min_recall=0.9" (the recall guard); absent, the engine's."""
+    "@" switch the levers in place (ROW_OPTIONS; absent, the engine's): "hierarchical@obs=32"
+    (prompt-aware selection over the last 32 prompt queries), "@min_recall=0.9" (the recall guard),
+    "@interval=16" (decode steps a selection is kept), "@heads=query" (per query head, not per KV group).
+    Options combine: "hierarchical@obs=32,interval=16"."""
     spec, _, options = row.partition("@")
     name, score, local = (spec.split(":") + ["", ""])[:3]
     opts = dict(o.split("=") for o in options.split(",") if o)
-    unknown = set(opts) - {"obs", "min_recall"}
+    unknown = set(opts) - set(ROW_OPTIONS)
     if unknown:
-        raise SystemExit(f"unknown row option(s) {sorted(unknown)} in {row!r}: expected obs, min_recall")
+        raise SystemExit(f"unknown row option(s) {sorted(unknown)} in {row!r}: expected {ROW_OPTIONS}")
     engine = llm.engine
-    args, backend = engine.args, engine.backend
+    args, backend, config = engine.args, engine.backend, engine.sparse_config
+    heads = opts.get("heads", "query" if config.per_query_head else "kv")
+    if (heads == "query") != backend.per_query_head:
+        backend.set_selection(heads == "query")
     backend.set_policy(name, score or args.sparse_page_score, int(local or args.retrieval_local_tokens))
-    backend.observation_window = int(opts.get("obs", engine.sparse_config.observation_window))
-    backend.min_recall = float(opts.get("min_recall", engine.sparse_config.min_recall))
+    backend.observation_window = int(opts.get("obs", config.observation_window))
+    backend.min_recall = float(opts.get("min_recall", config.min_recall))
+    backend.selector_interval = int(opts.get("interval", config.selector_interval))
     engine.allocator.uncached_tail = max(1, backend.observation_window)
 
 
@@ -267,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192])
     parser.add_argument("--budgets", nargs="+", type=int, default=[256, 512, 1024, 2048])
     parser.add_argument("--policies", nargs="*", default=["hierarchical", "quest", "hip", "recent"],
-                        help="sparse rows; POLICY:SCORE[:LOCAL][@obs=N,min_recall=X] picks the page score, "
-                             "the retrieval heads' local window and the fidelity levers (e.g. quest:bound, "
-                             "hierarchical:mean:256, hierarchical@obs=32)")
+                        help="sparse rows; POLICY:SCORE[:LOCAL][@OPTION=VALUE,...] picks the page score, the "
+                             "retrieval heads' local window and the levers obs, min_recall, interval, heads "
+                             "(e.g. quest:bound, hierarchical:mean:256, hierarchical@obs=32,interval=16)")
     parser.add_argument("--samples", type=int, default=50, help="questions per task and length")
     parser.add_argument("--needles", type=int, default=None,
                         help="facts (and questions) per haystack (default: the task's, 25 or 10 or 5)")
