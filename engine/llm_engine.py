@@ -85,8 +85,9 @@ class LLMEngine:
             self.kernels = "torch"
         self.sparse_config = args.sparse_config(self.device.type)
         self.backend = self._build_backend()
+        window = self.sparse_config.observation_window if args.attention == "sparse" else 0
         self.allocator = PageAllocator(self.pool.num_pages, args.page_size, args.enable_prefix_caching,
-                                       uncached_tail=max(1, self.sparse_config.observation_window))
+                                       uncached_tail=max(1, window))  # the prompt-aware seed's queries run
         self.scheduler = Scheduler(self.allocator, args.max_num_seqs, args.max_num_batched_tokens,
                                    on_release=self._on_release)
         graphs = None
