@@ -17,6 +17,7 @@ from needle.attention.sparse import allowed_units, window_mass
 from needle.engine.calibrate import passkey_prompt
 from needle.engine.llm import LLM
 from needle.engine.stats import StepStats
+from needle.kvcache.page_allocator import PageAllocator, SeqPages
 from needle.scheduler.sampling_params import SamplingParams
 from needle.server.metrics import Metrics
 
@@ -126,6 +127,16 @@ def test_guard_samples_each_sequence_once_and_keeps_a_good_selection():
     stats = sparse.drain_stats()
     assert len(stats.recall_samples) == 2  # the first decode step of each, nothing after
     assert stats.guard_widenings == 0 and stats.dense_fallbacks == 0
+
+
+def test_prefix_cache_leaves_the_observation_window_to_compute():
+    ids = list(range(100))
+    for tail, cached in ((1, 96), (32, 64)):  # pages of 16; the window's queries must run
+        bm = PageAllocator(16, 16, uncached_tail=tail)
+        first = SeqPages()
+        bm.allocate(first, ids, 200)
+        bm.commit_full_pages(first, ids, len(ids))
+        assert bm.allocate(SeqPages(), ids, 200) == cached
 
 
 def test_guard_widenings_are_exported():
