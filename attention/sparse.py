@@ -50,7 +50,7 @@ class SparseConfig:
     retrieval_local_tokens: int = 64
     prefill_local_tokens: int = 2048
     recall_sample: float = 0.01
-    observation_window: int = 0  # seed the first selection from the prompt's last N queries (0: off)
+    observation_window: int = 32  # seed the first selection from the prompt's last N queries (0: off)
     min_recall: float = 0.0  # fidelity guard: widen a sequence's budget when its recall falls below
     seed: int = 0
 
