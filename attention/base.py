@@ -53,32 +53,51 @@ class AttentionMetadata:
     modes: list[str]
     token_budgets: list[int]
     num_draft_tokens: list[int] = field(default_factory=list)  # per sequence; empty: no speculation
+    # Offloaded values (kvcache/value_tiers.py): from layer `value_layers_from` on, values are not at a
+    # page's own slot but at the device value slot value_tables[i][j] of page j (-1: on the host).
+    value_tables: torch.Tensor | None = None  # [B, max_pages] int32, like page_tables
+    value_slot_mapping: torch.Tensor | None = None  # [T] int64 value slot of each new token
+    value_layers_from: int = 0
 
     @classmethod
     def build(cls, seq_ids: list[int], query_lens: list[int], context_lens: list[int],
               page_tables: list[list[int]], page_size: int, device: torch.device | str,
               modes: list[str] | None = None, token_budgets: list[int] | None = None,
-              num_draft_tokens: list[int] | None = None) -> AttentionMetadata:
+              num_draft_tokens: list[int] | None = None, value_tables: list[list[int]] | None = None,
+              value_layers_from: int = 0) -> AttentionMetadata:
         """The one constructor: sequence i brings its last query_lens[i] of context_lens[i] positions."""
-        positions, slots = [], []
-        for n, ctx, table in zip(query_lens, context_lens, page_tables, strict=True):
-            for pos in range(ctx - n, ctx):
-                positions.append(pos)
-                slots.append(table[pos // page_size] * page_size + pos % page_size)
+        positions = [pos for n, ctx in zip(query_lens, context_lens, strict=True)
+                     for pos in range(ctx - n, ctx)]
         width = max(len(t) for t in page_tables)
-        padded = [t + [0] * (width - len(t)) for t in page_tables]
+
+        def slots_and_padded(tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            slots = [table[pos // page_size] * page_size + pos % page_size
+                     for n, ctx, table in zip(query_lens, context_lens, tables, strict=True)
+                     for pos in range(ctx - n, ctx)]
+            padded = [t + [0] * (width - len(t)) for t in tables]
+            return (torch.tensor(slots, dtype=torch.int64, device=device),
+                    torch.tensor(padded, dtype=torch.int32, device=device))
+
+        slot_mapping, padded = slots_and_padded(page_tables)
+        value_slots, value_padded = (None, None) if value_tables is None else slots_and_padded(value_tables)
         b = len(seq_ids)
         return cls(
             seq_ids=list(seq_ids), query_lens=list(query_lens), context_lens=list(context_lens),
             query_start_loc=torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int64,
                                          device=device),
             context_lens_t=torch.tensor(context_lens, dtype=torch.int32, device=device),
-            page_tables=torch.tensor(padded, dtype=torch.int32, device=device),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            page_tables=padded, slot_mapping=slot_mapping,
             positions=torch.tensor(positions, dtype=torch.int64, device=device),
             modes=list(modes) if modes is not None else ["sparse"] * b,
             token_budgets=list(token_budgets) if token_budgets is not None else [0] * b,
-            num_draft_tokens=list(num_draft_tokens) if num_draft_tokens and any(num_draft_tokens) else [])
+            num_draft_tokens=list(num_draft_tokens) if num_draft_tokens and any(num_draft_tokens) else [],
+            value_tables=value_padded, value_slot_mapping=value_slots, value_layers_from=value_layers_from)
+
+    def values_of(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page tables, slot mapping) through which `layer` reads and writes values."""
+        if self.value_tables is None or self.value_slot_mapping is None or layer < self.value_layers_from:
+            return self.page_tables, self.slot_mapping
+        return self.value_tables, self.value_slot_mapping
 
     @property
     def num_seqs(self) -> int:
@@ -92,6 +111,28 @@ class AttentionMetadata:
     def is_decode(self) -> bool:
         """True when every sequence brings exactly one new token (the hot path)."""
         return all(n == 1 for n in self.query_lens)
+
+    def decodes(self, i: int) -> bool:
+        """Sequence i's rows are decode queries: one new token, or a verify."""
+        return self.query_lens[i] == 1 or self.is_verify(i)
+
+    @property
+    def decodes_only(self) -> bool:
+        """No prefill chunk in the step: one decode kernel launch serves every sequence."""
+        return all(self.decodes(i) for i in range(self.num_seqs))
+
+    @property
+    def uniform_query_len(self) -> int | None:
+        """The query length every sequence of a decode/verify step shares (a CUDA graph's shape), or
+        None when the step has prefill chunks or verifies of several lengths."""
+        lens = set(self.query_lens)
+        return lens.pop() if len(lens) == 1 and self.decodes_only else None
+
+    def decode_kernel_args(self) -> dict:
+        """What a decode kernel needs beyond the batch to run a verify step (nothing for plain decode)."""
+        if self.is_decode:
+            return {}
+        return {"query_start_loc": self.query_start_loc, "max_query_len": max(self.query_lens)}
 
     def rows_of(self, index: list[int]) -> torch.Tensor:
         """The flattened token rows of the sequences at batch positions `index`."""
@@ -111,16 +152,23 @@ class AttentionMetadata:
             context_lens_t=self.context_lens_t[index], page_tables=self.page_tables[index],
             slot_mapping=self.slot_mapping[rows], positions=self.positions[rows],
             modes=[self.modes[i] for i in index], token_budgets=[self.token_budgets[i] for i in index],
-            num_draft_tokens=[self.num_draft_tokens[i] for i in index] if self.num_draft_tokens else [])
+            num_draft_tokens=[self.num_draft_tokens[i] for i in index] if self.num_draft_tokens else [],
+            value_tables=None if self.value_tables is None else self.value_tables[index],
+            value_slot_mapping=None if self.value_slot_mapping is None else self.value_slot_mapping[rows],
+            value_layers_from=self.value_layers_from)
 
     def padded(self, num_seqs: int, **tensors: torch.Tensor) -> AttentionMetadata:
-        """A decode step's metadata padded to `num_seqs` rows (a CUDA-graph bucket): padded rows have
-        seq id -1 and context 0; the tensors are the caller's (static, already padded) buffers."""
+        """A decode or verify step's metadata padded to `num_seqs` sequences (a CUDA-graph bucket) of
+        the step's one query length: padded sequences have seq id -1 and context 0; the tensors are the
+        caller's (static, already padded) buffers."""
         pad = num_seqs - self.num_seqs
+        n = self.query_lens[0]
         return dataclasses.replace(
-            self, seq_ids=self.seq_ids + [-1] * pad, query_lens=self.query_lens + [1] * pad,
+            self, seq_ids=self.seq_ids + [-1] * pad, query_lens=self.query_lens + [n] * pad,
             context_lens=self.context_lens + [0] * pad, modes=self.modes + self.modes[-1:] * pad,
-            token_budgets=self.token_budgets + self.token_budgets[-1:] * pad, **tensors)
+            token_budgets=self.token_budgets + self.token_budgets[-1:] * pad,
+            num_draft_tokens=self.num_draft_tokens + [n - 1] * pad if self.num_draft_tokens else [],
+            **tensors)
 
 
 @dataclass
@@ -159,6 +207,13 @@ class AttentionBackend:
 
     def release(self, seq_id: int) -> None:
         """Called when a sequence leaves the batch (finished, aborted or preempted)."""
+
+    def rollback(self, seq_id: int, rejected: int) -> None:
+        """The sequence's last verify step kept all but its last `rejected` rows."""
+
+    def draft_limit(self, seq_id: int, budget: int, context: int) -> int | None:
+        """The most drafts the sequence may verify next step with its output unchanged (None: any)."""
+        return None
 
     def reserve(self, max_batch: int) -> None:
         """Allocate, before CUDA graphs are captured, every buffer a graph will read: it must not move."""

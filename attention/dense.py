@@ -9,13 +9,16 @@ from needle.attention.base import AttentionBackend, AttentionMetadata
 from needle.kvcache.pool import KVPool
 
 
-def gather_seq_kv(pool: KVPool, layer: int, page_table: torch.Tensor, ctx_len: int):
-    """K and V of one sequence's first ctx_len tokens, contiguous: ([ctx, Hkv, D], [ctx, Hkv, D])."""
+def gather_seq_kv(pool: KVPool, layer: int, page_table: torch.Tensor, ctx_len: int,
+                  value_table: torch.Tensor | None = None):
+    """K and V of one sequence's first ctx_len tokens, contiguous: ([ctx, Hkv, D], [ctx, Hkv, D]).
+    Values are read through value_table where they are not at the pages' own slots (offload)."""
     n_pages = -(-ctx_len // pool.spec.page_size)
     pages = page_table[:n_pages].long()
+    value_pages = pages if value_table is None else value_table[:n_pages].long()
     shape = (-1, pool.spec.num_kv_heads, pool.spec.head_dim)
     k = pool.k[layer].index_select(0, pages).reshape(shape)[:ctx_len]
-    v = pool.v[layer].index_select(0, pages).reshape(shape)[:ctx_len]
+    v = pool.v[layer].index_select(0, value_pages).reshape(shape)[:ctx_len]
     return k, v
 
 
@@ -53,7 +56,7 @@ class DenseBackend(AttentionBackend):
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata, window: int | None = None) -> torch.Tensor:
-        self.pool.write(layer, k, v, meta.slot_mapping)
+        self.pool.write(layer, k, v, meta.slot_mapping, meta.values_of(layer)[1])
         return self.attend(layer, q, meta, window)
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,
@@ -65,19 +68,21 @@ class DenseBackend(AttentionBackend):
             return self.decode_window(layer, q, meta, window)
         out = torch.empty_like(q)
         starts = meta.query_start_loc.tolist()
+        value_tables = meta.values_of(layer)[0]
         for i, ctx in enumerate(meta.context_lens):
             rows = slice(starts[i], starts[i + 1])
-            out[rows] = self.prefill_one(layer, q[rows], meta.page_tables[i], ctx, window)
+            out[rows] = self.prefill_one(layer, q[rows], meta.page_tables[i], ctx, window, value_tables[i])
         return out
 
     def prefill_one(self, layer: int, q: torch.Tensor, page_table: torch.Tensor, ctx: int,
-                    window: int | None = None) -> torch.Tensor:
+                    window: int | None = None, value_table: torch.Tensor | None = None) -> torch.Tensor:
         num_q = q.shape[0]
         # a windowed layer gathers only the keys its oldest query can see
         first = 0 if window is None else max(0, ctx - num_q - window + 1)
         first_page = first // self.pool.spec.page_size
         first_key = first_page * self.pool.spec.page_size
-        k, v = gather_seq_kv(self.pool, layer, page_table[first_page:], ctx - first_key)
+        values = None if value_table is None else value_table[first_page:]
+        k, v = gather_seq_kv(self.pool, layer, page_table[first_page:], ctx - first_key, values)
         if num_q == ctx and window is None:
             return attend(q, k.to(q.dtype), v.to(q.dtype), causal=True)
         mask = causal_chunk_mask(num_q, ctx, q.device, window, first_key)
@@ -89,9 +94,10 @@ class DenseBackend(AttentionBackend):
         max_ctx = max(meta.context_lens)
         n_pages = -(-max_ctx // spec.page_size)
         tables = meta.page_tables[:, :n_pages].long()
+        value_tables = meta.values_of(layer)[0][:, :n_pages].long()
         b = tables.shape[0]
         k = self.pool.k[layer][tables].reshape(b, -1, spec.num_kv_heads, spec.head_dim)[:, :max_ctx]
-        v = self.pool.v[layer][tables].reshape(b, -1, spec.num_kv_heads, spec.head_dim)[:, :max_ctx]
+        v = self.pool.v[layer][value_tables].reshape(b, -1, spec.num_kv_heads, spec.head_dim)[:, :max_ctx]
         valid = torch.arange(max_ctx, device=q.device)[None, :] < meta.context_lens_t[:, None]
         out = attend(q[:, None], k.to(q.dtype), v.to(q.dtype), mask=valid[:, None, None, :])
         return out[:, 0]

@@ -44,6 +44,8 @@ class SelectionTable:
             if not self.free:
                 self.reserve(max(8, 2 * self.rows), self.width)
             row = self.slots[seq_id] = self.free.pop()
+            for units in self.units:  # nothing of the row's previous holder may be read as chosen
+                units[row].fill_(-1)
         return row
 
     def release(self, seq_id: int) -> None:

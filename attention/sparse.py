@@ -6,8 +6,11 @@ Per layer and KV head, the head profile says streaming or retrieval. Decode, per
     units the policy ranks best (k fills the sequence's token budget); a selection is kept for
     `selector_interval` steps.
 A verify step (a decoding sequence's newest token + its drafts, see base.py) is decode: each row reads
-what a decode step at its position would, with the sequence's one kept selection (a verify step counts
-as one step of the reselection schedule; when due, its first row's query reselects).
+what a decode step at its position would, with the sequence's one kept selection. The reselection
+schedule counts positions, so a verify of n rows advances it by n (rejected rows are taken back,
+`rollback`), and when due its first row's query reselects. `draft_limit` bounds the drafts so that no
+row would reselect, or cross from dense to sparse, where plain decoding would: then speculation in
+sparse mode gives plain sparse decoding's tokens exactly.
 Prefill (also chunked): streaming heads attend to sinks + the last `prefill_local_tokens` before each
 query (a Lambda-shaped mask); retrieval heads attend densely, as in LServe.
 Dense, exactly as the dense backend computes it: the first `dense_layers` layers, sequences in "dense"
@@ -82,6 +85,7 @@ class _Decode:
     k: torch.Tensor  # [B] chosen units per selector head (from each sequence's budget)
     reselect: list[bool]  # recompute the selection this step (else reuse the kept one)
     slots: torch.Tensor  # [B] int64 rows of the selection table
+    value_tables: torch.Tensor  # [B, P] where values sit (page_tables unless they are offloaded)
 
 
 @dataclass
@@ -123,7 +127,7 @@ class SparseBackend(AttentionBackend):
         self._checked: set[int] = set()  # sequences whose first sparse decode step the guard measured
         heads = num_q_heads if config.per_query_head else num_kv_heads
         self.table = SelectionTable(profile.num_layers, heads, pool.device)  # the kept selections
-        self._age: dict[int, tuple[int, int]] = {}  # seq_id -> (decode steps since selection, its budget)
+        self._age: dict[int, tuple[int, int]] = {}  # seq_id -> (positions since selection, its budget)
         self.set_policy(config.policy, config.page_score, config.retrieval_local_tokens)
         self._rng = random.Random(config.seed)
         dev = pool.device
@@ -160,6 +164,21 @@ class SparseBackend(AttentionBackend):
         self._age.pop(seq_id, None)
         self._widened.pop(seq_id, None)
         self._checked.discard(seq_id)
+
+    def rollback(self, seq_id: int, rejected: int) -> None:
+        if seq_id in self._age and rejected:
+            age, budget = self._age[seq_id]
+            self._age[seq_id] = (age - rejected, budget)
+
+    def draft_limit(self, seq_id: int, budget: int, context: int) -> int | None:
+        """At context `context` (before the step), the drafts a sparse-mode sequence may verify: all its
+        rows on one side of the dense/sparse boundary, none at a position where plain decoding reselects."""
+        budget = self._whole_units(budget or self.token_budget)
+        if context <= budget:
+            return budget - context
+        age, kept = self._age.get(seq_id, (self.selector_interval, budget))
+        fresh = age >= self.selector_interval or kept != budget
+        return self.selector_interval - 1 - (0 if fresh else age)
 
     def budget_of(self, meta: AttentionMetadata, i: int) -> int:
         """The sequence's token budget, rounded down to whole units (never below the always-kept ones);
@@ -231,25 +250,29 @@ class SparseBackend(AttentionBackend):
         self.table.reserve(0, max(budgets) // self.unit)
         slots = torch.tensor([self.table.slot(meta.seq_ids[i]) for i, _ in entries], dtype=torch.long,
                              device=dev)
-        fresh = dict(zip(index, self.due(seq_ids, budgets), strict=True))
+        fresh = dict(zip(index, self.due(seq_ids, budgets, [meta.query_lens[i] for i in index]), strict=True))
+        rows_of_entries = [i for i, _ in entries]
+        page_tables = meta.page_tables[rows_of_entries]
         return _Decode(
             index=index, seq_ids=[meta.seq_ids[i] for i, _ in entries],
             rows=torch.tensor([starts[i] + j for i, j in entries], dtype=torch.long, device=dev), ctx=ctx,
-            page_tables=meta.page_tables[[i for i, _ in entries]],
+            page_tables=page_tables,
             stream_pos=stream_pos.clamp(min=0).minimum(ctx[:, None] - 1),
             stream_valid=stream_valid, sink_units=torch.arange(self.num_sink_units, device=dev),
             recent_units=recent.clamp(min=0),
             recent_valid=(recent >= self.num_sink_units), allowed=allowed, k=k,
-            reselect=[fresh[i] and j == 0 for i, j in entries], slots=slots)
+            reselect=[fresh[i] and j == 0 for i, j in entries], slots=slots,
+            value_tables=page_tables if meta.value_tables is None else meta.value_tables[rows_of_entries])
 
-    def due(self, seq_ids: list[int], budgets: list[int]) -> list[bool]:
-        """Which sequences reselect this decode step: every `selector_interval` steps of their own, and
-        whenever their budget changes. Advances each sequence's count (both backends' one schedule)."""
+    def due(self, seq_ids: list[int], budgets: list[int], rows: list[int]) -> list[bool]:
+        """Which sequences reselect this decode step: every `selector_interval` positions of their own,
+        and whenever their budget changes. Advances each sequence's count by its query rows (both
+        backends' one schedule)."""
         fresh = []
-        for seq_id, budget in zip(seq_ids, budgets, strict=True):
+        for seq_id, budget, n in zip(seq_ids, budgets, rows, strict=True):
             age, kept_budget = self._age.get(seq_id, (self.selector_interval, budget))
             fresh.append(age >= self.selector_interval or kept_budget != budget)
-            self._age[seq_id] = (1 if fresh[-1] else age + 1, budget)
+            self._age[seq_id] = (n if fresh[-1] else age + n, budget)
         return fresh
 
     # ---- forward ---------------------------------------------------------------------------------
@@ -266,7 +289,7 @@ class SparseBackend(AttentionBackend):
             if window is not None:
                 self._count_window_reads(layer, step, window)
             return out
-        self.pool.write(layer, k, v, meta.slot_mapping)
+        self.pool.write(layer, k, v, meta.slot_mapping, meta.values_of(layer)[1])
         update_summaries(self.pool, layer, meta.slot_mapping)
         out = torch.empty_like(q)
         if step.dense:
@@ -301,14 +324,16 @@ class SparseBackend(AttentionBackend):
             hs = streaming.numel()
             pos = plan.stream_pos[:, None, :].expand(b, hs, -1)
             valid = plan.stream_valid[:, None, :].expand(b, hs, -1)
-            o, s = self._attend(layer, qg[:, streaming], pos, valid, streaming, plan.page_tables)
+            o, s = self._attend(layer, qg[:, streaming], pos, valid, streaming, plan.page_tables,
+                                plan.value_tables)
             out[:, streaming], lse[:, streaming] = o, s
             read += valid.sum(dim=(1, 2)) * self.group
         if retrieval.numel():
             kv_heads = retrieval.repeat_interleave(self.group) if self.per_query_head else retrieval
             qr = qg[:, retrieval].reshape(b, kv_heads.numel(), -1, self.head_dim)
             pos, valid = self._retrieval_positions(layer, qr, kv_heads, plan)
-            o, s = self._attend(layer, qr, pos, valid, kv_heads, plan.page_tables)
+            values = self._retrieval_values(layer, pos, valid, plan)
+            o, s = self._attend(layer, qr, pos, valid, kv_heads, plan.page_tables, values)
             out[:, retrieval] = o.view(b, retrieval.numel(), self.group, self.head_dim)
             lse[:, retrieval] = s.view(b, retrieval.numel(), self.group)
             read += valid.sum(dim=(1, 2)) * (qr.shape[2])
@@ -325,7 +350,10 @@ class SparseBackend(AttentionBackend):
         """Token positions [B, H, N] of the sink, chosen and recent units, and which of them are read."""
         b, h = q.shape[:2]
         chosen = self._chosen_units(layer, q, kv_heads, plan)
-        chosen_ok = (chosen >= 0) & plan.allowed.gather(1, chosen.clamp(min=0).view(b, -1)).view_as(chosen)
+        width = plan.allowed.shape[1]
+        inside = chosen.clamp(0, width - 1)
+        chosen_ok = ((chosen >= 0) & (chosen < width)
+                     & plan.allowed.gather(1, inside.view(b, -1)).view_as(chosen))
         chosen_ok &= torch.arange(chosen.shape[-1], device=q.device) < plan.k[:, None, None]
         units = torch.cat([plan.sink_units.expand(b, h, -1), chosen.clamp(min=0),
                            plan.recent_units[:, None, :].expand(b, h, -1)], dim=-1)
@@ -356,13 +384,21 @@ class SparseBackend(AttentionBackend):
             table[plan.slots[idx][:, None], rows[None, :], :k] = units.masked_fill(beyond, -1).to(table.dtype)
         return table[plan.slots[:, None], rows[None, :], :k].long()
 
+    def _retrieval_values(self, layer: int, pos: torch.Tensor, valid: torch.Tensor,
+                          plan: _Decode) -> torch.Tensor:
+        """The tables [B, P] through which retrieval heads read the values at pos [B, H, N] (valid)."""
+        return plan.value_tables
+
     def _attend(self, layer: int, q: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
-                kv_heads: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [B, H, G, D] over the keys at pos [B, H, N] (valid [B, H, N]) of kv_heads [H]
-        -> output [B, H, G, D] and the log-sum-exp of the scores [B, H, G] (for recall)."""
-        slots = token_slots(tables, pos, self.pool.spec.page_size)
+                kv_heads: torch.Tensor, tables: torch.Tensor,
+                value_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, H, G, D] over the keys at pos [B, H, N] (valid [B, H, N]) of kv_heads [H], values read
+        through value_tables -> output [B, H, G, D] and the log-sum-exp of the scores [B, H, G]."""
+        ps = self.pool.spec.page_size
+        slots = token_slots(tables, pos, ps)
         keys = gather_heads(self.pool.k[layer], slots, kv_heads).to(q.dtype)
-        values = gather_heads(self.pool.v[layer], slots, kv_heads).to(q.dtype)
+        value_slots = slots if value_tables is tables else token_slots(value_tables, pos, ps)
+        values = gather_heads(self.pool.v[layer], value_slots, kv_heads).to(q.dtype)
         scores = (q @ keys.transpose(-1, -2)) * self.scale
         scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
         lse = scores.logsumexp(dim=-1)
@@ -389,6 +425,7 @@ class SparseBackend(AttentionBackend):
         out = torch.empty_like(q).view(n, self.num_kv_heads, self.group, self.head_dim)
         qg = q.view(n, self.num_kv_heads, self.group, self.head_dim)
         table = meta.page_tables[i: i + 1]
+        value_table = meta.values_of(layer)[0][i: i + 1]
         kinds = ((self._retrieval[layer], None), (self._streaming[layer], self.prefill_local_tokens))
         for heads, window in kinds:
             if not heads.numel():
@@ -400,8 +437,9 @@ class SparseBackend(AttentionBackend):
                 kpos = torch.cat([torch.arange(min(self.sink_tokens, ctx), device=dev),
                                   torch.arange(first_local, ctx, device=dev)])
             slots = token_slots(table, kpos[None], self.pool.spec.page_size)[0]
+            value_slots = token_slots(value_table, kpos[None], self.pool.spec.page_size)[0]
             keys = self._rows(self.pool.k[layer], slots, q.dtype)[:, heads]
-            values = self._rows(self.pool.v[layer], slots, q.dtype)[:, heads]
+            values = self._rows(self.pool.v[layer], value_slots, q.dtype)[:, heads]
             mask = kpos[None, :] <= qpos[:, None]
             if window is not None:
                 mask &= (kpos[None, :] < self.sink_tokens) | (kpos[None, :] > qpos[:, None] - window)

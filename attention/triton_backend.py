@@ -3,15 +3,18 @@ sparse.py, which stay the CPU path and the reference.
 
 `build_backend` (attention/__init__.py) picks these classes on CUDA for --attention-backend triton.
 
-Decode steps are CUDA-graph safe (engine/cuda_graph.py): every op reads only device tensors whose shapes
-depend on the batch size and the page-table width, and `graph_key` names the graph a step needs.
+Decode steps, and the verify steps of speculative decoding (a sequence's newest token + its drafts, in
+the same decode kernels), are CUDA-graph safe (engine/cuda_graph.py): every op reads only device tensors
+whose shapes depend on the batch size, the query length and the page-table width, and `graph_key` names
+the graph a step needs.
 
 Sparse decode keeps sparse.py's semantics exactly (streaming heads: sinks + local window; retrieval
 heads: sink units + newest units + the policy's top-k units, chosen per KV head or per query head, each
 sequence reselecting on its own schedule), reading and writing the same SelectionTable as the torch
 path, so a sequence keeps its selection whichever path runs its step (tests/test_gpu_parity.py checks
-the tokens). Steps the fast path does not cover (prefill chunks mixed with decodes, dense fallbacks, the
-hip policy) run through SparseBackend's torch code, except prefill attention itself, which runs on
+the tokens); a step of dense-mode sequences only runs the dense kernels. Steps the fast path does not
+cover (prefill chunks mixed with decodes, dense and sparse sequences mixed, contexts within the budget,
+the hip policy) run through SparseBackend's torch code, except prefill attention itself, which runs on
 flash attention here.
 """
 
@@ -43,35 +46,43 @@ class TritonDenseBackend(DenseBackend):
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata, window: int | None = None) -> torch.Tensor:
-        _refuse_window(window)
         append(self.pool, layer, k, v, meta.slot_mapping)
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        if meta.is_decode:
-            return paged_decode(q, self.pool.k[layer], self.pool.v[layer], meta.page_tables,
-                                meta.context_lens_t, scale)
+        if meta.decodes_only:
+            return self._decode(layer, q, meta, window)
         out = torch.empty_like(q)
         starts = meta.query_start_loc.tolist()
-        dec = [i for i, n in enumerate(meta.query_lens) if n == 1]
+        dec = [i for i in range(meta.num_seqs) if meta.decodes(i)]
         if dec:
-            rows = torch.tensor([starts[i] for i in dec], device=q.device)
-            idx = torch.tensor(dec, device=q.device)
-            out[rows] = paged_decode(q[rows], self.pool.k[layer], self.pool.v[layer], meta.page_tables[idx],
-                                     meta.context_lens_t[idx], scale)
+            rows = meta.rows_of(dec)
+            out[rows] = self._decode(layer, q[rows], meta.subset(dec), window)
         for i, n in enumerate(meta.query_lens):
-            if n > 1:
+            if not meta.decodes(i):
                 rows = slice(starts[i], starts[i] + n)
                 out[rows] = self.prefill(layer, q[rows], k[rows], v[rows], meta.page_tables[i],
-                                         meta.context_lens[i])
+                                         meta.context_lens[i], window)
         return out
 
-    def prefill(self, layer: int, q, k, v, page_table: torch.Tensor, ctx: int) -> torch.Tensor:
-        if ctx > q.shape[0]:  # a later chunk: attend to the whole context in the pages
-            k = gather_context(self.pool.k[layer], page_table, ctx)
-            v = gather_context(self.pool.v[layer], page_table, ctx)
-        return prefill_dense(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
+    def _decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,
+                window: int | None) -> torch.Tensor:
+        """Decodes and verifies (several queries per sequence, in the same kernel)."""
+        return paged_decode(q, self.pool.k[layer], self.pool.v[layer], meta.page_tables, meta.context_lens_t,
+                            1.0 / math.sqrt(q.shape[-1]), window=window, **meta.decode_kernel_args())
+
+    def prefill(self, layer: int, q, k, v, page_table: torch.Tensor, ctx: int,
+                window: int | None = None) -> torch.Tensor:
+        """A prefill chunk: causal over the context in the pages (a later chunk) or its own keys; a
+        sliding-window layer gathers only the keys its oldest query can see."""
+        n, scale = q.shape[0], 1.0 / math.sqrt(q.shape[-1])
+        first = 0 if window is None else max(0, ctx - n - window + 1)
+        if ctx > n:
+            k = gather_context(self.pool.k[layer], page_table, ctx)[first:]
+            v = gather_context(self.pool.v[layer], page_table, ctx)[first:]
+        if window is None:
+            return prefill_dense(q, k, v, scale)
+        return prefill_streaming(q, k, v, scale, sink=0, local=window)
 
     def graph_key(self, meta: AttentionMetadata):
-        return "decode" if meta.is_decode else None
+        return "decode" if meta.uniform_query_len else None
 
 
 class TritonSparseBackend(SparseBackend):
@@ -84,7 +95,9 @@ class TritonSparseBackend(SparseBackend):
         dev = self.pool.device
         self._stream_flags = [torch.tensor(row, dtype=torch.int32, device=dev)
                               for row in self.profile.streaming]
-        self._fast: tuple[str, int] | None = None  # (which rows reselect: none|all|some, k) on the fast path
+        # The fast path's plan: (which rows reselect: none|all|some, k), or ("dense", 0) when every sequence
+        # is in dense mode; None: the torch path runs the step.
+        self._fast: tuple[str, int] | None = None
         # Per batch row, static as graphs read them: its selection-table slot, whether it reselects, and
         # per layer its selection. While one batch runs the fast path, _sel holds its rows and the table
         # is behind; `_flush` writes them back before anything else reads the table.
@@ -123,14 +136,17 @@ class TritonSparseBackend(SparseBackend):
         self._synced = None  # the kept selections are void
 
     def _fast_plan(self, meta: AttentionMetadata) -> tuple[str, int] | None:
-        """The Triton decode path takes steps of decodes only, one budget, every context past it;
-        it reselects on the torch path's schedule (SparseBackend.due) into the same selection table."""
-        if not meta.is_decode or self.policy.name not in ("hierarchical", "quest"):
+        """The Triton decode path takes steps of decodes and verifies only, one budget, every context past
+        it; it reselects on the torch path's schedule (SparseBackend.due) into the same selection table,
+        a verifying sequence with its oldest query (at the position a plain decode would have been)."""
+        if not meta.decodes_only:
+            return None
+        if meta.modes and all(m == "dense" for m in meta.modes):
+            return "dense", 0  # e.g. verifying self_sparse drafts densely: the dense kernels, graphed
+        if self.policy.name not in ("hierarchical", "quest") or any(m == "dense" for m in meta.modes):
             return None
         if self.min_recall > 0 and set(meta.seq_ids) - self._checked:
             return None  # the guard measures a sequence's first sparse decode step (torch path)
-        if meta.modes and any(m == "dense" for m in meta.modes):
-            return None
         budgets = {self.budget_of(meta, i) for i in range(meta.num_seqs)}
         if len(budgets) != 1 or min(meta.context_lens) <= next(iter(budgets)):
             return None
@@ -140,7 +156,7 @@ class TritonSparseBackend(SparseBackend):
         self.table.reserve(meta.num_seqs, budget // self.unit)
         slots = [self.table.slot(s) for s in meta.seq_ids]
         self._reserve_rows(meta.num_seqs)  # after the table: its width may have grown
-        fresh = self.due(meta.seq_ids, [budget] * meta.num_seqs)
+        fresh = self.due(meta.seq_ids, [budget] * meta.num_seqs, meta.query_lens)
         b = meta.num_seqs
         # Host -> device copies from pinned memory, asynchronous: the host never waits for the GPU here.
         if self._synced != meta.seq_ids:  # another batch, or the torch path ran: copy the rows in
@@ -165,35 +181,42 @@ class TritonSparseBackend(SparseBackend):
         self._step = _Step([], [], None, False)
 
     def graph_key(self, meta: AttentionMetadata):
-        return None if self._fast is None else ("sparse", *self._fast, self.table.version, self._version)
+        if self._fast is None or meta.uniform_query_len is None:
+            return None
+        return ("sparse", *self._fast, self.table.version, self._version)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata, window: int | None = None) -> torch.Tensor:
-        _refuse_window(window)
         if self._fast is None:
-            return super().forward(layer, q, k, v, meta)
-        if layer < self.dense_layers:
-            return self.dense.forward(layer, q, k, v, meta)
+            return super().forward(layer, q, k, v, meta, window)
+        reselect, kk = self._fast
+        if layer < self.dense_layers or reselect == "dense" or window is not None:
+            # (a sliding-window layer is one streaming head over its window, as in sparse.py)
+            return self.dense.forward(layer, q, k, v, meta, window)  # its append keeps the summaries exact
         pool = self.pool
         append(pool, layer, k, v, meta.slot_mapping)
-        reselect, kk = self._fast
-        b = q.shape[0]
-        sel = self._sel[layer][:b, :, :kk]
-        if reselect != "none":
-            ctx = meta.context_lens_t
+        sel = self._sel[layer][:meta.num_seqs, :, :kk]
+        if reselect != "none" and kk > 0:  # kk = 0: the budget holds only the sink and recent units
+            qs, ctx = q, meta.context_lens_t
+            if not meta.is_decode:  # a verify selects with its oldest query, at that query's context
+                starts = meta.query_start_loc
+                qs = q[starts[:-1]]
+                ctx = (ctx - (starts[1:] - starts[:-1]) + 1).clamp(min=0).to(ctx.dtype)
             num_units = meta.page_tables.shape[1] * pool.spec.page_size // self.unit
             allowed = allowed_units(ctx, num_units, self.unit, self.num_sink_units, self.num_recent_units)
             # q . kmean is the bound kernel fed the mean as both min and max (exact, see page_select)
             mean = self.policy.page_score == "mean"
             lo, hi = (pool.kmean, pool.kmean) if mean else (pool.kmin, pool.kmax)
-            new = select_units(q, lo[layer], hi[layer], meta.page_tables, ctx, allowed, kk,
+            new = select_units(qs, lo[layer], hi[layer], meta.page_tables, ctx, allowed, kk,
                                page_size=pool.spec.page_size, unit_tokens=self.unit,
                                shared=not self.per_query_head)
+            b = meta.num_seqs
             sel.copy_(new if reselect == "all" else torch.where(self._fresh[:b, None, None], new, sel))
         return sparse_decode(q, pool.k[layer], pool.v[layer], meta.page_tables, meta.context_lens_t, sel,
                              self._stream_flags[layer], unit_tokens=self.unit,
                              sink=self.num_sink_units * self.unit, recent_units=self.num_recent_units,
-                             stream_sink=self.sink_tokens, stream_local=self.local_tokens, scale=self.scale)
+                             stream_sink=self.sink_tokens, stream_local=self.local_tokens, scale=self.scale,
+                             **meta.decode_kernel_args())
 
     def _prefill(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, i: int) -> torch.Tensor:
         """Retrieval heads: causal over the whole context; streaming heads: sinks + prefill window."""
@@ -216,8 +239,3 @@ class TritonSparseBackend(SparseBackend):
             out[:, heads] = o.view(n, heads.numel(), self.group, self.head_dim)
         return out.view(n, self.num_q_heads, self.head_dim)
 
-
-def _refuse_window(window: int | None) -> None:
-    """The kernels read whole contexts; the engine keeps sliding-window models on the torch backends."""
-    if window is not None:
-        raise NotImplementedError("the Triton kernels have no sliding window; use --attention-backend torch")

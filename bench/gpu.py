@@ -455,6 +455,37 @@ def e2e(out: Path, bw: float, ttft_only: bool = False) -> dict:
     return result
 
 
+FUSION_ROWS = (("dense", 8192, 1), ("dense", 32768, 16), ("sparse", 131072, 1), ("sparse", 32768, 16))
+
+
+def fusion(out: Path) -> list[dict]:
+    """Decode ms/step with the elementwise ops compiled (-O1, the default) vs not (-O0), side by side."""
+    import gc
+
+    rows = []
+    model = model_config_path(out)
+    for mode in ("dense", "sparse"):
+        for level in (0, 1):
+            engine = make_engine(model, mode, 80, compilation_level=level)
+            fill_pool(engine.pool)
+            for m, ctx, batch in FUSION_ROWS:
+                if m == mode:
+                    row = {"mode": mode, "ctx": ctx, "batch": batch, "level": level,
+                           "ms": decode_step_ms(engine, batch, ctx)}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            engine = None
+            gc.collect()
+            torch.cuda.empty_cache()
+    (out / "fusion.json").write_text(json.dumps(rows, indent=1))
+    by = {(r["mode"], r["ctx"], r["batch"], r["level"]): r["ms"] for r in rows}
+    print("\n| attention | ctx | batch | -O0 ms/step | -O1 ms/step | speed-up |\n|---|---|---|---|---|---|")
+    for m, ctx, batch in FUSION_ROWS:
+        a, b = by[(m, ctx, batch, 0)], by[(m, ctx, batch, 1)]
+        print(f"| {m} | {ctx // 1024}K | {batch} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+    return rows
+
+
 FAMILY_ROWS = (("qwen3-8b", 32768, (1, 4)), ("gemma-3-12b", 32768, (1, 2)))
 
 
@@ -587,6 +618,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--families", action="store_true", help="Qwen3-8B and Gemma-3-12B shapes at 32K")
     ap.add_argument("--ttft-only", action="store_true", help="with --e2e: skip the decode table")
+    ap.add_argument("--fusion", action="store_true", help="decode with the elementwise ops compiled or not")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     out = Path(args.out)
@@ -599,6 +631,9 @@ def main() -> None:
         return
     if args.families:
         families(out)
+        return
+    if args.fusion:
+        fusion(out)
         return
     if args.kernels or not args.e2e:
         result = kernels(out)

@@ -63,6 +63,10 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def sampling_defaults(self) -> dict:
+        return self.engine.sampling_defaults
+
     def describe(self) -> dict:
         return self.engine.describe()
 

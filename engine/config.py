@@ -64,6 +64,18 @@ class EngineArgs:
                 "--gpu-memory-utilization)."})
     gpu_memory_utilization: float = field(default=0.9, metadata={
         "help": "Fraction of GPU memory for weights + activations + KV cache."})
+    cpu_kv_cache_memory: str | None = field(default=None, metadata={
+        "help": "Host memory for offloaded KV values, e.g. 64GiB (sparse attention; default: none, nothing "
+                "is offloaded). Once a sequence decodes, the values of its pages outside the sinks and the "
+                "local window move to this tier (pinned memory on CUDA), in every layer past "
+                "--dense-layers; keys, key summaries and those values stay on the device, which then "
+                "holds about 1.75x the tokens (Llama-3.1-8B). Each decode step copies back the "
+                "selected pages that its device value cache lacks. Costs: host->device copies when "
+                "selections change, and the torch attention kernels (no Triton, no CUDA graphs); pinning "
+                "takes ~0.65 s per GiB at start-up."})
+    max_logprobs: int = field(default=20, metadata={
+        "help": "Most top logprobs per token a request may ask for (logprobs, prompt_logprobs, "
+                "top_logprobs); more get 400."})
     enable_prefix_caching: bool = field(default=True, metadata={
         "help": "Reuse the KV pages of shared prompt prefixes (hash chain of full pages)."})
     # Attention.
@@ -129,7 +141,23 @@ class EngineArgs:
                 "NEEDLE_TRITON=0 in the environment means torch.", "choices": ["auto", "torch", "triton"]})
     enforce_eager: bool = field(default=False, metadata={
         "help": "Never capture CUDA graphs (they are captured for decode batches up to --max-num-seqs on "
-                "the triton backend). NEEDLE_CUDA_GRAPHS=0 in the environment means the same."})
+                "the triton backend) nor compile. NEEDLE_CUDA_GRAPHS=0 in the environment means the same."})
+    compilation_level: int = field(default=1, metadata={
+        "choices": [0, 1], "aliases": ["-O"],
+        "help": "As vLLM's -O: 1 fuses the elementwise ops between the matmuls (RMSNorm + residual add, the "
+                "gated activation, RoPE) with torch.compile on CUDA when CUDA graphs are on (a one-time "
+                "compile on the first steps); 0 never compiles. Ignored on the CPU."})
+    kv_cache_dtype: str = field(default="auto", metadata={
+        "help": "KV cache dtype. auto: the model dtype; fp8 (fp8_e4m3, fp8_e5m2) is refused: not "
+                "implemented on CUDA yet, and the CPU path reads the cache in the model dtype.",
+        "choices": ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "Tokenizer: a Hugging Face tokenizer directory or Hub repo (default: the model's own)."})
+    generation_config: str = field(default="auto", metadata={
+        "help": "Default sampling (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens as "
+                "max_tokens) for what a request leaves unset. auto: from the model's "
+                "generation_config.json, as vLLM; vllm: none (SamplingParams' defaults); or a folder "
+                "holding a generation_config.json."})
 
     def __post_init__(self) -> None:
         if not self.enable_chunked_prefill:
@@ -165,6 +193,10 @@ class EngineArgs:
     @property
     def use_cuda_graphs(self) -> bool:
         return not self.enforce_eager and os.environ.get("NEEDLE_CUDA_GRAPHS", "1") != "0"
+
+    @property
+    def cpu_kv_cache_bytes(self) -> int | None:
+        return None if self.cpu_kv_cache_memory is None else parse_bytes(self.cpu_kv_cache_memory)
 
     @property
     def kv_cache_bytes(self) -> int | None:

@@ -32,7 +32,8 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not isinstance(sampling_params, Seq):
-            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+            default = SamplingParams(**self.engine.sampling_defaults)  # --generation-config's
+            sampling_params = [sampling_params or default] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
         order = []
@@ -70,4 +71,5 @@ def merge(results: dict[str, RequestOutput], delta: RequestOutput) -> RequestOut
     acc.outputs = [by_index[i] for i in sorted(by_index)]
     acc.finished, acc.metrics, acc.num_cached_tokens = delta.finished, delta.metrics, delta.num_cached_tokens
     acc.error = acc.error or delta.error
+    acc.prompt_logprobs = acc.prompt_logprobs or delta.prompt_logprobs
     return acc

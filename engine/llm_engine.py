@@ -12,18 +12,23 @@ import torch
 
 from needle.attention import build_backend
 from needle.attention.base import AttentionBackend
-from needle.attention.head_profile import resolve_profile
+from needle.attention.head_profile import HeadProfile, resolve_profile
 from needle.engine.config import EngineArgs
 from needle.engine.cuda_graph import CudaGraphRunner
 from needle.engine.detokenizer import TextState
+from needle.engine.generation_defaults import generation_defaults
 from needle.engine.loader import ModelLoadError, load_config, load_model, resolve_model
+from needle.engine.models.layers import compile_pointwise
+from needle.engine.offload import build_tiers, describe_sizes, offload_refusal, place_values
 from needle.engine.output_processor import OutputProcessor, Request
 from needle.engine.outputs import RequestOutput
+from needle.engine.prompt_logprobs import private_salt, record
 from needle.engine.quantization import quantize
 from needle.engine.runner import ModelRunner
 from needle.engine.sampler import Sampler
 from needle.engine.spec_decode import SpecDecoder, SpeculativeConfig, build_drafter, step_shape
 from needle.engine.stats import StepStats
+from needle.engine.structured_output import Grammars
 from needle.engine.validation import RequestError, RequestLimits, validate_request
 from needle.kvcache.page_allocator import PageAllocator
 from needle.kvcache.pool import KVCacheSpec, KVPool
@@ -50,12 +55,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_tokenizer(path: Path):
-    """The model's tokenizer, or None for a config-only (dummy) model: prompts must then be token ids."""
-    if path.is_file() or not any(path.glob("tokenizer*")):
-        return None
+def load_tokenizer(path: Path, override: str | None = None):
+    """The model's tokenizer (or --tokenizer's), or None for a config-only (dummy) model: prompts must
+    then be token ids."""
     from transformers import AutoTokenizer
 
+    if override is not None:
+        try:
+            return AutoTokenizer.from_pretrained(override)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"--tokenizer {override}: cannot load a tokenizer from it ({err})") from None
+    if path.is_file() or not any(path.glob("tokenizer*")):
+        return None
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -71,40 +82,52 @@ class LLMEngine:
             raise ModelLoadError(f"--max-model-len {args.max_model_len} exceeds the model's context "
                                  f"length {cfg.max_model_len}")
         self.max_model_len = args.max_model_len or cfg.max_model_len
-        self.tokenizer = load_tokenizer(path)
+        if args.kv_cache_dtype != "auto":
+            raise ModelLoadError(f"--kv-cache-dtype {args.kv_cache_dtype} is not available: "
+                                 + ("the CPU attention reads the KV cache in the model dtype"
+                                    if self.device.type == "cpu" else "fp8 KV pages are not implemented on "
+                                    "CUDA yet") + "; use --kv-cache-dtype auto")
+        self.tokenizer = load_tokenizer(path, args.tokenizer)
+        self.sampling_defaults = generation_defaults(args.generation_config, path)
         self.model = quantize(load_model(path, cfg, self.dtype, self.device, args.load_format, args.seed),
                               args.quantization, self.device)
         self.spec_config = SpeculativeConfig.parse(args.speculative_config)
-        self.pool = self._build_pool()
-        self.kernels = args.kernel_backend(self.device.type)
-        if self.kernels == "triton" and cfg.windowed:  # the Triton kernels read whole contexts
-            if args.attention_backend == "triton":
-                raise ModelLoadError(f"{self.model_name} has sliding-window layers, which the Triton kernels "
-                                     "do not support yet; use --attention-backend torch")
-            log.info("%s has sliding-window layers: running the torch attention backends", self.model_name)
-            self.kernels = "torch"
         self.sparse_config = args.sparse_config(self.device.type)
+        self.tiers = None
+        if args.cpu_kv_cache_memory is not None and (refusal := offload_refusal(args, cfg.windowed)):
+            raise ModelLoadError(refusal)
+        self.pool = self._build_pool()
+        self.kernels = "torch" if self.tiers is not None else args.kernel_backend(self.device.type)
         self.backend = self._build_backend()
+        if self.tiers is not None:
+            self.backend.tiers = self.tiers
         window = self.sparse_config.observation_window if args.attention == "sparse" else 0
         self.allocator = PageAllocator(self.pool.num_pages, args.page_size, args.enable_prefix_caching,
-                                       uncached_tail=max(1, window))  # the prompt-aware seed's queries run
+                                       self.tiers, uncached_tail=max(1, window))  # the seed's queries run
         self.scheduler = Scheduler(self.allocator, args.max_num_seqs, args.max_num_batched_tokens,
                                    on_release=self._on_release)
         graphs = None
         if self.device.type == "cuda" and self.kernels == "triton" and args.use_cuda_graphs:
-            graphs = CudaGraphRunner(self.model, self.backend, self.device, args.max_num_seqs)
+            if args.compilation_level > 0:
+                compile_pointwise(self.model)  # compiled on the first steps, then captured with them
+            verify = 0 if self.spec_config is None else self.spec_config.num_speculative_tokens
+            graphs = CudaGraphRunner(self.model, self.backend, self.device, args.max_num_seqs, 1 + verify)
         self.runner = ModelRunner(self.model, self.backend, args.page_size, self.device, args.attention,
-                                  self.sparse_config.token_budget, graphs)
-        self.sampler = Sampler(cfg.eos_token_ids)
+                                  self.sparse_config.token_budget, graphs, self.tiers)
+        self.grammars = Grammars(self.tokenizer, cfg.vocab_size, cfg.eos_token_ids)
+        self.sampler = Sampler(cfg.eos_token_ids, self.grammars)
         self.outputs = OutputProcessor(self.tokenizer, cfg.eos_token_ids, self.max_model_len)
-        self.limits = RequestLimits(cfg.vocab_size, self.max_model_len, self.pool.capacity_tokens,
-                                    args.attention)
+        capacity = self.pool.capacity_tokens  # with offload, a prompt prefills with all its values resident
+        if self.tiers is not None:
+            capacity = min(capacity, self.tiers.sizes.resident_slots * args.page_size)
+        self.limits = RequestLimits(cfg.vocab_size, self.max_model_len, capacity, args.attention,
+                                    args.max_logprobs)
         self.requests: dict[str, Request] = {}
         self.rng = random.Random(args.seed)
         self.spec: SpecDecoder | None = None
         if self.spec_config is not None:
             self.spec = SpecDecoder(self.spec_config, build_drafter(self.spec_config, self), self.sampler,
-                                    self.pool, self.allocator, self.max_model_len)
+                                    self.pool, self.allocator, self.max_model_len, self.runner)
 
     def _build_pool(self) -> KVPool:
         cfg, args = self.model_config, self.args
@@ -114,20 +137,27 @@ class LLMEngine:
         if budget is None and self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = int(free - total * (1 - args.gpu_memory_utilization))
+        if args.cpu_kv_cache_memory is not None:
+            self.pool, self.tiers = build_tiers(spec, args, self.sparse_config, self._profile(), cfg.num_heads
+                                                // cfg.num_kv_heads, self.device, budget or CPU_KV_DEFAULT,
+                                                self.max_model_len)
+            return self.pool
         return KVPool.from_budget(spec, budget or CPU_KV_DEFAULT, self.device, with_summaries=sparse)
 
-    def _build_backend(self) -> AttentionBackend:
+    def _profile(self) -> HeadProfile:
         cfg, args = self.model_config, self.args
-        profile = None
-        if self.keeps_summaries:
-            profile = resolve_profile(args.head_profile, self.model_name, cfg.identity, cfg.num_layers,
-                                      cfg.num_kv_heads, args.streaming_ratio)
+        return resolve_profile(args.head_profile, self.model_name, cfg.identity, cfg.num_layers,
+                               cfg.num_kv_heads, args.streaming_ratio)
+
+    def _build_backend(self) -> AttentionBackend:
+        cfg = self.model_config
+        profile = self._profile() if self.keeps_summaries else None
         self.head_profile = profile
         # A dense server drafting with self_sparse runs the sparse backend with every sequence in dense
         # mode: the same attention, and the key summaries the draft's page selection reads stay exact.
         mode = "sparse" if self.keeps_summaries else "dense"
         return build_backend(self.pool, mode, self.kernels, self.sparse_config, profile,
-                             cfg.num_heads, cfg.num_kv_heads)
+                             cfg.num_heads, cfg.num_kv_heads, offload=self.tiers is not None)
 
     @property
     def keeps_summaries(self) -> bool:
@@ -139,11 +169,13 @@ class LLMEngine:
         cfg = self.model_config
         config = dataclasses.replace(self.sparse_config, token_budget=budget, recall_sample=0.0,
                                      min_recall=0.0)  # verification keeps drafts lossless: no guard
-        return build_backend(self.pool, "sparse", "torch", config, self.head_profile, cfg.num_heads,
+        return build_backend(self.pool, "sparse", self.kernels, config, self.head_profile, cfg.num_heads,
                              cfg.num_kv_heads)
 
     def _on_release(self, seq: Sequence) -> None:
         self.backend.release(seq.seq_id)
+        if seq.is_finished:  # a preempted sequence keeps its tokens, so its grammar state stays
+            self.grammars.release(seq)
         if self.spec is not None:
             self.spec.release(seq.seq_id)
 
@@ -170,7 +202,9 @@ class LLMEngine:
             "attention": self.args.attention
             + (f" ({self.args.sparse_policy}, budget {self.sparse_config.token_budget} tokens)"
                if self.args.attention == "sparse" else "") + f", {self.kernels} kernels"
-            + (", CUDA graphs" if self.runner.graphs is not None else ""),
+            + (", CUDA graphs" if self.runner.graphs is not None else "")
+            + ("" if self.tiers is None else ", values offloaded: " + describe_sizes(
+                self.tiers.sizes, self.args.page_size, self.tiers.pin_seconds)),
             "prefix_caching": self.args.enable_prefix_caching,
             "max_concurrency": self.pool.capacity_tokens // self.max_model_len,  # sequences at full length
             "head_profile": "none (dense)" if self.head_profile is None else
@@ -200,6 +234,13 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already running")
         ids = self.encode_prompt(prompt)
         validate_request(ids, params, self.limits)
+        budget = params.attention.token_budget if params.attention else None
+        if self.tiers is not None and budget and budget > self.sparse_config.token_budget:
+            raise RequestError(f"attention.token_budget {budget} exceeds this server's "
+                               f"{self.sparse_config.token_budget}, for which its value cache is sized "
+                               "(--cpu-kv-cache-memory)", param="attention.token_budget")
+        spec = params.structured_outputs
+        grammar = None if spec is None else self.grammars.compile(spec)
         arrival = time.monotonic() if arrival is None else arrival
         seqs: list[Sequence] = []
         for i in range(params.n):
@@ -208,10 +249,16 @@ class LLMEngine:
             seed = (params.seed + i) % 2**64 if params.seed is not None else self.rng.getrandbits(63)
             seq.generator = torch.Generator().manual_seed(seed)
             seq.pages.salt = chain_hash(None, [ord(c) for c in self.runner.attention_key(seq)])
+            if params.prompt_logprobs is not None:  # every prompt position must run: no shared prefix
+                seq.pages.salt = private_salt(seq.pages.salt, seqs[0] if seqs else seq)
+            if grammar is not None:
+                self.grammars.add(seq, grammar)
             seqs.append(seq)
         texts = [TextState.for_prompt(len(ids)) for _ in seqs]
         text = prompt if isinstance(prompt, str) else prompt_text
         self.requests[request_id] = Request(request_id, text, ids, params, seqs, texts, arrival)
+        if params.prompt_logprobs is not None:
+            self.requests[request_id].prompt_logprobs = [None] * len(ids)
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -253,7 +300,11 @@ class LLMEngine:
             if spec is not None:
                 spec.propose(batch)
                 shape = step_shape(batch)
-            logits, emitting = self.runner.execute(batch)
+            if self.tiers is not None:
+                place_values(self.tiers, self.backend, self.scheduler.running, self.runner.attention_of)
+            logits, emitting, prompt_rows = self.runner.execute(batch)
+            for rows in prompt_rows:
+                record(self.model.logits, rows, self.requests[rows.seq.request_id].prompt_logprobs)
             for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
                 stats.num_prompt_tokens += max(min(seq.num_computed + n, seq.num_prompt_tokens)
                                                - seq.num_computed, 0)
@@ -274,6 +325,9 @@ class LLMEngine:
         if spec is not None:
             stats.spec = spec.finish(batch, time.perf_counter() - start, shape)
         stats.attention = self.backend.drain_stats()
+        if self.tiers is not None:
+            stats.offload = self.tiers.drain_stats()
+            stats.cpu_kv_cache_usage = self.tiers.host_usage
         outputs = self.collect_outputs()
         return outputs, self.gauges(stats)
 
@@ -288,6 +342,7 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int) -> bool:
         """Append one sampled token and run the stop checks; -> whether the sequence finished on it."""
         seq.token_ids.append(token)
+        self.grammars.accept(seq, token)
         end = self.outputs.finish_reason(self.requests[seq.request_id], seq)
         if end is not None:
             self.scheduler.finish(seq, *end)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from needle.engine.detokenizer import TextState
 from needle.engine.outputs import CompletionOutput, RequestOutput
+from needle.engine.prompt_logprobs import PromptLogprobs
 from needle.scheduler.sampling_params import SamplingParams
 from needle.scheduler.sequence import Sequence
 
@@ -29,6 +30,8 @@ class Request:
     finished_at: float | None = None
     reported_finished: set[int] = field(default_factory=set)
     error: str | None = None  # a fault of this request's own (non-finite sampling): it ends with it
+    prompt_logprobs: PromptLogprobs | None = None  # when asked: filled during the prefill, sent once
+    prompt_logprobs_sent: bool = False
 
     @property
     def finished(self) -> bool:
@@ -70,12 +73,15 @@ class OutputProcessor:
             if done:
                 req.finished_at = time.monotonic()
                 del requests[req.request_id]
+            prompt_logprobs = None
+            if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+                prompt_logprobs, req.prompt_logprobs_sent = req.prompt_logprobs, True
             outputs.append(RequestOutput(
                 req.request_id, req.prompt, req.prompt_ids, changed, done,
                 metrics={"arrival_time": req.arrival, "first_scheduled_time": req.first_scheduled or 0.0,
                          "first_token_time": req.first_token or 0.0,
                          "finished_time": req.finished_at or 0.0},
-                num_cached_tokens=req.seqs[0].num_cached, error=req.error))
+                num_cached_tokens=req.seqs[0].num_cached, error=req.error, prompt_logprobs=prompt_logprobs))
         return outputs
 
     @staticmethod

@@ -28,3 +28,6 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)
     num_cached_tokens: int = 0
     error: str | None = None  # set on the last output of a request that failed on its own
+    # With prompt_logprobs: per prompt token, {token_id: logprob} of it and the top-N (None for the
+    # first token); on the request's first output only.
+    prompt_logprobs: list[dict[int, float] | None] | None = None

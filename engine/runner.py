@@ -2,7 +2,8 @@
 
 Only sequences that reach their last token this step (decodes and final prefill chunks) get logits;
 a verifying sequence (speculative decoding) gets one row per verified position: its newest token's and
-each draft's.
+each draft's. A sequence that asked for prompt logprobs also hands back the hidden states of its
+prefill positions (`PromptRows`), from which engine/prompt_logprobs.py takes them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import torch
 from needle.attention.base import AttentionBackend, AttentionMetadata
 from needle.engine.cuda_graph import CudaGraphRunner
 from needle.engine.models.llama import LlamaForCausalLM
+from needle.engine.prompt_logprobs import PromptRows, prompt_rows
+from needle.kvcache.value_tiers import ValueTiers
 from needle.scheduler.scheduler import Batch
 from needle.scheduler.sequence import Sequence
 
@@ -19,7 +22,7 @@ from needle.scheduler.sequence import Sequence
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, page_size: int,
                  device: torch.device, default_mode: str, default_budget: int,
-                 graphs: CudaGraphRunner | None = None):
+                 graphs: CudaGraphRunner | None = None, tiers: ValueTiers | None = None):
         self.model = model
         self.backend = backend
         self.page_size = page_size
@@ -27,11 +30,13 @@ class ModelRunner:
         self.default_mode = default_mode
         self.default_budget = default_budget
         self.graphs = graphs  # CUDA graphs for decode steps, or None to run every step eagerly
+        self.tiers = tiers  # where offloaded values sit, or None
 
     def set_backend(self, backend: AttentionBackend) -> None:
         self.backend = backend
         if self.graphs is not None:
-            self.graphs = CudaGraphRunner(self.model, backend, self.device, self.graphs.buckets[-1])
+            self.graphs = CudaGraphRunner(self.model, backend, self.device, self.graphs.buckets[-1],
+                                          self.graphs.max_query_len)
 
     def build_metadata(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata]:
         ids: list[int] = []
@@ -44,24 +49,29 @@ class ModelRunner:
             page_tables=[s.pages.page_table for s in batch.seqs], page_size=self.page_size,
             device=self.device, modes=[self._mode(s) for s in batch.seqs],
             token_budgets=[self._budget(s) for s in batch.seqs],
-            num_draft_tokens=[len(s.draft_ids) for s in batch.seqs])
+            num_draft_tokens=[len(s.draft_ids) for s in batch.seqs],
+            value_tables=None if self.tiers is None else
+            [self.tiers.value_table(s.pages.page_table) for s in batch.seqs],
+            value_layers_from=0 if self.tiers is None else self.tiers.first_layer)
         return torch.tensor(ids, dtype=torch.int64, device=self.device), meta
 
     @torch.inference_mode()
-    def execute(self, batch: Batch) -> tuple[torch.Tensor | None, list[Sequence]]:
+    def execute(self, batch: Batch) -> tuple[torch.Tensor | None, list[Sequence], list[PromptRows]]:
         """-> (logits float32 for the sequences that emit a token, 1 + len(draft_ids) rows each, those
-        sequences)."""
+        sequences, the prompt rows of sequences that asked for prompt logprobs)."""
         input_ids, meta = self.build_metadata(batch)
         hidden = self.forward(input_ids, meta)
-        rows, emitting = [], []
+        rows, emitting, prompt = [], [], []
         ends = meta.query_start_loc.tolist()[1:]
         for seq, n, end in zip(batch.seqs, batch.num_new_tokens, ends, strict=True):
+            if (found := prompt_rows(seq, n, hidden[end - n:end])) is not None:
+                prompt.append(found)
             if seq.num_computed + n - len(seq.draft_ids) == len(seq):
                 rows.extend(range(end - 1 - len(seq.draft_ids), end))
                 emitting.append(seq)
         if not rows:
-            return None, []
-        return self.model.logits(hidden[torch.tensor(rows, device=self.device)]), emitting
+            return None, [], prompt
+        return self.model.logits(hidden[torch.tensor(rows, device=self.device)]), emitting, prompt
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Final hidden states of one step: a CUDA-graph replay where the backend names one, else eager."""
@@ -69,9 +79,19 @@ class ModelRunner:
         hidden = self.graphs.run(input_ids, meta) if self.graphs is not None else None
         return hidden if hidden is not None else self.model(input_ids, self.backend, meta)
 
+    def draft_limit(self, seq: Sequence) -> int | None:
+        """The most drafts the sequence may verify next step and still emit what it would without them."""
+        if self._mode(seq) == "dense":
+            return None
+        return self.backend.draft_limit(seq.seq_id, self._budget(seq), len(seq))
+
     def attention_key(self, seq: Sequence) -> str:
         """What the sequence's KV depends on beyond its tokens: its attention mode (and sparse budget)."""
         return self.backend.kv_key(self._mode(seq), self._budget(seq))
+
+    def attention_of(self, seq: Sequence) -> tuple[str, int]:
+        """The sequence's attention mode and sparse token budget."""
+        return self._mode(seq), self._budget(seq)
 
     def _mode(self, seq: Sequence) -> str:
         override = seq.params.attention

@@ -1,6 +1,8 @@
 """Turns last-position logits into tokens, one row per sequence, each with its own settings and RNG.
 
 A per-sequence torch.Generator makes seeded sampling independent of what else is in the batch.
+A sequence with structured output gets its grammar's token mask (engine/structured_output.py) after
+its logit_bias and penalties; logprobs stay those of the model's own distribution, as in vLLM.
 A row whose logits or probabilities are not finite fails its own sequence (`SamplingFault`, kept on
 `seq.error`); the other rows of the batch are sampled as usual.
 """
@@ -11,6 +13,7 @@ import logging
 
 import torch
 
+from needle.engine.structured_output import Grammars
 from needle.scheduler.sequence import Sequence
 
 log = logging.getLogger("needle.engine")
@@ -59,8 +62,9 @@ def top_logprobs(raw_logits: torch.Tensor, token: int, n: int) -> dict[int, floa
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: tuple[int, ...]):
+    def __init__(self, eos_token_ids: tuple[int, ...], grammars: Grammars | None = None):
         self.eos_token_ids = eos_token_ids
+        self.grammars = grammars or Grammars(None, 0, ())  # none: no request can be constrained
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
         """logits: [S, V] float32 for the S sequences that emit a token this step. -> one token per
@@ -71,11 +75,12 @@ class Sampler:
             if all(finite):
                 return tokens
         logits = logits.cpu()  # per-sequence generators live on the CPU
-        return [self._guarded(logits[i].clone(), s) for i, s in enumerate(seqs)]
+        masks = self.grammars.masks(seqs)
+        return [self._guarded(logits[i].clone(), s, masks.get(i)) for i, s in enumerate(seqs)]
 
-    def _guarded(self, logits: torch.Tensor, seq: Sequence) -> int | None:
+    def _guarded(self, logits: torch.Tensor, seq: Sequence, mask: torch.Tensor | None) -> int | None:
         try:
-            return self.sample_one(logits, seq)
+            return self.sample_one(logits, seq, mask)
         except Exception as err:  # the row is this sequence's alone: fail it, not the batch
             seq.error = f"{type(err).__name__}: {err}"
             log.warning("sequence %s-%d failed in the sampler: %s", seq.request_id, seq.index, seq.error)
@@ -94,10 +99,12 @@ class Sampler:
             logits[banned] = float("-inf")
         return logits
 
-    def sample_one(self, logits: torch.Tensor, seq: Sequence) -> int:
+    def sample_one(self, logits: torch.Tensor, seq: Sequence, mask: torch.Tensor | None = None) -> int:
         p = seq.params
         raw = logits.clone() if p.logprobs is not None else None
         logits = self.adjust(logits, seq)
+        if mask is not None:
+            self.grammars.apply(logits, mask)
         if p.greedy:
             if not torch.isfinite(logits.max()):  # NaN, +inf, or nothing left to pick
                 raise SamplingFault("the penalised logits are not finite")
@@ -120,5 +127,6 @@ def target_probs(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
 
 def plain_greedy(seq: Sequence) -> bool:
     p = seq.params
-    return (p.greedy and p.logprobs is None and not p.logit_bias and p.repetition_penalty == 1.0
+    return (p.greedy and p.logprobs is None and p.structured_outputs is None and not p.logit_bias
+            and p.repetition_penalty == 1.0
             and not p.presence_penalty and not p.frequency_penalty and seq.num_output >= p.min_tokens)

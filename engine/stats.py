@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from needle.attention.base import AttentionStats
 from needle.engine.spec_decode.decoder import SpecStats
+from needle.kvcache.value_tiers import TierStats
 
 
 @dataclass
@@ -22,3 +23,5 @@ class StepStats:
     prefix_cache_hits: int = 0  # of those, tokens found
     attention: AttentionStats = field(default_factory=AttentionStats)  # sparse telemetry
     spec: SpecStats | None = None  # speculative decoding telemetry (None: speculation is off)
+    offload: TierStats | None = None  # value offload telemetry (None: offload is off)
+    cpu_kv_cache_usage: float = 0.0  # fraction of the host value tier in use

@@ -34,6 +34,7 @@ class RequestLimits:
     max_model_len: int
     kv_capacity_tokens: int
     attention: str  # the engine's --attention: "dense" engines keep no key summaries
+    max_logprobs: int = 20  # --max-logprobs: the most top logprobs per token a request may ask for
 
 
 def validate_request(ids: list[int], params: SamplingParams, limits: RequestLimits) -> None:
@@ -47,6 +48,11 @@ def validate_request(ids: list[int], params: SamplingParams, limits: RequestLimi
         bad = next((t for t in token_ids if not 0 <= int(t) < vocab), None)
         if bad is not None:
             raise RequestError(f"{name} token id {bad} is outside the vocabulary [0, {vocab})", param=name)
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if value is not None and value > limits.max_logprobs:
+            raise RequestError(f"{name} must be at most {limits.max_logprobs} (the server's --max-logprobs), "
+                               f"got {value}", param=name)
     num_prompt, completion = len(ids), params.max_tokens or 0
     if num_prompt + completion > limits.max_model_len or num_prompt >= limits.max_model_len:
         raise ContextLengthError(  # vLLM's and OpenAI's wording: clients parse the numbers out of it

@@ -2,6 +2,10 @@
 
 A page whose reference count drops to zero goes back to the free list but keeps its hash, so a
 later prompt with the same prefix can revive it until the page is handed out again.
+
+With value offload (`tiers`, value_tiers.py) a page also needs a place for its values: a fresh page
+takes a device value slot, a page nobody holds keeps its values on the host while the prefix cache may
+revive it, and admission counts the device value slots as well as the key pages.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from needle.kvcache.prefix_hash import chain_hash
+from needle.kvcache.value_tiers import ValueTiers
 
 
 @dataclass
@@ -32,13 +37,16 @@ class SeqPages:
 
 class PageAllocator:
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True,
-                 uncached_tail: int = 1):
+                 tiers: ValueTiers | None = None, uncached_tail: int = 1):
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
         self.uncached_tail = uncached_tail  # a prompt's last tokens always run (sparse observation window)
         self.pages = [Page(i) for i in range(num_pages)]
         self.free: deque[int] = deque(range(num_pages))
         self.hash_to_page: dict[int, int] = {}
+        self.tiers = tiers
+        if tiers is not None:
+            tiers.on_evict = self._forget
 
     @property
     def num_pages(self) -> int:
@@ -46,7 +54,8 @@ class PageAllocator:
 
     @property
     def num_free(self) -> int:
-        return len(self.free)
+        """Fresh pages that can be handed out: free key pages, and device value slots with offload."""
+        return len(self.free) if self.tiers is None else min(len(self.free), self.tiers.num_free_slots)
 
     @property
     def usage(self) -> float:
@@ -82,13 +91,21 @@ class PageAllocator:
         covered = min(len(token_ids), cached + token_budget)
         fresh = max(self.pages_needed(covered) - len(hits), 0)
         revived = sum(1 for p in hits if self.pages[p].ref_count == 0)
-        if fresh + revived > self.num_free:
+        if fresh + revived > len(self.free):
+            return None
+        tiers = self.tiers
+        on_host = [p for p in hits if p in tiers.host_of] if tiers is not None else []
+        if tiers is not None and fresh + len(on_host) > tiers.num_free_slots:
             return None
         for page_id in hits:
             page = self.pages[page_id]
             if page.ref_count == 0:
                 self.free.remove(page_id)
+                if tiers is not None:
+                    tiers.revive(page_id)
             page.ref_count += 1
+        if on_host:  # the prompt's prefill attends to its whole prefix: its values come back now
+            tiers.make_resident(on_host)
         seq.page_table = hits + [self._take_fresh() for _ in range(fresh)]
         seq.num_hashed, seq.last_hash = len(hits), last_hash
         return cached
@@ -111,6 +128,8 @@ class PageAllocator:
             page.ref_count -= 1
             assert page.ref_count == 0 and page.hash is None, f"page {page.page_id} is shared"
             self.free.append(page.page_id)
+            if self.tiers is not None:
+                self.tiers.on_free(page.page_id, cached=False)
 
     def commit_full_pages(self, seq: SeqPages, token_ids: list[int], num_computed: int) -> None:
         """Publish the hashes of pages whose KV is now fully written, so later prompts can share them."""
@@ -135,15 +154,25 @@ class PageAllocator:
             assert page.ref_count >= 0, f"page {page_id} freed twice"
             if page.ref_count == 0:
                 self.free.append(page_id)
+                cached = page.hash is not None and self.hash_to_page.get(page.hash) == page_id
+                if self.tiers is not None and not self.tiers.on_free(page_id, cached):
+                    self._forget(page_id)
         seq.page_table, seq.num_hashed, seq.last_hash = [], 0, None
 
     def _take_fresh(self) -> int:
         page_id = self.free.popleft()
         page = self.pages[page_id]
         assert page.ref_count == 0
+        self._forget(page_id)
+        if self.tiers is not None:
+            self.tiers.on_fresh(page_id)
+        page.ref_count = 1
+        return page_id
+
+    def _forget(self, page_id: int) -> None:
+        """The page's KV is no longer reusable: drop it from the prefix cache."""
+        page = self.pages[page_id]
         if page.hash is not None:
             if self.hash_to_page.get(page.hash) == page_id:
                 del self.hash_to_page[page.hash]
             page.hash = None
-        page.ref_count = 1
-        return page_id

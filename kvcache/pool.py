@@ -24,11 +24,21 @@ class KVCacheSpec:
         blocks = self.page_size // self.summary_tokens
         return kv + 3 * self.num_layers * blocks * self.num_kv_heads * self.head_dim * elem
 
+    def value_bytes_per_page(self, num_layers: int) -> int:
+        """Bytes of one page's values in `num_layers` layers."""
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return num_layers * self.page_size * self.num_kv_heads * self.head_dim * elem
+
 
 class KVPool:
-    """All pages of all layers in two tensors, so a page id means the same slot in every layer."""
+    """All pages of all layers in two tensors, so a page id means the same slot in every layer.
 
-    def __init__(self, spec: KVCacheSpec, num_pages: int, device: torch.device, with_summaries: bool):
+    With `value_slots` (value offload), layer offloaded_from + i keeps only value_slots[i] value slots,
+    which value_tiers.py hands out: `v` is then a list of per-layer tensors (v[layer] either way).
+    """
+
+    def __init__(self, spec: KVCacheSpec, num_pages: int, device: torch.device, with_summaries: bool,
+                 value_slots: list[int] | None = None, offloaded_from: int = 0):
         if spec.page_size % spec.summary_tokens:
             raise ValueError(f"page_size {spec.page_size} must be a multiple of {spec.summary_tokens}")
         self.spec = spec
@@ -36,7 +46,10 @@ class KVPool:
         self.device = device
         shape = (spec.num_layers, num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim)
         self.k = torch.zeros(shape, dtype=spec.dtype, device=device)
-        self.v = torch.zeros(shape, dtype=spec.dtype, device=device)
+        self.v: torch.Tensor | list[torch.Tensor] = torch.zeros(shape, dtype=spec.dtype, device=device) \
+            if value_slots is None else \
+            [torch.zeros((rows, *shape[2:]), dtype=spec.dtype, device=device)
+             for rows in [num_pages] * offloaded_from + list(value_slots)]
         self.kmin: torch.Tensor | None = None
         self.kmax: torch.Tensor | None = None
         self.kmean: torch.Tensor | None = None
@@ -59,8 +72,11 @@ class KVPool:
             raise ValueError(f"KV cache budget of {budget_bytes} bytes holds fewer than 2 pages")
         return cls(spec, int(num_pages), device, with_summaries)
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Scatter the step's new keys/values ([T, Hkv, D]) into their slots."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+              value_slot_mapping: torch.Tensor | None = None) -> None:
+        """Scatter the step's new keys/values ([T, Hkv, D]) into their slots (values into their value
+        slots where those differ: offloaded layers, see value_tiers.py)."""
         hkv, d = self.spec.num_kv_heads, self.spec.head_dim
+        value_slots = slot_mapping if value_slot_mapping is None else value_slot_mapping
         self.k[layer].view(-1, hkv, d).index_copy_(0, slot_mapping, k.to(self.spec.dtype))
-        self.v[layer].view(-1, hkv, d).index_copy_(0, slot_mapping, v.to(self.spec.dtype))
+        self.v[layer].view(-1, hkv, d).index_copy_(0, value_slots, v.to(self.spec.dtype))

@@ -8,8 +8,10 @@ the lowest layer that holds them (each Sequence carries its request's).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_STOP_STRINGS = 32
 MAX_STOP_CHARS = 256
@@ -41,6 +43,34 @@ class AttentionOverride:
 
 
 @dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a grammar (vLLM's names): `json`, a JSON schema (dict or JSON text), or
+    `json_object`, any JSON object. The sampler masks every token the grammar does not allow."""
+
+    json: str | dict[str, Any] | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if (self.json is None) == (not self.json_object):
+            raise ValueError("structured_outputs takes exactly one of json (a schema) or json_object")
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {err}") from None
+        if self.json is not None and not isinstance(self.json, dict):
+            raise ValueError("structured_outputs.json must be a JSON schema object")
+
+    @property
+    def schema_text(self) -> str:
+        """The schema as JSON text, its keys in their order (a schema's property order is the output's)."""
+        return json.dumps(self.json if self.json is not None else {"type": "object"})
+
+
+@dataclass
 class SamplingParams:
     """What vLLM users pass: the same names, the same meaning."""
 
@@ -59,11 +89,13 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token
+    prompt_logprobs: int | None = None  # top-N logprobs per prompt token, computed during the prefill
     logit_bias: dict[int, float] = field(default_factory=dict)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     attention: AttentionOverride | None = None
     speculative: bool = True  # False: never draft for this request (the server's --speculative-config)
+    structured_outputs: StructuredOutputsParams | None = None  # constrained decoding (never speculates)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -103,8 +135,11 @@ class SamplingParams:
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         # Logits are divided or multiplied by it: tiny or huge values overflow to inf (then NaN).
         _check_range("repetition_penalty", self.repetition_penalty, 0.01, 100.0)
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        # The upper bound is the server's --max-logprobs, which engine/validation.py checks.
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be non-negative, got {value}")
         if len(self.logit_bias) > MAX_TOKEN_LIST:
             raise ValueError(f"logit_bias takes at most {MAX_TOKEN_LIST} entries, got {len(self.logit_bias)}")
         for token_id, bias in self.logit_bias.items():
@@ -113,3 +148,5 @@ class SamplingParams:
             _check_range("logit_bias", bias, -100.0, 100.0)
         if self.attention is not None:
             self.attention.validate()
+        if self.structured_outputs is not None:
+            self.structured_outputs.validate()

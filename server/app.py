@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
@@ -37,6 +38,7 @@ from needle.server.protocol import (
     TokenizeRequest,
 )
 from needle.server.state import ServerConfig, ServerState
+from needle.server.stats_log import StatsLog
 
 logger = logging.getLogger("needle.server")
 M = TypeVar("M", bound=BaseModel)
@@ -142,6 +144,12 @@ def _openapi_with_bodies(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
+def route_path(scope: dict) -> str:
+    """The request path without --root-path (uvicorn puts the root path in front of it)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 class APIKeyMiddleware:
     """Plain ASGI (not BaseHTTPMiddleware) so streaming and disconnect detection pass through untouched."""
 
@@ -150,7 +158,7 @@ class APIKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+        if scope["type"] == "http" and route_path(scope) not in OPEN_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 err = APIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
@@ -190,9 +198,13 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
     state = ServerState(config=config, engine_args=engine_args)
     factory = engine_factory or default_engine_factory(engine_args)
 
+    stats_log = StatsLog() if config.log_stats else None
+
     def on_step(stats: StepStats) -> None:
         if state.metrics is not None:
             state.metrics.on_step(stats)
+        if stats_log is not None:
+            stats_log.on_step(stats)
 
     async def load() -> None:
         try:
@@ -230,7 +242,10 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
     install_error_handlers(app)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
-    app.add_middleware(RequestIdMiddleware)  # added last = outermost: 401s carry the id too
+    app.add_middleware(RequestIdMiddleware)  # outermost but CORS: 401s carry the id too
+    if config.allowed_origins:  # outermost: preflights are answered before the API-key check
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["x-request-id"])
     started = int(time.time())
 
     @app.get("/health")

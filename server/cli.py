@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -65,6 +66,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "vllm:lora_requests_info beside needle's names, for routers that read vLLM's (the "
                         "Gateway API Inference Extension's endpoint picker, llm-d, vLLM's production-stack "
                         "router).")
+    server.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                        help="Jinja chat template (a file, or the template text itself) used instead of the "
+                        "tokenizer's; one that renders `tools` enables tool_choice 'auto' (Hermes-style "
+                        "<tool_call> blocks are read back).")
+    server.add_argument("--disable-log-requests", action="store_true",
+                        help="Do not log a line per request (by default: its id, prompt count and tokens, n, "
+                        "max_tokens, temperature; never the prompt text).")
+    server.add_argument("--disable-log-stats", action="store_true",
+                        help="Do not log the throughput line (prompt and generation tokens/s, running and "
+                        "waiting sequences, KV cache usage, prefix cache hit rate) every "
+                        "$NEEDLE_LOG_STATS_INTERVAL seconds (default 10).")
+    server.add_argument("--root-path", default="",
+                        help="The path prefix a reverse proxy serves the API under (e.g. /needle), for "
+                        "links and the OpenAPI document; the proxy strips it, as with vLLM's flag.")
+    server.add_argument("--allowed-origins", type=parse_origins, default=(), metavar="ORIGINS",
+                        help="CORS: origins browsers may call the API from, as a JSON list (vLLM's form: "
+                        "'[\"https://app.example\"]') or comma-separated; '*' for any. Unset: no CORS "
+                        "headers.")
+    server.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM); with --ssl-certfile the "
+                        "server speaks HTTPS only.")
+    server.add_argument("--ssl-certfile", default=None, help="TLS certificate chain (PEM).")
     server.add_argument("--log-level", default="info", choices=_LOG_LEVELS, help="needle's log level.")
     server.add_argument("--uvicorn-log-level", default="warning", choices=_LOG_LEVELS,
                         help="uvicorn's log level (access logs appear at info).")
@@ -73,6 +95,41 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Profile attention heads into retrieval / streaming (see `needle calibrate "
                         "--help`).")
     return parser
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's text, or the value itself when it is a Jinja template (as vLLM takes it)."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{{" in value or "{%" in value:
+        return value
+    raise SystemExit(f"needle serve: --chat-template {value!r} is neither a file nor a Jinja template")
+
+
+def parse_origins(value: str) -> tuple[str, ...]:
+    """--allowed-origins: a JSON list of origins, or a comma-separated list."""
+    if value.lstrip().startswith("["):
+        try:
+            origins = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {err}") from None
+        if not (isinstance(origins, list) and all(isinstance(o, str) for o in origins)):
+            raise argparse.ArgumentTypeError("a JSON list of origin strings is expected")
+        return tuple(origins)
+    return tuple(o.strip() for o in value.split(",") if o.strip())
+
+
+def check_tls(keyfile: str | None, certfile: str | None) -> bool:
+    """Whether the server speaks HTTPS; both files or neither, and both readable."""
+    if (keyfile is None) != (certfile is None):
+        raise SystemExit("needle serve: --ssl-keyfile and --ssl-certfile go together: give both or neither")
+    for flag, path in (("--ssl-keyfile", keyfile), ("--ssl-certfile", certfile)):
+        if path is not None and not os.path.isfile(path):
+            raise SystemExit(f"needle serve: {flag} {path}: no such file")
+    return keyfile is not None
 
 
 def serve(ns: argparse.Namespace) -> int:
@@ -119,7 +176,10 @@ def serve(ns: argparse.Namespace) -> int:
                           max_seqs_per_request=ns.max_seqs_per_request,
                           max_request_bytes=ns.max_request_bytes, body_timeout=ns.request_body_timeout,
                           special_tokens_in_content=ns.allow_special_tokens_in_content,
-                          metrics_compat=ns.metrics_compat)
+                          metrics_compat=ns.metrics_compat,
+                          chat_template=read_chat_template(ns.chat_template),
+                          log_requests=not ns.disable_log_requests, log_stats=not ns.disable_log_stats,
+                          allowed_origins=ns.allowed_origins, tls=check_tls(ns.ssl_keyfile, ns.ssl_certfile))
     failed = []
 
     def on_load_failure() -> None:
@@ -133,7 +193,8 @@ def serve(ns: argparse.Namespace) -> int:
     app = build_app(config, engine_args, on_load_failure=on_load_failure)
     logging.getLogger("needle.server").info("loading the model; /health answers 503 until it is ready")
     server = DrainingServer(uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
-                                           timeout_graceful_shutdown=5))
+                                           timeout_graceful_shutdown=5, root_path=ns.root_path,
+                                           ssl_keyfile=ns.ssl_keyfile, ssl_certfile=ns.ssl_certfile))
     server.run()
     return 1 if failed else 0
 

@@ -1,4 +1,9 @@
-"""POST /v1/completions: prompts in (text, token ids, or lists of either), `text_completion` objects out."""
+"""POST /v1/completions: prompts in (text, token ids, or lists of either), `text_completion` objects out.
+
+`echo` puts the prompt before each choice's text; with `logprobs` too, the choice's logprobs start with
+the prompt's tokens (computed during the prefill: `prompt_logprobs`), the first of them null, which is
+what lm-evaluation-harness reads to score continuations.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,13 @@ from starlette.background import BackgroundTask
 
 from needle.server.errors import bad_request
 from needle.server.generation import ChoiceDelta, Generation
-from needle.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
+from needle.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
 from needle.server.sse import TextOffsets, completion_logprobs, event_stream, sse
 from needle.server.state import ServerState
 
@@ -33,9 +44,12 @@ async def create_completion(state: ServerState, body: CompletionRequest, receive
     state.ready()
     state.check_model(body.model)
     body.check_stream_options()
-    if body.echo and body.logprobs is not None:
-        raise bad_request("echo together with logprobs is not supported", param="echo")
-    params = body.sampling_params(body.max_tokens, body.logprobs)
+    body.refuse_unsupported()
+    scored = body.echo and body.logprobs is not None
+    params = body.sampling_params(body.max_tokens, body.logprobs,
+                                  prompt_logprobs=body.logprobs if scored else None,
+                                  structured=body.structured_outputs(),
+                                  defaults=state.ready().sampling_defaults)
     prompts = await prompt_ids(state, body.prompt)
     gen = await state.generation("cmpl", prompts, params)
     echoes = [state.tokenizer.decode(ids) if body.echo else "" for ids in prompts]
@@ -44,38 +58,59 @@ async def create_completion(state: ServerState, body: CompletionRequest, receive
     results = await gen.run(receive)
     choices = []
     for i, r in enumerate(results):
-        echo = echoes[i // params.n]
-        lps = None if body.logprobs is None else completion_logprobs(
-            r.token_ids, r.logprobs, body.logprobs, state.token_bytes, TextOffsets(len(echo)))
-        choices.append(CompletionChoice(index=i, text=echo + r.text, logprobs=lps,
+        k = i // params.n
+        lps = None
+        if scored:
+            lps = completion_logprobs(prompts[k] + r.token_ids, _prompt_entries(gen, k) + r.logprobs,
+                                      body.logprobs, state.token_bytes, TextOffsets())
+        elif body.logprobs is not None:
+            lps = completion_logprobs(r.token_ids, r.logprobs, body.logprobs, state.token_bytes,
+                                      TextOffsets(len(echoes[k])))
+        choices.append(CompletionChoice(index=i, text=echoes[k] + r.text, logprobs=lps,
                                         finish_reason=r.finish_reason, stop_reason=r.stop_reason))
     response = CompletionResponse(id=gen.request_id, model=state.model_name, choices=choices,
                                   usage=gen.usage())
     return JSONResponse(response.model_dump())
 
 
+def _prompt_entries(gen: Generation, k: int) -> list[dict[int, float] | None]:
+    """Prompt k's logprob entries (all null if the request ended before its prefill did)."""
+    return gen.prompt_logprobs.get(k) or [None] * len(gen.prompts[k])
+
+
 def _stream(state: ServerState, body: CompletionRequest, gen: Generation,
             echoes: list[str]) -> StreamingResponse:
+    """Each choice's echo goes out just before its first delta: by then its prompt logprobs are in."""
     n, usage = gen.params.n, body.include_usage
-    offsets = [TextOffsets(len(echoes[i // n])) for i in range(len(echoes) * n)]
+    scored = body.echo and body.logprobs is not None
+    offsets = [TextOffsets(0 if scored else len(echoes[i // n])) for i in range(len(echoes) * n)]
+    echoed: set[int] = set()
 
     def chunk(choices: list[CompletionChoice], with_usage: UsageInfo | None = None) -> str:
         response = CompletionResponse(id=gen.request_id, model=state.model_name, choices=choices,
                                       usage=with_usage)
         return sse(response, keep_usage=usage)
 
+    def echo(index: int) -> str:
+        echoed.add(index)
+        k = index // n
+        lps: CompletionLogprobs | None = None
+        if scored:
+            lps = completion_logprobs(gen.prompts[k], _prompt_entries(gen, k), body.logprobs,
+                                      state.token_bytes, offsets[index])
+        return chunk([CompletionChoice(index=index, text=echoes[k], logprobs=lps)])
+
     def on_delta(delta: ChoiceDelta) -> str:
+        head = echo(delta.index) if body.echo and delta.index not in echoed else ""
         out, lps = delta.output, None
         if not (out.text or out.finish_reason or body.logprobs is not None):
-            return ""
+            return head
         if body.logprobs is not None:
             lps = completion_logprobs(out.token_ids, out.logprobs or [], body.logprobs, state.token_bytes,
                                       offsets[delta.index])
-        return chunk([CompletionChoice(index=delta.index, text=out.text, logprobs=lps,
-                                       finish_reason=out.finish_reason, stop_reason=out.stop_reason)])
+        return head + chunk([CompletionChoice(index=delta.index, text=out.text, logprobs=lps,
+                                              finish_reason=out.finish_reason, stop_reason=out.stop_reason)])
 
-    head = [chunk([CompletionChoice(index=i, text=echoes[i // n])]) for i in range(len(offsets))
-            if echoes[i // n]]
     tail = (lambda: [chunk([], gen.usage())]) if usage else list
-    return StreamingResponse(event_stream(gen.deltas(), head, on_delta, tail, gen.release),
+    return StreamingResponse(event_stream(gen.deltas(), [], on_delta, tail, gen.release),
                              media_type="text/event-stream", background=BackgroundTask(gen.release))

@@ -70,6 +70,7 @@ class Generation:
     prompt_param: str = "prompt"  # the request field a context-length refusal names
     completion_tokens: int = 0
     arrival: float = 0.0
+    prompt_logprobs: dict[int, list[dict[int, float] | None]] = field(default_factory=dict)  # by prompt
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     _unfinished: set[str] = field(default_factory=set)
     _outputs: list[AsyncIterator[RequestOutput]] = field(default_factory=list)
@@ -127,6 +128,8 @@ class Generation:
                     timer.on_tokens()
                 generated += new_tokens
                 reasons += [c.finish_reason for c in out.outputs if c.finish_reason]
+                if out.prompt_logprobs is not None:  # before the deltas that may read it
+                    self.prompt_logprobs[k] = out.prompt_logprobs
                 for choice in out.outputs:
                     self._queue.put_nowait(ChoiceDelta(k * self.params.n + choice.index, choice))
                 if out.finished:

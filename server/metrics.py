@@ -135,6 +135,21 @@ class Metrics:
         self.sparse_guard_widenings = counter("sparse_guard_widenings_total",
                                               "Budgets the fidelity guard widened (sampled recall under "
                                               "--sparse-min-recall).")
+        # Value offload (--cpu-kv-cache-memory): the device value cache's lookups of host pages, the bytes
+        # copied each way and the host time spent on copies per step.
+        self.cpu_cache_usage_perc = gauge("cpu_cache_usage_perc", "Fraction of the host value tier in use.")
+        self.value_cache_queries = counter("kv_offload_value_cache_queries_total",
+                                           "Host pages a decode step read (per layer), looked up in the "
+                                           "device value cache.")
+        self.value_cache_hits = counter("kv_offload_value_cache_hits_total",
+                                        "Of those, pages found in the cache (no copy).")
+        self.offload_to_device = counter("kv_offload_host_to_device_bytes_total",
+                                         "Value bytes copied host -> device.")
+        self.offload_to_host = counter("kv_offload_device_to_host_bytes_total",
+                                       "Value bytes copied device -> host.")
+        self.offload_copy_time = histogram("kv_offload_copy_seconds",
+                                           "Host time a step spent issuing value copies and waiting for "
+                                           "fetches.", _STEP_BUCKETS)
         if cache_info is not None:
             for prefix in ["needle"] + (["vllm"] if compat == "vllm" else []):
                 info = {"model_name": model_name, **{k: str(v) for k, v in cache_info.items()}}
@@ -181,6 +196,13 @@ class Metrics:
             self.iteration_tokens.observe(step_tokens)
         for recall in stats.attention.recall_samples:
             self.sparse_recall.observe(recall)
+        if stats.offload is not None:
+            self.cpu_cache_usage_perc.set(stats.cpu_kv_cache_usage)
+            self.value_cache_queries.inc(stats.offload.hits + stats.offload.misses)
+            self.value_cache_hits.inc(stats.offload.hits)
+            self.offload_to_device.inc(stats.offload.bytes_to_device)
+            self.offload_to_host.inc(stats.offload.bytes_to_host)
+            self.offload_copy_time.observe(stats.offload.copy_seconds)
         for tokens in stats.attention.tokens_read:
             self.sparse_tokens_read.observe(tokens)
         self.sparse_dense_fallbacks.inc(stats.attention.dense_fallbacks)

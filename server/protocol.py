@@ -7,25 +7,58 @@ keep them in `model_extra` so the handler can log them. Known fields are strictl
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from needle.scheduler.sampling_params import AttentionOverride, SamplingParams
+from needle.scheduler.sampling_params import AttentionOverride, SamplingParams, StructuredOutputsParams
 from needle.server.errors import APIError, bad_request
 
 # SamplingParams' messages start with the field name ("top_p must be ..."); this maps it to the wire name.
 _PARAM_NAMES = {
     "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "max_tokens", "logprobs", "attention.mode", "attention.token_budget", "seed",
-    "stop", "min_tokens", "logit_bias", "stop_token_ids",
+    "repetition_penalty", "max_tokens", "logprobs", "prompt_logprobs", "attention.mode",
+    "attention.token_budget", "seed", "stop", "min_tokens", "logit_bias", "stop_token_ids",
+}
+
+
+# OpenAI / vLLM request fields that would change the output but that needle does not implement: a
+# request that sets one (to anything but the value given here, which means "off") gets a 400 naming it.
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "suffix": (None, ""), "best_of": (None, 1), "functions": (None, []), "function_call": (None, "none"),
+    "audio": (None,), "prediction": (None,), "web_search_options": (None,), "modalities": (None, ["text"]),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "structured_outputs": (None,), "prompt_logprobs": (None,),
 }
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+
+
+class JSONSchemaFormat(_Lenient):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def structured(self) -> StructuredOutputsParams | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise bad_request("response_format of type json_schema needs json_schema.schema",
+                              param="response_format")
+        return StructuredOutputsParams(json=self.json_schema.schema_)
 
 
 class StreamOptions(_Lenient):
@@ -65,6 +98,17 @@ class _GenerationRequest(_Lenient):
     user: str | None = None
     attention: AttentionField | None = None
     speculative: bool = True  # needle's extension: false opts this request out of speculative decoding
+    response_format: ResponseFormat | None = None
+
+    def refuse_unsupported(self) -> None:
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED_FIELDS and value not in UNSUPPORTED_FIELDS[name]:
+                hint = {"prompt_logprobs": " (on /v1/completions, echo with logprobs returns them)"}.get(
+                    name, " (use response_format)" if name.startswith(("guided_", "structured")) else "")
+                raise bad_request(f"{name} is not supported by this server{hint}", param=name)
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        return None if self.response_format is None else self.response_format.structured()
 
     @property
     def include_usage(self) -> bool:
@@ -74,27 +118,34 @@ class _GenerationRequest(_Lenient):
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """Build the engine's SamplingParams; any invalid value becomes a 400 naming the field."""
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, *,
+                        prompt_logprobs: int | None = None, structured: StructuredOutputsParams | None = None,
+                        defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """Build the engine's SamplingParams; any invalid value becomes a 400 naming the field. What the
+        request leaves unset comes from `defaults` (--generation-config) where it names it."""
         fields: dict[str, Any] = {
             "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
             "min_p": self.min_p, "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
             "min_tokens": self.min_tokens,
         }
-        kwargs = {k: v for k, v in fields.items() if v is not None}
+        defaults = dict(defaults or {})
+        default_max_tokens = defaults.pop("max_tokens", None)
+        max_tokens = default_max_tokens if max_tokens is None else max_tokens
+        kwargs = {**defaults, **{k: v for k, v in fields.items() if v is not None}}
         if kwargs.get("top_k") == 0:
             kwargs["top_k"] = -1  # OpenAI-style clients send 0 for "off"
         try:
             return SamplingParams(
                 n=self.n, seed=self.seed, max_tokens=max_tokens, logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
                 stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
                 logit_bias=_logit_bias(self.logit_bias), skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 attention=None if self.attention is None else AttentionOverride(
                     mode=self.attention.mode, token_budget=self.attention.token_budget),
-                speculative=self.speculative, **kwargs)
+                speculative=self.speculative, structured_outputs=structured, **kwargs)
         except ValueError as err:
             message = str(err)
             name = message.split(" ", 1)[0]
@@ -123,6 +174,20 @@ class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    def template_fields(self) -> dict[str, Any]:
+        """What a tool-aware chat template reads besides role and content; the calls' `arguments`
+        (JSON text on the wire) as objects, as templates index them."""
+        fields: dict[str, Any] = {}
+        if self.tool_calls:
+            fields["tool_calls"] = [_with_parsed_arguments(c) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            fields["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            fields["name"] = self.name
+        return fields
 
     @property
     def template_role(self) -> str:
@@ -144,12 +209,47 @@ class ChatMessage(_Lenient):
         return "".join(parts)
 
 
+def _with_parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except json.JSONDecodeError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
+class FunctionDef(_Lenient):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Lenient):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def logprobs_count(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -217,9 +317,21 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] = Field(default_factory=list)
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str = Field(default_factory=lambda: new_id("call"))
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str = ""
+    content: str | None = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -232,7 +344,7 @@ class ChatChoice(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: dict[str, str]  # only the keys that changed: role on the first chunk, then content
+    delta: dict[str, Any]  # only the keys that changed: role on the first chunk, then content or tool_calls
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 

@@ -58,15 +58,17 @@ class TextOffsets:
         return at
 
 
-def completion_logprobs(token_ids: list[int], entries: list[dict[int, float]], n: int,
+def completion_logprobs(token_ids: list[int], entries: list[dict[int, float] | None], n: int,
                         bytes_of: Callable[[int], bytes], offsets: TextOffsets) -> CompletionLogprobs:
-    """Legacy completions layout; `offsets` carries the choice's text position from piece to piece."""
+    """Legacy completions layout; `offsets` carries the choice's text position from piece to piece. An
+    entry of None (an echoed prompt's first token, which nothing predicts) gives null logprobs."""
     out = CompletionLogprobs()
     for tid, entry in zip(token_ids, entries, strict=True):
         data = bytes_of(tid)
         out.tokens.append(token_string(data))
-        out.token_logprobs.append(entry.get(tid))
-        out.top_logprobs.append({token_string(bytes_of(t)): lp for t, lp in _top(entry, n)})
+        out.token_logprobs.append(None if entry is None else entry.get(tid))
+        out.top_logprobs.append(None if entry is None else
+                                {token_string(bytes_of(t)): lp for t, lp in _top(entry, n)})
         out.text_offset.append(offsets.add(data))
     return out
 

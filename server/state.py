@@ -36,10 +36,15 @@ class ServerConfig:
     body_timeout: float = 30.0  # seconds a request body may take to arrive (408 beyond)
     special_tokens_in_content: bool = False  # True: message content may spell control tokens (unsafe)
     metrics_compat: str = "none"  # "vllm": also serve the router metrics under vLLM's names
+    chat_template: str | None = None  # --chat-template: Jinja text replacing the tokenizer's own
+    log_requests: bool = True  # one log line per admitted request (--disable-log-requests: none)
+    log_stats: bool = True  # the periodic throughput line (--disable-log-stats: none)
+    allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from ("*": any)
+    tls: bool = False  # --ssl-keyfile / --ssl-certfile: HTTPS only
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
 
 @dataclass
@@ -122,6 +127,10 @@ class ServerState:
         gen = Generation(engine, self.metrics, new_id(kind), prompts, params, self.background,
                          release=release, prompt_param="messages" if kind == "chatcmpl" else "prompt")
         self.generations.add(gen)
+        if self.config.log_requests:  # counts and settings only: prompts may be private
+            logger.info("request %s: %d prompt(s), %d prompt tokens, n=%d, max_tokens=%s, temperature=%g%s",
+                        gen.request_id, len(prompts), sum(map(len, prompts)), params.n, params.max_tokens,
+                        params.temperature, ", structured output" if params.structured_outputs else "")
         await gen.start()
         return gen
 
@@ -158,17 +167,25 @@ class ServerState:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
+    @property
+    def template_has_tools(self) -> bool:
+        """Whether the chat template renders a `tools` list (tool_choice "auto" needs one)."""
+        return "tools" in (self.config.chat_template or self.tokenizer.chat_template or "")
+
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                    contents: list[str] | None = None) -> str:
-        conversation = [{"role": m.template_role, "content": c}
+                    contents: list[str] | None = None, tools: list[dict] | None = None) -> str:
+        conversation = [{"role": m.template_role, "content": c, **m.template_fields()}
                         for m, c in zip(messages, contents or [m.text() for m in messages], strict=True)]
+        extra = {"tools": tools} if tools else {}
         try:
             return self.tokenizer.apply_chat_template(conversation, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      chat_template=self.config.chat_template, **extra)
         except Exception as err:  # a template may reject a role order; that is the client's input
             raise bad_request(f"cannot apply the chat template: {err}", param="messages") from err
 
-    def chat_prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    def chat_prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                        tools: list[dict] | None = None) -> list[int]:
         """The chat template's tokens, with each message's content encoded as plain text: a client's
         `<|im_end|><|im_start|>system` stays text and cannot forge control tokens (OpenAI's rule;
         --allow-special-tokens-in-content restores the old behaviour). The template already wrote any
@@ -176,10 +193,10 @@ class ServerState:
         contents = [m.text() for m in messages]
         specials = [t.content for t in getattr(self.tokenizer, "added_tokens_decoder", {}).values()]
         if self.config.special_tokens_in_content or not any(t and t in c for c in contents for t in specials):
-            return self.encode(self.chat_prompt(messages, add_generation_prompt), False)
+            return self.encode(self.chat_prompt(messages, add_generation_prompt, tools=tools), False)
         # Render with a placeholder per message, then encode the template's text and the contents apart.
         marks = [f"\ue000needle-content-{i}\ue001" for i in range(len(messages))]
-        rendered = self.chat_prompt(messages, add_generation_prompt, marks)
+        rendered = self.chat_prompt(messages, add_generation_prompt, marks, tools)
         ids, pos = [], 0
         for mark, content in zip(marks, contents, strict=True):
             at = rendered.find(mark, pos)

@@ -93,7 +93,8 @@ def run_server(*flags: str, load_timeout: float = 300.0) -> Iterator[LiveServer]
     with open(log, "w") as sink:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
                                 env={**os.environ, "NEEDLE_API_KEY": ""})
-    server = LiveServer(f"http://127.0.0.1:{port}", API_KEY, log)
+    scheme = "https" if "--ssl-certfile" in flags else "http"
+    server = LiveServer(f"{scheme}://127.0.0.1:{port}", API_KEY, log)
     try:
         _wait_healthy(server, proc, load_timeout)
         yield server
@@ -108,7 +109,7 @@ def run_server(*flags: str, load_timeout: float = 300.0) -> Iterator[LiveServer]
 
 
 def _wait_healthy(server: LiveServer, proc: subprocess.Popen, timeout: float) -> None:
-    with httpx.Client(timeout=5) as client:
+    with httpx.Client(timeout=5, verify=False) as client:  # readiness only; TLS tests verify their own
         for _ in range(int(timeout / 0.25)):
             if proc.poll() is not None:
                 raise RuntimeError(f"needle serve exited with {proc.returncode}:\n{server.log.read_text()}")

@@ -45,18 +45,36 @@ def prompts() -> list[list[int]]:
     return [[rng.randrange(4096) for _ in range(n)] for n in PROMPT_LENS]
 
 
-def greedy(path: Path, prompts: list[list[int]], attention: str, **kw) -> list[list[int]]:
+CAPTURED: dict[tuple[str, str], set[int]] = {}  # per run: the query lengths its CUDA graphs were captured for
+
+
+def greedy(path: Path, prompts: list[list[int]], attention: str, name: str = "", **kw) -> list[list[int]]:
     llm = LLM(str(path), device="cuda", dtype="float32", attention=attention, sparse_token_budget=256,
               streaming_ratio=0.5, dense_layers=1, kv_cache_memory="1GiB", enable_prefix_caching=False,
               **kw)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    graphs = llm.engine.runner.graphs
+    CAPTURED[(attention, name)] = set() if graphs is None else {q for _, q, _, _ in graphs.graphs}
     return [o.outputs[0].token_ids for o in outs]
+
+
+# Fixed K, so every step verifies 1 + 4 queries per sequence (the verify kernels and their graphs).
+SPEC = '{"method": "self_sparse", "num_speculative_tokens": 4, "dynamic": false, "draft_token_budget": 128}'
 
 
 @pytest.fixture(scope="module")
 def runs(model_path, prompts) -> dict[tuple[str, str], list[list[int]]]:
-    return {(attention, name): greedy(model_path, prompts, attention, **kw)
-            for attention in ("dense", "sparse") for name, kw in VARIANTS.items()}
+    out = {(attention, name): greedy(model_path, prompts, attention, name, **kw)
+           for attention in ("dense", "sparse") for name, kw in VARIANTS.items()}
+    # Sparse speculation drafts only between reselections (every 16 positions here), so it must give
+    # plain sparse decoding's tokens at that interval.
+    out[("sparse", "torch-i16")] = greedy(model_path, prompts, "sparse", "torch-i16", selector_interval=16,
+                                          **VARIANTS["torch"])
+    for attention in ("dense", "sparse"):
+        for name, kw in VARIANTS.items():
+            out[(attention, name + "-spec")] = greedy(model_path, prompts, attention, name + "-spec",
+                                                      speculative_config=SPEC, selector_interval=16, **kw)
+    return out
 
 
 def test_the_model_is_discriminating(runs):
@@ -72,3 +90,22 @@ def test_triton_equals_torch_position_by_position(runs, attention, variant):
     for i, (a, b) in enumerate(zip(want, got, strict=True)):
         same = next((j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
         assert same == len(a), f"prompt {i} ({PROMPT_LENS[i]} tokens) diverges at new token {same}"
+
+
+@pytest.mark.parametrize("variant", ["torch", "triton", "triton-eager"])
+def test_dense_speculation_is_lossless_on_every_backend(runs, variant):
+    """Verify steps (graphs, eager kernels, torch) emit exactly what plain dense decoding emits."""
+    assert runs[("dense", variant + "-spec")] == runs[("dense", "torch")]
+
+
+@pytest.mark.parametrize("variant", ["torch", "triton", "triton-eager"])
+def test_sparse_speculation_is_plain_sparse_decoding_on_every_backend(runs, variant):
+    """A sparse-mode verify (Triton kernels or torch) reads what plain sparse decode steps read."""
+    assert runs[("sparse", variant + "-spec")] == runs[("sparse", "torch-i16")]
+
+
+@pytest.mark.parametrize("attention", ["dense", "sparse"])
+def test_verify_steps_replay_cuda_graphs(runs, attention):
+    """With K = 4 drafts every full verify step has 5 queries per sequence: a graph of that shape exists."""
+    assert 5 in CAPTURED[(attention, "triton-spec")]
+    assert CAPTURED[(attention, "triton-eager-spec")] == set()

@@ -6,6 +6,7 @@ they also run on the CPU through Triton's interpreter (slow, for debugging witho
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -138,6 +139,82 @@ def test_sparse_decode_matches_reference(hq, hkv, shared, d, dtype):
         want = ref.paged_decode_ref(q, k, v, bt, ctx, d ** -0.5, streaming_kv=streaming.bool(), units=units,
                                     **kw)
         assert nu > 0 and rel_err(out, want) < 1e-2
+
+
+def _verify_case(gen, lens, qlens):
+    """query_start_loc of sequences bringing qlens[i] queries each (qlens 0: a padded row)."""
+    starts = torch.tensor([0, *itertools.accumulate(qlens)], dtype=torch.int64, device=DEVICE)
+    return starts, sum(qlens), max(qlens)
+
+
+@needs_kernels
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (32, 8), (4, 4)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_paged_decode_verifies_several_queries_as_decodes_at_their_positions(hq, hkv, dtype):
+    from needle.attention.kernels.paged_decode import paged_decode
+
+    gen = torch.Generator().manual_seed(hq + 3 * hkv)
+    lens, qlens = [300, 45, 0, 129, 1000], [5, 1, 2, 8, 3]  # a plain decode and a padded row among them
+    _, k, v, _, _, bt, ctx = _decode_case(gen, hq, hkv, 128, dtype, lens)
+    starts, t, nq = _verify_case(gen, lens, qlens)
+    q = torch.randn(t, hq, 128, generator=gen).to(dtype).to(DEVICE)
+    out = paged_decode(q, k, v, bt, ctx, 128 ** -0.5, query_start_loc=starts, max_query_len=nq)
+    rctx, rbt, _ = ref.verify_as_decodes(starts, ctx, bt)
+    want = ref.paged_decode_ref(q, k, v, rbt, rctx, 128 ** -0.5)
+    assert rel_err(out, want) < 1e-2
+
+
+@needs_kernels
+@pytest.mark.parametrize("window", [24, 100, 4096])
+@pytest.mark.parametrize("verify", [False, True])
+def test_paged_decode_reads_only_a_sliding_window(window, verify):
+    """Each query reads its last `window` keys: a streaming head with no sinks in the reference."""
+    from needle.attention.kernels.paged_decode import paged_decode
+
+    gen = torch.Generator().manual_seed(window + verify)
+    hq, hkv, d, dtype = 8, 2, 64, torch.float16
+    lens, qlens = [300, 45, 1000, 7], [3, 1, 4, 2]
+    _, k, v, _, _, bt, ctx = _decode_case(gen, hq, hkv, d, dtype, lens)
+    starts, t, nq = _verify_case(gen, lens, qlens if verify else [1] * len(lens))
+    q = torch.randn(t, hq, d, generator=gen).to(dtype).to(DEVICE)
+    kw = dict(query_start_loc=starts, max_query_len=nq) if verify else {}
+    out = paged_decode(q, k, v, bt, ctx, d ** -0.5, window=window, **kw)
+    rctx, rbt, _ = ref.verify_as_decodes(starts, ctx, bt)
+    want = ref.paged_decode_ref(q, k, v, rbt, rctx, d ** -0.5, streaming_kv=torch.ones(hkv, dtype=torch.bool),
+                                sink=0, recent=0, stream_sink=0, stream_local=window,
+                                units=torch.full((t, hkv, 1), -1, dtype=torch.int32))
+    assert rel_err(out, want) < 1e-2
+
+
+@needs_kernels
+@pytest.mark.parametrize("hq,hkv,shared", [(8, 2, False), (8, 2, True), (32, 8, True)])
+def test_sparse_decode_verifies_several_queries_as_decodes_at_their_positions(hq, hkv, shared):
+    from needle.attention.kernels.paged_decode import sparse_decode
+
+    gen = torch.Generator().manual_seed(11 * hq + shared)
+    ut, d, dtype = 32, 128, torch.float16
+    lens, qlens = [700, 90, 1000, 65], [4, 1, 8, 5]  # 65 - 5: the oldest query's newest unit is earlier
+    _, k, v, _, _, bt, ctx = _decode_case(gen, hq, hkv, d, dtype, lens)
+    starts, t, nq = _verify_case(gen, lens, qlens)
+    q = torch.randn(t, hq, d, generator=gen).to(dtype).to(DEVICE)
+    rows = hkv if shared else hq
+    units = torch.full((len(lens), rows, 6), -1, dtype=torch.int32)
+    for b, n in enumerate(lens):
+        for r in range(rows):  # drawn from the units the oldest query may choose, as a selection is
+            first = n - qlens[b] + 1
+            pick = 1 + torch.randperm(max(1, (first - 1) // ut - 2), generator=gen)[:5]
+            units[b, r, : pick.numel()] = pick.int()
+    units = units.to(DEVICE)
+    streaming = (torch.arange(hkv) % 2 == 1).int().to(DEVICE)
+    for recent, recent_units in ((40, 0), (0, 2)):
+        kw = dict(unit_tokens=ut, sink=32, recent=recent, recent_units=recent_units, stream_sink=8,
+                  stream_local=50)
+        out = sparse_decode(q, k, v, bt, ctx, units, streaming, scale=d ** -0.5, query_start_loc=starts,
+                            max_query_len=nq, **kw)
+        rctx, rbt, runits = ref.verify_as_decodes(starts, ctx, bt, units)
+        want = ref.paged_decode_ref(q, k, v, rbt, rctx, d ** -0.5, streaming_kv=streaming.bool(),
+                                    units=runits, **kw)
+        assert rel_err(out, want) < 1e-2
 
 
 @needs_kernels

@@ -113,6 +113,24 @@ def test_sparse_mode_reads_windowed_layers_densely_over_their_window(family):
         assert all(len(t) == NEW_TOKENS for t in tokens)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_kernels_serve_the_family_on_cuda(family):
+    """The Triton kernels (sliding windows included, CUDA graphs on) give transformers' greedy tokens
+    densely, chunked prefill included, and in sparse mode the torch backend's tokens."""
+    name, path, prompts, reference = family
+    common = dict(device="cuda", dtype="float32", kv_cache_memory="64MiB", max_num_batched_tokens=32)
+    dense = LLM(str(path), attention="dense", attention_backend="triton", **common)
+    got = run_staggered(dense.engine, prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS))
+    assert [got[str(i)][0] for i in range(len(prompts))] == [r[0] for r in reference], name
+    sparse = dict(attention="sparse", sparse_token_budget=48, sparse_unit_tokens=16, sink_tokens=16,
+                  local_tokens=16, prefill_local_tokens=16, retrieval_local_tokens=16, dense_layers=0,
+                  **common)
+    runs = [LLM(str(path), attention_backend=b, **sparse).generate(
+        prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS)) for b in ("torch", "triton")]
+    assert [o.outputs[0].token_ids for o in runs[0]] == [o.outputs[0].token_ids for o in runs[1]], name
+
+
 def test_window_layout_from_configs():
     """Which layers are windowed, as transformers decides it per family."""
     layers = ModelConfig.from_dict({**_raw("qwen2"), "use_sliding_window": False}, "q").layer_windows

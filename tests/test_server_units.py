@@ -72,7 +72,7 @@ def test_context_length_message_is_the_one_clients_parse() -> None:
     ({"top_p": 1.5}, "top_p"),
     ({"n": 0}, "n"),
     ({"max_tokens": 0}, "max_tokens"),
-    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": -1}, "logprobs"),  # the upper bound is --max-logprobs, the engine's check
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"logit_bias": {"abc": 1}}, "logit_bias"),
     ({"logit_bias": {"5": 500}}, "logit_bias"),

@@ -220,3 +220,18 @@ def test_budget_at_the_floor_reads_only_sink_and_recent_units(policy: str):
         for layer in range(LAYERS):
             assert torch.isfinite(sparse.forward(layer, *batch.qkv(meta), meta)).all()
     assert sparse.drain_stats().tokens_read[0] < (501 + 2 * 128) / 3  # one dense layer, two at <= 4 units
+
+
+def test_a_reused_selection_row_holds_nothing_of_its_previous_sequence():
+    """A sequence with a small budget reads only its own k chosen units, but the row's tail must not
+    hold the previous holder's (a longer context's) units either: they once indexed past `allowed`."""
+    from needle.attention.selection_table import SelectionTable
+
+    table = SelectionTable(num_layers=2, heads=1, device=torch.device("cpu"))
+    table.reserve(1, 6)
+    row = table.slot(1)
+    for units in table.units:
+        units[row] = 476
+    table.release(1)
+    assert table.slot(2) == row
+    assert all(bool((units[row] == -1).all()) for units in table.units)

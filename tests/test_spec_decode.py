@@ -4,11 +4,14 @@ SamplingParams on every verified position, and the step's bookkeeping (pages, ha
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from support import run_engine
 
 from needle import LLM, SamplingParams
+from needle.engine.loader import CONFIGS_DIR, ModelLoadError
 from needle.engine.spec_decode.ngram import lookup
 
 SHORT = [
@@ -89,6 +92,25 @@ def test_greedy_identical_to_plain_decoding(method, baseline, ngram_llm):
     assert_no_leak(llm.engine)
 
 
+def test_draft_model_from_a_dummy_config_is_lossless_and_needs_the_same_vocabulary(baseline, tmp_path):
+    """A draft model of the configs/ shape with random weights (it proposes nonsense): the output is still
+    exactly plain decoding's; a draft config with another vocabulary is refused at start-up."""
+    prompts, expected = baseline
+    llm = spec_llm("draft_model", num_speculative_tokens=3, model="smollm2-135m", load_format="dummy")
+    drafted = []
+    got = staggered(llm.engine, prompts, SamplingParams(temperature=0, max_tokens=24))
+    assert got == expected
+    llm.engine.add_request("again", prompts[0], SamplingParams(temperature=0, max_tokens=8))
+    run_engine(llm.engine, on_step=lambda s: drafted.append(s.spec.num_draft_tokens))
+    assert sum(drafted) > 0
+    assert_no_leak(llm.engine)
+    config = json.loads((CONFIGS_DIR / "smollm2-135m.json").read_text())
+    other = tmp_path / "other-vocab.json"
+    other.write_text(json.dumps({**config, "vocab_size": 1000}))
+    with pytest.raises(ModelLoadError, match="same tokenizer"):
+        spec_llm("draft_model", model=str(other), load_format="dummy")
+
+
 def test_preemption_and_abort_mid_speculation():
     """A pool too small for every sequence at once: preemption happens while sequences speculate."""
     prompts = SHORT[:4]
@@ -160,6 +182,26 @@ def test_per_request_opt_out_and_sparse_verify(sparse_llm):
     # Sparse decode rows were planned for verify steps (a prefill chunk reports no tokens_read).
     assert any(d > 0 and n > 1 for d, n in reads)
     assert_no_leak(engine)
+
+
+def test_sparse_mode_speculation_is_plain_sparse_decoding(sparse_llm):
+    """In sparse mode (selector interval 4) drafts never span a reselection or the dense/sparse boundary,
+    so speculating gives plain sparse decoding's tokens: long prompts, and one whose decode crosses the
+    budget."""
+    tok = sparse_llm.engine.tokenizer
+    items = LONG_TEXT.split(". ")
+    n = next(i for i in range(len(items)) if len(tok.encode(". ".join(items[:i]))) > 1010)
+    prompts = [*LONG, ". ".join(items[:n]), SHORT[0]]
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    expected = run_engine(sparse_llm.engine, {f"r{i}": (p, greedy) for i, p in enumerate(prompts)})
+    spec = LLM(attention="sparse", sparse_recall_sample=1.0, max_num_batched_tokens=4096,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 4, "dynamic": False})
+    accepted = []
+    got = run_engine(spec.engine, {f"r{i}": (p, greedy) for i, p in enumerate(prompts)},
+                     on_step=lambda s: accepted.append(s.spec.num_accepted_tokens))
+    assert got == expected
+    assert sum(accepted) > 0
+    assert_no_leak(spec.engine)
 
 
 def test_rollback_keeps_summaries_exact(ngram_llm):

@@ -10,6 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from needle.attention.dense import DenseBackend
+from needle.engine.runner import ModelRunner
 from needle.engine.sampler import Sampler
 from needle.engine.spec_decode.config import SpeculativeConfig
 from needle.engine.spec_decode.controller import GoodputController, StepShape, expected_tokens
@@ -80,8 +82,9 @@ def make_decoder(num_pages: int = 24, page_size: int = 16):
     spec = KVCacheSpec(num_layers=2, num_kv_heads=1, head_dim=4, page_size=page_size)
     pool = KVPool(spec, num_pages, torch.device("cpu"), with_summaries=True)
     alloc = PageAllocator(num_pages, page_size)
+    runner = ModelRunner(None, DenseBackend(pool), page_size, torch.device("cpu"), "dense", 0)  # no forward
     dec = SpecDecoder(SpeculativeConfig(num_speculative_tokens=4, dynamic=False), NgramDrafter(1, 3),
-                      Sampler(()), pool, alloc, max_model_len=10_000)
+                      Sampler(()), pool, alloc, max_model_len=10_000, runner=runner)
     return dec, pool, alloc
 
 

@@ -148,6 +148,8 @@ def _streaming_flash(q, k, v, scale, sink, local):
     if got is None:
         return None
     out, lse = got
+    if sink == 0:  # a plain sliding window
+        return out
     lq, lk = q.shape[0], k.shape[0]
     off = lk - lq
     split = min(lq, max(0, sink + local - 1 - off))  # rows from here on see all sinks left of the window
@@ -173,7 +175,8 @@ def _streaming_flash(q, k, v, scale, sink, local):
 
 def prefill_streaming(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, sink: int,
                       local: int, block: int = 2048) -> torch.Tensor:
-    """Sink + local attention of q [Lq, Hq, D] (the last Lq positions of k, v [Lk, Hkv, D])."""
+    """Sink + local attention of q [Lq, Hq, D] (the last Lq positions of k, v [Lk, Hkv, D]): a query at
+    position p reads keys < sink and keys > p - local (sink = 0: a sliding window of `local` keys)."""
     lq, lk = q.shape[0], k.shape[0]
     off = lk - lq
     if lk <= sink + local:  # every query sees its whole causal past

@@ -87,6 +87,21 @@ def paged_decode_ref(q, k_cache, v_cache, page_tables, context_lens, scale: floa
     return out
 
 
+def verify_as_decodes(query_start_loc: torch.Tensor, context_lens: torch.Tensor, page_tables: torch.Tensor,
+                      units: torch.Tensor | None = None):
+    """A verify step as the decode steps it stands for: one row per query, at its own position, with its
+    sequence's page table (and units). -> (context_lens [T], page_tables [T, P], units [T, R, K] | None)."""
+    starts = query_start_loc.tolist()
+    seq, ctx = [], []
+    for i in range(len(starts) - 1):
+        n = starts[i + 1] - starts[i]
+        seq += [i] * n
+        ctx += [max(int(context_lens[i]) - n + 1 + j, 0) for j in range(n)]
+    idx = torch.tensor(seq, device=page_tables.device)
+    return (torch.tensor(ctx, dtype=context_lens.dtype, device=context_lens.device), page_tables[idx],
+            None if units is None else units[idx])
+
+
 def page_scores_ref(q, kmin, kmax, page_tables, context_lens, summary_tokens: int, unit_tokens: int, *,
                     shared: bool) -> torch.Tensor:
     """Quest bound sum_c max(q_c*kmin_c, q_c*kmax_c) per summary, max over the summaries of each

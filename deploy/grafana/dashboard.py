@@ -98,6 +98,20 @@ ROWS = [
             (rate("sparse_dense_fallbacks_total"), "fallbacks/s")],
          "Sparse decode steps that attended densely instead (context within the budget)."),
     ]),
+    ("Value offload", [
+        ("Value-cache hit rate", "timeseries", "percentunit", [
+            (ratio("kv_offload_value_cache_hits_total", "kv_offload_value_cache_queries_total"), "hit rate")],
+         "Share of the host pages decode steps read (per layer) that the device value cache held."),
+        ("Offload copies", "timeseries", "Bps", [
+            (rate("kv_offload_host_to_device_bytes_total"), "host -> device"),
+            (rate("kv_offload_device_to_host_bytes_total"), "device -> host")],
+         "Value bytes copied per second each way (--cpu-kv-cache-memory)."),
+        ("Copy time per step", "timeseries", "s", quantiles("kv_offload_copy_seconds"),
+         "Host time a step spent issuing value copies and waiting for fetches."),
+        ("Host tier usage", "timeseries", "percentunit", [
+            (f"needle:cpu_cache_usage_perc{SEL}", "{{instance}}")],
+         "Fraction of the host value tier in use, per replica."),
+    ]),
     ("Speculative decoding", [
         ("Draft acceptance rate", "timeseries", "percentunit", [
             (ratio("spec_decode_num_accepted_tokens_total", "spec_decode_num_draft_tokens_total"),

@@ -17,6 +17,22 @@ from needle.attention.base import AttentionBackend, AttentionMetadata
 from needle.engine.model_config import ModelConfig
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (x * (1.0 + weight.float())).to(dtype)
+    return weight * x.to(dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 unit_offset: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, its norm): the pre-norm block's residual add and the next norm in one pass."""
+    x = x + residual
+    return x, rms_norm(x, weight, eps, unit_offset)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm; `unit_offset` is Gemma's variant, which stores w - 1 and scales in float32 before the cast
     (Llama casts first), so both round exactly as their reference implementations do."""
@@ -26,14 +42,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.unit_offset = unit_offset
+        self.norm, self.add_norm = rms_norm, add_rms_norm  # fused by `compile_pointwise`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.unit_offset:
-            return (x * (1.0 + self.weight.float())).to(dtype)
-        return self.weight * x.to(dtype)
+        return self.norm(x, self.weight, self.eps, self.unit_offset)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.add_norm(x, residual, self.weight, self.eps, self.unit_offset)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -81,6 +96,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+def gated_activation(gate_up: torch.Tensor, size: int, tanh_gelu: bool) -> torch.Tensor:
+    gate, up = gate_up.split(size, dim=-1)
+    return (F.gelu(gate, approximate="tanh") if tanh_gelu else F.silu(gate)) * up
+
+
 class Attention(nn.Module):
     """Fused qkv projection, optional per-head q/k RMSNorm (Qwen3, Gemma 3), RoPE, then the backend.
 
@@ -104,6 +129,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, unit_offset_norm)
         q_scale = cfg.attn_scale * math.sqrt(cfg.head_dim) if cfg.attn_scale else 1.0
         self.q_scale = None if q_scale == 1.0 else q_scale
+        self.rotate = rotate_qk  # fused by `compile_pointwise`
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -113,7 +139,7 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k = self.rotate(q, k, *rope)
         if self.q_scale is not None:
             q = q * self.q_scale
         out = backend.forward(self.layer, q, k, v.view(t, self.num_kv_heads, self.head_dim), meta,
@@ -132,11 +158,25 @@ class GatedMLP(nn.Module):
         self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.activation = gated_activation  # fused by `compile_pointwise`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        gate = F.gelu(gate, approximate="tanh") if self.tanh_gelu else F.silu(gate)
-        return self.down_proj(gate * up)
+        return self.down_proj(self.activation(self.gate_up_proj(x), self.intermediate_size, self.tanh_gelu))
+
+
+def compile_pointwise(model: nn.Module) -> None:
+    """CUDA: torch.compile the elementwise work between the matmuls (RMSNorm with the residual add before
+    it, the gated activation, RoPE), each into one fused kernel, inside the decode graphs too. Shapes are
+    dynamic, so one compile serves every batch size and query length."""
+    fused = {fn: torch.compile(fn, dynamic=True, fullgraph=True)
+             for fn in (rms_norm, add_rms_norm, rotate_qk, gated_activation)}
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.norm, m.add_norm = fused[rms_norm], fused[add_rms_norm]
+        elif isinstance(m, Attention):
+            m.rotate = fused[rotate_qk]
+        elif isinstance(m, GatedMLP):
+            m.activation = fused[gated_activation]
 
 
 # checkpoint projection -> (fused parameter, index of its shard)

@@ -23,8 +23,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, rope, backend, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope, backend, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), rope, backend, meta)
+        x, h = self.post_attention_layernorm.add(x, attn)
+        return x + self.mlp(h)
 
 
 class LlamaBody(nn.Module):

@@ -24,10 +24,16 @@ def build_drafter(config: SpeculativeConfig, engine) -> Drafter:
 
         return NgramDrafter(config.prompt_lookup_min, config.prompt_lookup_max)
     if config.method == "self_sparse":
+        from needle.engine.cuda_graph import CudaGraphRunner
+        from needle.engine.runner import ModelRunner
         from needle.engine.spec_decode.self_sparse import SelfSparseDrafter
 
-        return SelfSparseDrafter(engine.model, engine.draft_backend(config.draft_token_budget),
-                                 engine.args.page_size, engine.device, config.draft_token_budget)
+        budget = config.draft_token_budget
+        backend = engine.draft_backend(budget)
+        graphs = None if engine.runner.graphs is None else CudaGraphRunner(
+            engine.model, backend, engine.device, engine.args.max_num_seqs)
+        return SelfSparseDrafter(ModelRunner(engine.model, backend, engine.args.page_size, engine.device,
+                                             "sparse", budget, graphs), budget)
     from needle.engine.config import parse_bytes
     from needle.engine.spec_decode.draft_model import DraftModelDrafter
 

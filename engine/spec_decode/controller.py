@@ -70,10 +70,11 @@ class GoodputController:
         self.samples.append((shape.features(), seconds))
         self.steps += 1
         if self.steps >= min(self.warmup, 4) and self.steps % 4 == 0:
-            self._fit()
+            self.fit()
         return predicted
 
-    def _fit(self) -> None:
+    def fit(self) -> None:
+        """Ridge least squares over the window (the engine calls it every 4th step)."""
         x = torch.tensor([f for f, _ in self.samples], dtype=torch.float64)
         y = torch.tensor([t for _, t in self.samples], dtype=torch.float64)
         scale = x.abs().amax(0).clamp(min=1.0)  # columns on one scale, so the ridge treats them alike

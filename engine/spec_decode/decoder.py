@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from needle.engine.runner import ModelRunner
 from needle.engine.sampler import Sampler, SamplingFault
 from needle.engine.spec_decode.config import SpeculativeConfig
 from needle.engine.spec_decode.controller import GoodputController, StepShape
@@ -56,8 +57,8 @@ class SpecStats:
 
 class SpecDecoder:
     def __init__(self, config: SpeculativeConfig, drafter: Drafter, sampler: Sampler, pool: KVPool,
-                 allocator: PageAllocator, max_model_len: int):
-        self.config, self.drafter, self.sampler = config, drafter, sampler
+                 allocator: PageAllocator, max_model_len: int, runner: ModelRunner):
+        self.config, self.drafter, self.sampler, self.runner = config, drafter, sampler, runner
         self.pool, self.allocator, self.max_model_len = pool, allocator, max_model_len
         self.controller = GoodputController(config.num_speculative_tokens, config.dynamic,
                                             model_drafts=drafter.name != "ngram")
@@ -69,7 +70,7 @@ class SpecDecoder:
 
     def may_speculate(self, seq: Sequence) -> bool:
         p = seq.params
-        if not p.speculative or not seq.is_decoding:
+        if not p.speculative or not seq.is_decoding or p.structured_outputs is not None:
             return False
         # A seeded sampled request draws from its generator once per verified position, so its text
         # depends on how many drafts it verifies: only a fixed K keeps that independent of the batch.
@@ -90,7 +91,9 @@ class SpecDecoder:
         self.stats.k = k
         for seq in spec:
             left = seq.params.max_tokens - seq.num_output if seq.params.max_tokens is not None else k + 1
-            seq.num_lookahead = max(0, min(k, left - 1, self.max_model_len - len(seq) - 1))
+            limit = self.runner.draft_limit(seq)
+            seq.num_lookahead = max(0, min(k, left - 1, self.max_model_len - len(seq) - 1,
+                                           k if limit is None else limit))
 
     def propose(self, batch: Batch) -> None:
         index = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True))
@@ -151,6 +154,7 @@ class SpecDecoder:
         seq.draft_ids = []
         if seq.status is not Status.RUNNING:
             return  # finished inside the run: its pages are already released
+        self.runner.backend.rollback(seq.seq_id, rejected)
         seq.num_computed += kept
         self.allocator.commit_full_pages(seq.pages, seq.token_ids, seq.num_computed)
         self.allocator.truncate(seq.pages, len(seq))

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from needle.attention.base import AttentionBackend, AttentionMetadata
+from needle.attention.base import AttentionMetadata
+from needle.engine.runner import ModelRunner
 from needle.engine.spec_decode.drafter import Draft
 from needle.scheduler.sequence import Sequence
 
@@ -22,27 +23,28 @@ from needle.scheduler.sequence import Sequence
 class SelfSparseDrafter:
     name = "self_sparse"
 
-    def __init__(self, model, backend: AttentionBackend, page_size: int, device: torch.device, budget: int):
-        self.model, self.backend = model, backend
-        self.page_size, self.device, self.budget = page_size, device, budget
+    def __init__(self, runner: ModelRunner, budget: int):
+        """`runner`: the target model over the draft's own sparse backend (and, on CUDA, its own graphs:
+        a draft round is a plain decode step, so it replays one)."""
+        self.runner, self.budget = runner, budget
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Draft]:
         drafts: list[list[int]] = [[] for _ in seqs]
+        r = self.runner
         for j in range(max(ks, default=0)):
             index = [i for i, k in enumerate(ks) if k > j]
             ids = [seqs[i].token_ids[-1] if j == 0 else drafts[i][-1] for i in index]
             meta = AttentionMetadata.build(
                 seq_ids=[seqs[i].seq_id for i in index], query_lens=[1] * len(index),
                 context_lens=[len(seqs[i]) + j for i in index],
-                page_tables=[seqs[i].pages.page_table for i in index], page_size=self.page_size,
-                device=self.device, modes=["sparse"] * len(index), token_budgets=[self.budget] * len(index))
-            self.backend.begin_step(meta)
-            hidden = self.model(torch.tensor(ids, dtype=torch.int64, device=self.device), self.backend, meta)
-            for i, token in zip(index, self.model.logits(hidden).argmax(-1).tolist(), strict=True):
+                page_tables=[seqs[i].pages.page_table for i in index], page_size=r.page_size,
+                device=r.device, modes=["sparse"] * len(index), token_budgets=[self.budget] * len(index))
+            hidden = r.forward(torch.tensor(ids, dtype=torch.int64, device=r.device), meta)
+            for i, token in zip(index, r.model.logits(hidden).argmax(-1).tolist(), strict=True):
                 drafts[i].append(token)
-        self.backend.drain_stats()  # the draft's telemetry is not the target's
+        r.backend.drain_stats()  # the draft's telemetry is not the target's
         return [Draft(d) for d in drafts]
 
     def release(self, seq_id: int) -> None:
-        self.backend.release(seq_id)
+        self.runner.backend.release(seq_id)
