@@ -178,6 +178,7 @@ class AttentionStats:
     recall_samples: list[float] = field(default_factory=list)  # attention mass kept, on sampled steps
     tokens_read: list[int] = field(default_factory=list)  # per decoding sequence and step
     dense_fallbacks: int = 0  # sequences in sparse mode that ran dense
+    guard_widenings: int = 0  # budgets the fidelity guard widened (recall under --sparse-min-recall)
 
 
 class AttentionBackend:

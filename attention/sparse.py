@@ -31,7 +31,7 @@ from needle.attention.base import AttentionBackend, AttentionMetadata, Attention
 from needle.attention.dense import DenseBackend
 from needle.attention.head_profile import HeadProfile
 from needle.attention.policies import POLICIES, SelectionRequest, SparsePolicy
-from needle.attention.policies.base import gather_heads, token_slots
+from needle.attention.policies.base import gather_heads, token_slots, top_units
 from needle.attention.selection_table import SelectionTable
 from needle.kvcache.pool import KVPool
 from needle.kvcache.summaries import update_summaries
@@ -53,6 +53,8 @@ class SparseConfig:
     retrieval_local_tokens: int = 64
     prefill_local_tokens: int = 2048
     recall_sample: float = 0.01
+    observation_window: int = 32  # seed the first selection from the prompt's last N queries (0: off)
+    min_recall: float = 0.0  # fidelity guard: widen a sequence's budget when its recall falls below
     seed: int = 0
 
 
@@ -120,6 +122,9 @@ class SparseBackend(AttentionBackend):
         self.prefill_local_tokens = config.prefill_local_tokens
         self.selector_interval = config.selector_interval
         self.recall_sample = config.recall_sample
+        self.observation_window, self.min_recall = config.observation_window, config.min_recall
+        self._widened: dict[int, int] = {}  # seq_id -> budget the fidelity guard widened it to
+        self._checked: set[int] = set()  # sequences whose first sparse decode step the guard measured
         heads = num_q_heads if config.per_query_head else num_kv_heads
         self.table = SelectionTable(profile.num_layers, heads, pool.device)  # the kept selections
         self._age: dict[int, tuple[int, int]] = {}  # seq_id -> (positions since selection, its budget)
@@ -144,11 +149,21 @@ class SparseBackend(AttentionBackend):
         self.table.clear()
         self._age.clear()
 
+    def set_selection(self, per_query_head: bool) -> None:
+        """Select per query head or per KV group (torch path; the quality harness compares both over
+        one prefilled cache). Kept selections are dropped."""
+        self.per_query_head = per_query_head
+        heads = self.num_q_heads if per_query_head else self.num_kv_heads
+        self.table = SelectionTable(self.profile.num_layers, heads, self.pool.device)
+        self._age.clear()
+
     # ---- lifecycle -------------------------------------------------------------------------------
 
     def release(self, seq_id: int) -> None:
         self.table.release(seq_id)
         self._age.pop(seq_id, None)
+        self._widened.pop(seq_id, None)
+        self._checked.discard(seq_id)
 
     def rollback(self, seq_id: int, rejected: int) -> None:
         if seq_id in self._age and rejected:
@@ -166,9 +181,10 @@ class SparseBackend(AttentionBackend):
         return self.selector_interval - 1 - (0 if fresh else age)
 
     def budget_of(self, meta: AttentionMetadata, i: int) -> int:
-        """The sequence's token budget, rounded down to whole units (never below the always-kept ones)."""
+        """The sequence's token budget, rounded down to whole units (never below the always-kept ones);
+        the fidelity guard may have widened it."""
         budget = meta.token_budgets[i] if meta.token_budgets and meta.token_budgets[i] else self.token_budget
-        return self._whole_units(budget)
+        return self._whole_units(max(budget, self._widened.get(meta.seq_ids[i], 0)))
 
     def _whole_units(self, budget: int) -> int:
         floor = (self.num_sink_units + self.num_recent_units) * self.unit
@@ -200,8 +216,16 @@ class SparseBackend(AttentionBackend):
                 decode.append(i)
             else:
                 prefill.append(i)
-        sample = bool(decode) and self._rng.random() < self.recall_sample
+        sample = bool(decode) and (self._rng.random() < self.recall_sample or self._guard_due(meta, decode))
         self._step = _Step(dense, prefill, self._plan_decode(meta, decode) if decode else None, sample)
+
+    def _guard_due(self, meta: AttentionMetadata, decode: list[int]) -> bool:
+        """With the fidelity guard on, every sequence's first sparse decode step measures recall."""
+        if self.min_recall <= 0:
+            return False
+        new = {meta.seq_ids[i] for i in decode} - self._checked
+        self._checked |= new
+        return bool(new)
 
     def _plan_decode(self, meta: AttentionMetadata, index: list[int]) -> _Decode:
         dev = self.pool.device
@@ -419,8 +443,40 @@ class SparseBackend(AttentionBackend):
             mask = kpos[None, :] <= qpos[:, None]
             if window is not None:
                 mask &= (kpos[None, :] < self.sink_tokens) | (kpos[None, :] > qpos[:, None] - window)
+            else:
+                self.seed_selection(layer, qg[:, heads], keys, meta, i)
             out[:, heads] = _masked_sdpa(qg[:, heads], keys, values, mask)
         return out.view(n, self.num_q_heads, self.head_dim)
+
+    def seed_selection(self, layer: int, q: torch.Tensor, keys: torch.Tensor, meta: AttentionMetadata,
+                       i: int) -> None:
+        """Prompt-aware selection (SnapKV's observation window): the last `observation_window` queries
+        of a prefill chunk (the question, at the prompt's end) attend exactly over the whole context;
+        the units holding most of that attention mass become the retrieval heads' selection for the
+        first `selector_interval` decode steps, after which the query-driven reselection takes over.
+        q [n, Hr, G, D] retrieval heads' queries of the chunk, keys [ctx, Hr, D]. Each chunk overwrites
+        the seed, so the prompt's last chunk is the one that counts."""
+        if self.observation_window <= 0 or not self.policy.query_aware:
+            return
+        ctx, budget, seq_id = meta.context_lens[i], self.budget_of(meta, i), meta.seq_ids[i]
+        k = budget // self.unit - self.num_sink_units - self.num_recent_units
+        if k <= 0:
+            return
+        mass = window_mass(q[-self.observation_window:], keys, ctx, self.unit, self.scale)  # [Hr, G, U]
+        mass = mass.flatten(0, 1) if self.per_query_head else mass.sum(dim=1)
+        # The first decode step sees one more token: its context decides the eligible units.
+        allowed = allowed_units(torch.tensor([ctx + 1], device=q.device), mass.shape[-1], self.unit,
+                                self.num_sink_units, self.num_recent_units)
+        units = top_units(mass[None], allowed, k)[0]
+        retrieval = self._retrieval[layer]
+        rows = retrieval
+        if self.per_query_head:
+            rows = (retrieval[:, None] * self.group + torch.arange(self.group, device=q.device)).flatten()
+        self.table.reserve(0, budget // self.unit)
+        slot = self.table.slot(seq_id)
+        self.table.units[layer][slot, rows] = -1
+        self.table.units[layer][slot, rows, :k] = units.to(torch.int32)
+        self._age[seq_id] = (0, budget)  # due() keeps the seed for selector_interval steps
 
     def _rows(self, cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """All KV heads of the tokens in `slots` of one layer's cache -> [*slots.shape, Hkv, D]."""
@@ -436,7 +492,17 @@ class SparseBackend(AttentionBackend):
         for sid, ctx in zip(step.decode.seq_ids, step.decode.ctx.tolist(), strict=True):
             total = ctx * per_layer[0] + step.tokens_read.get(sid, 0.0)
             self._stats.tokens_read.append(round(total / (per_layer[0] + per_layer[1])))
-        self._stats.recall_samples.extend(sum(r) / len(r) for r in step.recall.values())
+        for sid, per_layer_recall in step.recall.items():
+            recall = sum(per_layer_recall) / len(per_layer_recall)
+            self._stats.recall_samples.append(recall)
+            if recall < self.min_recall:
+                self._widen(sid)
+
+    def _widen(self, seq_id: int) -> None:
+        """The fidelity guard: double the sequence's budget for the rest of its decode (once it covers
+        the context, the sequence runs dense, as any sequence fitting its budget does)."""
+        self._widened[seq_id] = 2 * self._age.get(seq_id, (0, self.token_budget))[1]
+        self._stats.guard_widenings += 1
 
     @property
     def num_layers_sparse(self) -> int:
@@ -452,6 +518,19 @@ class SparseBackend(AttentionBackend):
         self._flush_step_stats()
         stats, self._stats = self._stats, AttentionStats()
         return stats
+
+
+def window_mass(q: torch.Tensor, keys: torch.Tensor, ctx: int, unit: int, scale: float) -> torch.Tensor:
+    """Attention mass of the prompt's last queries over each unit of `unit` tokens, summed over the
+    queries: q [w, H, G, D] at positions ctx - w .. ctx - 1 (causal), keys [ctx, H, D]
+    -> [H, G, ceil((ctx + 1) / unit)] (the last unit may still be partial, as at the first decode step)."""
+    w = q.shape[0]
+    scores = torch.einsum("whgd,lhd->hgwl", q.float(), keys.float()) * scale
+    qpos = torch.arange(ctx - w, ctx, device=q.device)
+    causal = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1).sum(dim=2)  # [H, G, ctx]
+    num_units = -(-(ctx + 1) // unit)
+    return F.pad(probs, (0, num_units * unit - ctx)).view(*probs.shape[:2], num_units, unit).sum(dim=-1)
 
 
 def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

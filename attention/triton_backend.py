@@ -145,6 +145,8 @@ class TritonSparseBackend(SparseBackend):
             return "dense", 0  # e.g. verifying self_sparse drafts densely: the dense kernels, graphed
         if self.policy.name not in ("hierarchical", "quest") or any(m == "dense" for m in meta.modes):
             return None
+        if self.min_recall > 0 and set(meta.seq_ids) - self._checked:
+            return None  # the guard measures a sequence's first sparse decode step (torch path)
         budgets = {self.budget_of(meta, i) for i in range(meta.num_seqs)}
         if len(budgets) != 1 or min(meta.context_lens) <= next(iter(budgets)):
             return None
@@ -233,6 +235,7 @@ class TritonSparseBackend(SparseBackend):
                                       local=self.prefill_local_tokens)
             else:
                 o = prefill_dense(qh, kh, vh, self.scale)
+                self.seed_selection(layer, qg[:, heads], kh, meta, i)
             out[:, heads] = o.view(n, heads.numel(), self.group, self.head_dim)
         return out.view(n, self.num_q_heads, self.head_dim)
 

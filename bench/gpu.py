@@ -1,7 +1,8 @@
 """H200 benchmarks in one command: `python bench/gpu.py [--kernels] [--e2e] [--out DIR]`.
 
 --kernels: attention kernels alone at Llama-3.1-8B shapes (32 q heads, 8 KV heads, head_dim 128, bf16):
-    paged decode dense vs sparse (4K budget, 50% streaming heads), page selection, KV append, SDPA over
+    paged decode dense vs sparse (4K budget, 50% streaming heads), page selection (per step) and the
+    prompt-aware seed (--sparse-observation-window: once per request and layer), KV append, SDPA over
     contiguous KV as a sanity baseline, prefill attention per layer; bytes moved / measured copy bandwidth.
 --e2e: the engine with dummy weights (`--load-format dummy`), dense vs sparse decode ms/step and tok/s at
     8K/32K/128K x batch 1/8/16, time to first token at 32K/128K, `transformers` as the outside baseline,
@@ -82,6 +83,21 @@ def sparse_setup(batch: int, ctx: int, gen: torch.Generator):
     return units.int().cuda(), streaming, allowed, k
 
 
+def seed_selection(q: torch.Tensor, kcache: torch.Tensor, page_tables: torch.Tensor, ctx: int,
+                   allowed: torch.Tensor, k: int, window: int = 32) -> torch.Tensor:
+    """What --sparse-observation-window adds at a prefill's end, for one sequence and layer: the last
+    `window` queries' attention mass over every unit (the retrieval half of the KV heads), then top-k."""
+    from needle.attention.kernels.prefill import gather_context
+    from needle.attention.policies.base import top_units
+    from needle.attention.sparse import window_mass
+
+    retrieval = torch.arange(0, HKV, 2, device="cuda")
+    keys = gather_context(kcache, page_tables[0], ctx)[:, retrieval]
+    qw = q[:1].view(1, HKV, HQ // HKV, D)[:, retrieval].expand(window, -1, -1, -1)
+    mass = window_mass(qw, keys, ctx, UNIT, D ** -0.5).sum(dim=1)[:, :allowed.shape[1]]
+    return top_units(mass[None], allowed[:1], k)
+
+
 def kernel_rows(bw: float, rows: list[dict]) -> None:
     from needle.attention.kernels.page_select import page_scores, select_units
     from needle.attention.kernels.paged_decode import paged_decode, sparse_decode
@@ -120,6 +136,9 @@ def kernel_rows(bw: float, rows: list[dict]) -> None:
                                    page_size=PAGE, unit_tokens=UNIT, shared=True)
 
             kv_bytes = batch * ctx * HKV * D * 2 * 2
+            row_seed = {}
+            if batch == BATCHES[0]:  # prompt-aware seed: once per request and layer, at the prefill's end
+                row_seed = {"seed_ms": bench(seed_selection, q, pool.k[0], pool.page_tables, ctx, allowed, k)}
             t_dense = bench(dense)
             t_sparse = bench(sparse)
             t_select = bench(select)
@@ -132,7 +151,7 @@ def kernel_rows(bw: float, rows: list[dict]) -> None:
                    "sparse_ms": t_sparse, "sparse_TBps": sparse_bytes / t_sparse / 1e9,
                    "select_ms": t_select, "score_ms": t_score, "score_TBps": summary_bytes / t_score / 1e9,
                    "sparse_amortised_ms": t_sparse + t_select / 4,
-                   "sparse_speedup": t_dense / (t_sparse + t_select / 4)}
+                   "sparse_speedup": t_dense / (t_sparse + t_select / 4), **row_seed}
             # sanity baseline: torch SDPA over contiguous KV of the same size
             kc = torch.randn(batch, HKV, ctx, D, dtype=DT, device="cuda")
             vc = torch.randn_like(kc)
@@ -256,6 +275,8 @@ def print_kernel_tables(r: dict) -> None:
         print(f"| {x['ctx']} | {x['batch']} | {x['dense_ms']:.3f} | {x['dense_TBps']:.2f} | "
               f"{100 * x['dense_frac_of_copy']:.0f}% | {x['sdpa_contig_ms']:.3f} | {x['sparse_ms']:.3f} | "
               f"{x['select_ms']:.3f} | {x['sparse_speedup']:.1f}x |")
+    print("\n" + ", ".join(f"prompt-aware seed at {x['ctx']}: {x['seed_ms']:.3f} ms per request and layer"
+                           for x in r["decode"] if "seed_ms" in x))
     for x in r["decode"]:
         if "sweep_ms" in x:
             print(f"\nsweep at 32K x 8: best {x['sweep_best']} {x['sweep_best_TBps']:.2f} TB/s; "

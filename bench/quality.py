@@ -2,14 +2,12 @@
 
     python -m bench.quality --lengths 8192 --budgets 1024 --samples 50 --out quality.json
 
-Retrieval tasks put `--needles` keyed needles (7-digit values) into each haystack and ask for every key,
+Retrieval tasks (bench/quality_tasks.py: passkey, needle, multikey, and RULER-style niah_number,
+niah_word, niah_uuid, qa, vt) hide keyed facts at spread depths of each haystack and ask for every key,
 so the questions of one haystack share its prefilled prefix (prefix caching): a sample costs a short
-question prefill plus ~8 decode steps; the answer is right when its 7 digits match.
-  passkey:  "The pass key of <name> is <value>." lines in a repetitive noise haystack;
-  needle:   "The secret number of <name> is <value>." sentences in Python standard-library source;
-  multikey: like needle, but every key (all but the last when the count is odd) has a twin sharing
-            its first word (amber-falcon, amber-heron), and both are asked, so the model must tell
-            near-identical keys apart.
+question prefill plus a few decode steps. Every cell keeps each answer's right/wrong and depth, so the
+report gives accuracy per depth bucket, and the harness resumes a haystack at a time: a row that has a
+haystack's answers never runs it again (adding a budget does not re-run dense).
 Perplexity: the last `--ppl-tokens` tokens of a long standard-library document, teacher-forced one
 decode step at a time after a prefill of the rest, so the sparse decode path (selection) is measured.
 
@@ -25,90 +23,40 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from bench.quality_tasks import TASKS, Question, haystack, is_right, max_answer_tokens, pieces
 from bench.texts import stdlib_modules
 from needle.attention.base import AttentionMetadata
 from needle.engine.llm import LLM
 from needle.scheduler.sampling_params import AttentionOverride, SamplingParams
 
-NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-WORDS = ("amber azure brisk cedar coral dusky ember frost golden hazel indigo jade lunar maple "
-         "misty noble ochre olive pearl quiet rapid rusty silver solar stony tawny umber velvet windy "
-         "zesty").split()
-ANIMALS = ("falcon heron otter badger lynx marten osprey raven stoat tapir viper walrus yak zebra bison "
-           "condor dingo egret ferret gecko ibis jackal koala lemur").split()
-HAYSTACK_MODULES = ("argparse", "textwrap", "difflib", "inspect", "pathlib", "typing", "dataclasses")
 PPL_MODULES = ("collections/__init__", "functools", "subprocess", "tarfile", "logging/__init__")
-
-
-def keys_for(task: str, count: int, rng: random.Random) -> list[str]:
-    pairs = [f"{w}-{a}" for w in WORDS for a in ANIMALS]
-    if task != "multikey":
-        return rng.sample(pairs, count)
-    first = rng.sample(WORDS, -(-count // 2))
-    return [f"{w}-{a}" for w in first for a in rng.sample(ANIMALS, 2)][:count]
-
-
-def pieces(tokenizer, text: str) -> list[int]:
-    """Ids of a piece spliced into a prompt: no special tokens (Gemma's tokenizer would put a BOS before
-    every piece; SmolLM2's adds none, so its prompts are unchanged)."""
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def haystack(tokenizer, task: str, length: int, needles: int, seed: int, group: int):
-    """-> (prefix ids shared by the group's questions, [(question ids, answer)])."""
-    rng = random.Random(f"{task}/{length}/{seed}/{group}")
-    keys = keys_for(task, needles, rng)
-    values = [str(rng.randrange(10**6, 10**7)) for _ in keys]
-    noun = "pass key" if task == "passkey" else "secret number"
-    needle_ids = [pieces(tokenizer, f" The {noun} of {k} is {v}. ")
-                  for k, v in zip(keys, values, strict=True)]
-    if task == "passkey":
-        filler = pieces(tokenizer, NOISE * (length // 10))
-    else:  # each group reads the standard library from its own offset
-        text = stdlib_modules(HAYSTACK_MODULES)
-        filler = pieces(tokenizer, text[group * len(text) // 16:] + text)
-    bos = tokenizer.encode("")  # the BOS alone, where the tokenizer adds one
-    head = bos + pieces(tokenizer, f"Below are {len(keys)} {noun}s hidden in a long text. Remember them.\n")
-    fill = length - len(head) - sum(map(len, needle_ids)) - 64  # room for padding, question and answer
-    filler = filler[:fill]
-    order = list(range(len(keys)))
-    rng.shuffle(order)
-    ids = list(head)
-    cut = [j * fill // (len(order) + 1) for j in range(len(order) + 2)]
-    for j, n in enumerate(order):  # needles at depths 1/(n+1) .. n/(n+1), in random key order
-        ids += filler[cut[j]:cut[j + 1]] + needle_ids[n]
-    ids += filler[cut[-2]:]
-    questions = [(pieces(tokenizer, f"\nWhat is the {noun} of {k}? The {noun} of {k} is"), v)
-                 for k, v in zip(keys, values, strict=True)]
-    return ids, questions
+DEPTH_BUCKETS = 5
+ROW_OPTIONS = ("obs", "min_recall", "interval", "heads")
 
 
 def page_aligned(prefix: list[int], question: list[int], newline: list[int], page: int) -> list[int]:
     """prefix + newlines + question, padded so that every token but the last fills whole KV pages: once
     one row has run a question, the prefix cache holds all of it, and the other rows (policies and
-    budgets prefill alike) only recompute the last token before decoding."""
+    budgets prefill alike) only recompute the last token (or the observation window) before decoding."""
     pad = (1 - len(prefix) - len(question)) % page
     return prefix + newline * pad + question
 
 
 def answers_right(llm: LLM, prompts: list[list[int]], overrides: list[AttentionOverride],
-                  expected: list[str], distinct: int) -> list[bool]:
+                  expected: list[str], distinct: int, max_tokens: int) -> list[bool]:
     """Greedy answers. The first prompt runs alone, then the rest of the first `distinct`, so that the
     shared prefix and then every question are in the prefix cache before their repeats run."""
-    params = [SamplingParams(temperature=0.0, max_tokens=9, attention=o) for o in overrides]
+    params = [SamplingParams(temperature=0.0, max_tokens=max_tokens, attention=o) for o in overrides]
     outs = [out for lo, hi in ((0, 1), (1, distinct), (distinct, len(prompts)))
             for out in llm.generate(prompts[lo:hi], params[lo:hi])]
-    texts = [out.outputs[0].text.replace(" ", "")[:9] for out in outs]
-    return [answer in text for text, answer in zip(texts, expected, strict=True)]
+    return [is_right(out.outputs[0].text, answer) for out, answer in zip(outs, expected, strict=True)]
 
 
 def rows(args) -> list[tuple[str, int | None]]:
@@ -116,28 +64,65 @@ def rows(args) -> list[tuple[str, int | None]]:
     return [("dense", None)] + [(p, b) for p in args.policies for b in args.budgets]
 
 
-def retrieval(llm: LLM, args, task: str, length: int) -> dict[str, float]:
-    """Accuracy (%) of every row on one task and length, over samples // needles haystacks."""
-    hits: Counter[str] = Counter()
-    asked = 0
+def groups_done(cell: dict | float | None, needles: int) -> float:
+    """Haystacks a results cell holds (a bare number: a finished cell of an older results file)."""
+    if cell is None:
+        return 0
+    return math.inf if isinstance(cell, float | int) else len(cell["right"]) // needles
+
+
+def retrieval(llm: LLM, args, name: str, length: int, results: dict, save: Callable[[], None]) -> None:
+    """Fill the cells of one task and length, a haystack at a time, running only the rows that lack
+    that haystack (so a new budget or policy never re-runs the others); saves after each haystack."""
+    task = TASKS[name]
+    needles = args.needles or task.needles
     newline, page = pieces(llm.tokenizer, "\n"), llm.engine.args.page_size
-    for group in tqdm(range(max(1, args.samples // args.needles)), desc=f"{task} {length}", leave=False):
-        prefix, questions = haystack(llm.tokenizer, task, length, args.needles, args.seed, group)
-        asked += len(questions)
-        prompts = [page_aligned(prefix, q, newline, page) for q, _ in questions]
-        expected = [a for _, a in questions]
-        n = len(prompts)
-        right = answers_right(llm, prompts, [AttentionOverride(mode="dense")] * n, expected, n)
-        hits["dense/None"] += sum(right)
+    for group in range(max(1, args.samples // needles)):
+        todo = [(r, b) for r, b in rows(args)
+                if groups_done(results.get(f"{name}/{length}/{r}/{b}"), needles) <= group]
+        if not todo:
+            continue
+        prefix, questions = haystack(llm.tokenizer, task, length, needles, args.seed, group)
+        prompts = [page_aligned(prefix, q.ids, newline, page) for q in questions]
+        expected, n = [q.answer for q in questions], len(questions)
+        tokens = max_answer_tokens(llm.tokenizer, questions)
+
+        def store(row: str, budget: int | None, right: list[bool], asked: list[Question] = questions) -> None:
+            cell = results.setdefault(f"{name}/{length}/{row}/{budget}", {"right": [], "depth": []})
+            cell["right"] += [int(r) for r in right]
+            cell["depth"] += [q.depth for q in asked]
+
+        if ("dense", None) in todo:
+            store("dense", None, answers_right(llm, prompts, [AttentionOverride(mode="dense")] * n, expected,
+                                               n, tokens))
         for policy in args.policies:
+            budgets = [b for r, b in todo if r == policy]
+            if not budgets:
+                continue
             _set_policy(llm, policy)
-            copies = len(args.budgets)
             overrides = [AttentionOverride(mode="sparse", token_budget=b)
-                         for b in args.budgets for _ in range(n)]  # budget-major, like the prompts
-            right = answers_right(llm, prompts * copies, overrides, expected * copies, n)
-            for j, b in enumerate(args.budgets):
-                hits[f"{policy}/{b}"] += sum(right[j * n:(j + 1) * n])
-    return {key: 100.0 * count / asked for key, count in hits.items()}
+                         for b in budgets for _ in range(n)]  # budget-major, like the prompts
+            right = answers_right(llm, prompts * len(budgets), overrides, expected * len(budgets), n, tokens)
+            for j, b in enumerate(budgets):
+                store(policy, b, right[j * n:(j + 1) * n])
+        save()
+
+
+def accuracy(cell: dict | float | None) -> float | None:
+    if cell is None or isinstance(cell, float | int):
+        return cell
+    return 100.0 * sum(cell["right"]) / len(cell["right"]) if cell["right"] else None
+
+
+def by_depth(cell: dict) -> list[float | None]:
+    """Accuracy (%) per depth bucket (DEPTH_BUCKETS equal slices of the document)."""
+    hits: Counter[int] = Counter()
+    asked: Counter[int] = Counter()
+    for right, depth in zip(cell["right"], cell["depth"], strict=True):
+        bucket = min(DEPTH_BUCKETS - 1, int(depth * DEPTH_BUCKETS))
+        hits[bucket] += right
+        asked[bucket] += 1
+    return [100.0 * hits[b] / asked[b] if asked[b] else None for b in range(DEPTH_BUCKETS)]
 
 
 def perplexities(llm: LLM, args) -> dict[str, float]:
@@ -178,36 +163,54 @@ def _forward(llm: LLM, ids: list[int], start: int, n: int, mode: str, budget: in
 
 def run(args) -> dict:
     results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+
+    def save() -> None:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
     llm = LLM(attention="sparse", max_num_seqs=args.batch, sparse_recall_sample=0.0,
               kv_cache_memory=args.kv_cache, **dict(_engine_arg(kv) for kv in args.engine_arg))
-    todo = [(t, n) for t in args.tasks for n in args.lengths
-            if any(f"{t}/{n}/{r}/{b}" not in results for r, b in rows(args))]
-    for task, length in tqdm(todo, desc="tasks"):
-        t0 = time.time()
-        for key, acc in retrieval(llm, args, task, length).items():
-            results[f"{task}/{length}/{key}"] = acc
-        print(f"{task}/{length} ({time.time() - t0:.0f}s): " + ", ".join(
-            f"{r}/{b} {results[f'{task}/{length}/{r}/{b}']:.0f}" for r, b in rows(args)), flush=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))  # saved after each, as runs are long
+    for task in args.tasks:
+        for length in args.lengths:
+            t0 = time.time()
+            retrieval(llm, args, task, length, results, save)
+            done = [(r, b, accuracy(results.get(f"{task}/{length}/{r}/{b}")) or 0) for r, b in rows(args)]
+            print(f"{task}/{length} ({time.time() - t0:.0f}s): "
+                  + ", ".join(f"{r}/{b} {a:.0f}" for r, b, a in done), flush=True)
     if args.ppl and any(f"ppl/{r}/{b}" not in results for r, b in rows(args)):
         results.update({f"ppl/{key}": v for key, v in perplexities(llm, args).items()})
         print("ppl: " + ", ".join(f"{r}/{b} {results[f'ppl/{r}/{b}']:.3f}" for r, b in rows(args)),
               flush=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        save()
     return results
 
 
 def report(results: dict, args) -> str:
-    """Markdown tables of a results file: accuracy (%) per length, task and row by budget; perplexity."""
+    """Markdown tables of a results file: accuracy (%) per length, task and row by budget; accuracy per
+    depth bucket; perplexity."""
     head = [f"| task | configuration | {' | '.join(map(str, args.budgets))} |",
             f"|---|---|{'---|' * len(args.budgets)}"]
     out = []
     for length in sorted(args.lengths, reverse=True):
-        lines = [_line(task, row, [results.get(f"{task}/{length}/{row}/{_budget(row, b)}")
+        lines = [_line(task, row, [accuracy(results.get(f"{task}/{length}/{row}/{_budget(row, b)}"))
                                    for b in args.budgets], lambda c: f"{c:.0f}")
                  for task in args.tasks for row in ["dense", *args.policies]]
         if any(lines):
             out += [f"### {length} tokens: accuracy (%)", "", *head, *filter(None, lines), ""]
+    depth_head = ["| task | length | configuration | budget | n | "
+                  + " | ".join(f"{100 * b // DEPTH_BUCKETS}-{100 * (b + 1) // DEPTH_BUCKETS}%"
+                               for b in range(DEPTH_BUCKETS)) + " |", "|---|---|---|---|---|"
+                  + "---|" * DEPTH_BUCKETS]
+    depth_lines = []
+    for task in args.tasks:
+        for length in sorted(args.lengths):
+            for row, budget in rows(args):
+                cell = results.get(f"{task}/{length}/{row}/{budget}")
+                if isinstance(cell, dict) and cell["right"]:
+                    cells = " | ".join("-" if c is None else f"{c:.0f}" for c in by_depth(cell))
+                    depth_lines.append(f"| {task} | {length} | {row} | {budget or '-'} "
+                                       f"| {len(cell['right'])} | {cells} |")
+    if depth_lines:
+        out += ["### Accuracy (%) by depth of the answer in the document", "", *depth_head, *depth_lines, ""]
     dense = results.get("ppl/dense/None")
     if dense:
         def change(c: float) -> str:
@@ -234,11 +237,27 @@ def _line(task: str, row: str, cells: list[float | None], fmt: Callable[[float],
 
 def _set_policy(llm: LLM, row: str) -> None:
     """Row "quest" uses the engine's page score and retrieval heads' local window; "quest:bound" names
-    its own score, "hierarchical:mean:256" its score and window (retrieval_local_tokens)."""
-    name, score, local = (row.split(":") + ["", ""])[:3]
-    args = llm.engine.args
-    llm.engine.backend.set_policy(name, score or args.sparse_page_score,
-                                         int(local or args.retrieval_local_tokens))
+    its own score, "hierarchical:mean:256" its score and window (retrieval_local_tokens). Options after
+    "@" switch the levers in place (ROW_OPTIONS; absent, the engine's): "hierarchical@obs=32"
+    (prompt-aware selection over the last 32 prompt queries), "@min_recall=0.9" (the recall guard),
+    "@interval=16" (decode steps a selection is kept), "@heads=query" (per query head, not per KV group).
+    Options combine: "hierarchical@obs=32,interval=16"."""
+    spec, _, options = row.partition("@")
+    name, score, local = (spec.split(":") + ["", ""])[:3]
+    opts = dict(o.split("=") for o in options.split(",") if o)
+    unknown = set(opts) - set(ROW_OPTIONS)
+    if unknown:
+        raise SystemExit(f"unknown row option(s) {sorted(unknown)} in {row!r}: expected {ROW_OPTIONS}")
+    engine = llm.engine
+    args, backend, config = engine.args, engine.backend, engine.sparse_config
+    heads = opts.get("heads", "query" if config.per_query_head else "kv")
+    if (heads == "query") != backend.per_query_head:
+        backend.set_selection(heads == "query")
+    backend.set_policy(name, score or args.sparse_page_score, int(local or args.retrieval_local_tokens))
+    backend.observation_window = int(opts.get("obs", config.observation_window))
+    backend.min_recall = float(opts.get("min_recall", config.min_recall))
+    backend.selector_interval = int(opts.get("interval", config.selector_interval))
+    engine.allocator.uncached_tail = max(1, backend.observation_window)
 
 
 def _engine_arg(text: str) -> tuple[str, object]:
@@ -251,14 +270,16 @@ def _engine_arg(text: str) -> tuple[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["passkey", "needle", "multikey"])
+    parser.add_argument("--tasks", nargs="+", default=["passkey", "needle", "multikey"], choices=list(TASKS))
     parser.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192])
     parser.add_argument("--budgets", nargs="+", type=int, default=[256, 512, 1024, 2048])
-    parser.add_argument("--policies", nargs="+", default=["hierarchical", "quest", "hip", "recent"],
-                        help="sparse rows; POLICY:SCORE[:LOCAL] picks the page score and the retrieval "
-                             "heads' local window (e.g. quest:bound, hierarchical:mean:256)")
+    parser.add_argument("--policies", nargs="*", default=["hierarchical", "quest", "hip", "recent"],
+                        help="sparse rows; POLICY:SCORE[:LOCAL][@OPTION=VALUE,...] picks the page score, the "
+                             "retrieval heads' local window and the levers obs, min_recall, interval, heads "
+                             "(e.g. quest:bound, hierarchical:mean:256, hierarchical@obs=32,interval=16)")
     parser.add_argument("--samples", type=int, default=50, help="questions per task and length")
-    parser.add_argument("--needles", type=int, default=25, help="needles (and questions) per haystack")
+    parser.add_argument("--needles", type=int, default=None,
+                        help="facts (and questions) per haystack (default: the task's, 25 or 10 or 5)")
     parser.add_argument("--batch", type=int, default=100, help="max_num_seqs of the engine")
     parser.add_argument("--kv-cache", default="2GiB")
     parser.add_argument("--ppl", action=argparse.BooleanOptionalAction, default=True)

@@ -117,6 +117,15 @@ class EngineArgs:
         "help": "Override the profile's share of streaming heads (0 = all retrieval)."})
     sparse_recall_sample: float = field(default=0.01, metadata={
         "help": "Fraction of sparse decode steps that also run dense attention to measure recall."})
+    sparse_observation_window: int = field(default=32, metadata={
+        "help": "Prompt-aware selection: the attention mass of the prompt's last N queries over the "
+                "context picks the retrieval heads' units for the first decode steps (0: off; QUALITY.md "
+                "shows 32 recovers the facts far from the question at 8K). Prefix-cache hits then stop N "
+                "tokens before a prompt's end, so those queries are computed."})
+    sparse_min_recall: float = field(default=0.0, metadata={
+        "help": "Fidelity guard: a sequence whose sampled recall (attention mass its selection holds) is "
+                "below this doubles its budget for the rest of its decode, up to dense; its first sparse "
+                "decode step is always sampled (0: off)."})
 
     speculative_config: str | None = field(default=None, metadata={
         "help": 'Speculative decoding, as JSON (vLLM\'s): {"method": "ngram" | "self_sparse" | '
@@ -165,7 +174,9 @@ class EngineArgs:
             sink_tokens=self.sink_tokens, local_tokens=self.local_tokens,
             retrieval_local_tokens=self.retrieval_local_tokens,
             prefill_local_tokens=self.prefill_local_tokens,
-            recall_sample=self.sparse_recall_sample, seed=self.seed)
+            recall_sample=self.sparse_recall_sample,
+            observation_window=max(0, self.sparse_observation_window), min_recall=self.sparse_min_recall,
+            seed=self.seed)
 
     def kernel_backend(self, device_type: str) -> str:
         """torch or triton: the flag, with NEEDLE_TRITON=0 as an alias for torch."""

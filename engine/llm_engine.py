@@ -101,8 +101,9 @@ class LLMEngine:
         self.backend = self._build_backend()
         if self.tiers is not None:
             self.backend.tiers = self.tiers
+        window = self.sparse_config.observation_window if args.attention == "sparse" else 0
         self.allocator = PageAllocator(self.pool.num_pages, args.page_size, args.enable_prefix_caching,
-                                       self.tiers)
+                                       self.tiers, uncached_tail=max(1, window))  # the seed's queries run
         self.scheduler = Scheduler(self.allocator, args.max_num_seqs, args.max_num_batched_tokens,
                                    on_release=self._on_release)
         graphs = None
@@ -166,7 +167,8 @@ class LLMEngine:
     def draft_backend(self, budget: int) -> AttentionBackend:
         """A second sparse backend over the same pool, at the draft budget (self_sparse drafting)."""
         cfg = self.model_config
-        config = dataclasses.replace(self.sparse_config, token_budget=budget, recall_sample=0.0)
+        config = dataclasses.replace(self.sparse_config, token_budget=budget, recall_sample=0.0,
+                                     min_recall=0.0)  # verification keeps drafts lossless: no guard
         return build_backend(self.pool, "sparse", self.kernels, config, self.head_profile, cfg.num_heads,
                              cfg.num_kv_heads)
 

@@ -37,9 +37,10 @@ class SeqPages:
 
 class PageAllocator:
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True,
-                 tiers: ValueTiers | None = None):
+                 tiers: ValueTiers | None = None, uncached_tail: int = 1):
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.uncached_tail = uncached_tail  # a prompt's last tokens always run (sparse observation window)
         self.pages = [Page(i) for i in range(num_pages)]
         self.free: deque[int] = deque(range(num_pages))
         self.hash_to_page: dict[int, int] = {}
@@ -64,11 +65,12 @@ class PageAllocator:
         return -(-num_tokens // self.page_size)
 
     def match_prefix(self, token_ids: list[int], salt: int | None = None) -> tuple[list[int], int | None]:
-        """Cached pages covering a prefix of token_ids, never the whole sequence (the last token must run)."""
+        """Cached pages covering a prefix of token_ids, never its last `uncached_tail` tokens (the last
+        token must run; sparse prompt-aware selection needs the queries of a few more)."""
         if not self.enable_prefix_caching:
             return [], None
         hits, last, h = [], None, salt
-        for start in range(0, len(token_ids) - 1 - self.page_size + 1, self.page_size):
+        for start in range(0, len(token_ids) - self.uncached_tail - self.page_size + 1, self.page_size):
             h = chain_hash(h, token_ids[start:start + self.page_size])
             page_id = self.hash_to_page.get(h)
             if page_id is None:

@@ -132,6 +132,9 @@ class Metrics:
                                             _TOKEN_BUCKETS)
         self.sparse_dense_fallbacks = counter("sparse_dense_fallbacks_total",
                                               "Sparse decode steps that ran dense (context within budget).")
+        self.sparse_guard_widenings = counter("sparse_guard_widenings_total",
+                                              "Budgets the fidelity guard widened (sampled recall under "
+                                              "--sparse-min-recall).")
         # Value offload (--cpu-kv-cache-memory): the device value cache's lookups of host pages, the bytes
         # copied each way and the host time spent on copies per step.
         self.cpu_cache_usage_perc = gauge("cpu_cache_usage_perc", "Fraction of the host value tier in use.")
@@ -203,6 +206,7 @@ class Metrics:
         for tokens in stats.attention.tokens_read:
             self.sparse_tokens_read.observe(tokens)
         self.sparse_dense_fallbacks.inc(stats.attention.dense_fallbacks)
+        self.sparse_guard_widenings.inc(stats.attention.guard_widenings)
         if self.lora_info is not None:
             self.lora_info.set_to_current_time()
         if stats.spec is not None:

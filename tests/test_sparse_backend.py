@@ -50,7 +50,7 @@ class Batch:
 def _args(**kw) -> EngineArgs:
     base = dict(sparse_token_budget=128, sparse_unit_tokens=32, dense_layers=1, sink_tokens=16,
                 local_tokens=32, retrieval_local_tokens=32, prefill_local_tokens=48, selector_interval=2,
-                sparse_recall_sample=0.0)
+                sparse_recall_sample=0.0, sparse_observation_window=0)  # query-driven selection only
     base.update(kw)
     return EngineArgs(**base)
 

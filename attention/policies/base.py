@@ -44,6 +44,7 @@ class SparsePolicy(ABC):
 
     name: str
     coarse_units = False
+    query_aware = True  # ranks by the query (the prompt-aware seed applies); the recent baseline does not
 
     def __init__(self, unit_tokens: int, summary_tokens: int, page_score: str = "bound"):
         if page_score not in PAGE_SCORES:

@@ -15,6 +15,7 @@ class RecentPolicy(SparsePolicy):
     """Unit = one summary; ranks allowed units by position, newest first."""
 
     name = "recent"
+    query_aware = False
 
     def select(self, req: SelectionRequest) -> torch.Tensor:
         b, h = req.q.shape[:2]
