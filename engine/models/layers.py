@@ -167,8 +167,13 @@ class GatedMLP(nn.Module):
 def compile_pointwise(model: nn.Module) -> None:
     """CUDA: torch.compile the elementwise work between the matmuls (RMSNorm with the residual add before
     it, the gated activation, RoPE), each into one fused kernel, inside the decode graphs too. Shapes are
-    dynamic, so one compile serves every batch size and query length."""
-    fused = {fn: torch.compile(fn, dynamic=True, fullgraph=True)
+    dynamic, so one compile serves every batch size and query length; what still varies (a norm over the
+    hidden size or over each head, size-1 head counts, eps) gets its own compile, up to a limit past which
+    dynamo runs that variant eagerly rather than failing."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    fused = {fn: torch.compile(fn, dynamic=True)
              for fn in (rms_norm, add_rms_norm, rotate_qk, gated_activation)}
     for m in model.modules():
         if isinstance(m, RMSNorm):
