@@ -44,9 +44,10 @@ def heatmap_of(histogram: str) -> list[tuple[str, str]]:
 ROWS = [
     ("Load", [
         ("Requests running and waiting", "timeseries", "short", [
-            (f"sum(needle:num_requests_running{SEL})", "running"),
-            (f"sum(needle:num_requests_waiting{SEL})", "waiting")],
-         "Sequences in the running batch and in the waiting queue, all replicas."),
+            (f"sum by (instance) (needle:num_requests_running{SEL})", "{{instance}} running"),
+            (f"sum by (instance) (needle:num_requests_waiting{SEL})", "{{instance}} waiting")],
+         "Sequences in the running batch and in the waiting queue, per replica (the router balances on "
+         "these)."),
         ("KV cache usage", "timeseries", "percentunit", [
             (f"needle:kv_cache_usage_perc{SEL}", "{{instance}}")],
          "Fraction of KV-cache pages in use, per replica. Near 100% the scheduler preempts."),
@@ -97,6 +98,9 @@ ROWS = [
         ("Dense fallbacks", "timeseries", "short", [
             (rate("sparse_dense_fallbacks_total"), "fallbacks/s")],
          "Sparse decode steps that attended densely instead (context within the budget)."),
+        ("Fidelity guard widenings", "timeseries", "short", [
+            (rate("sparse_guard_widenings_total"), "widenings/s")],
+         "Sequences whose sampled recall fell below --sparse-min-recall and widened their budget."),
     ]),
     ("Value offload", [
         ("Value-cache hit rate", "timeseries", "percentunit", [
