@@ -28,7 +28,8 @@ CHILD = r"""
 import json, sys, time
 from llama_cpp import Llama
 
-gguf, threads, long_ids, short_ids, new = sys.argv[1], int(sys.argv[2]), *json.loads(sys.stdin.read())
+gguf, threads, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+long_ids, short_ids = json.loads(sys.stdin.read())
 llm = Llama(model_path=gguf, n_ctx=len(long_ids) + new + 16, n_threads=threads, n_threads_batch=threads,
             n_batch=512, verbose=False)
 
@@ -48,15 +49,23 @@ print(json.dumps({"prefill_s": prefill, "decode_short": short, "decode_long": de
 """
 
 
+# -march=native builds AVX-512 code on this VM, whose CPU then traps it (Illegal instruction): name the
+# instruction sets instead (CMAKE_ARGS in the environment overrides).
+CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+
+
 def setup() -> None:
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", LLAMA_CPP], check=True)
+    env = {**os.environ, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", CMAKE_ARGS)}
+    subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", "--no-cache-dir", "--force-reinstall",
+                    LLAMA_CPP], check=True, env=env)
 
 
 def token_ids(context: int) -> tuple[list[int], list[int]]:
     from texts import stdlib_text
 
-    from needle.engine.loader import load_tokenizer, resolve_model
+    from needle.engine.llm_engine import load_tokenizer
+    from needle.engine.loader import resolve_model
 
     tok = load_tokenizer(resolve_model(None, "auto")[0])
     ids = tok.encode(stdlib_text(context * 6))[:context]
@@ -68,7 +77,9 @@ def llamacpp(gguf: Path, threads: int, long_ids: list[int], short_ids: list[int]
     if not python.exists():
         sys.exit(f"no llama.cpp venv at {VENV}: run with --setup first")
     out = subprocess.run([str(python), "-c", CHILD, str(gguf), str(threads), str(new)],
-                         input=json.dumps([long_ids, short_ids]), capture_output=True, text=True, check=True)
+                         input=json.dumps([long_ids, short_ids]), capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"llama.cpp failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
