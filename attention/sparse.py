@@ -243,8 +243,9 @@ class SparseBackend(AttentionBackend):
         allowed = allowed_units(ctx, int(last.max()) + 1, self.unit, self.num_sink_units,
                                 self.num_recent_units)
         budgets = [self.budget_of(meta, i) for i in index]
+        budget_of = dict(zip(index, budgets, strict=True))
         fixed = self.num_sink_units + self.num_recent_units
-        k = torch.tensor([self.budget_of(meta, i) // self.unit - fixed for i, _ in entries], dtype=torch.long,
+        k = torch.tensor([budget_of[i] // self.unit - fixed for i, _ in entries], dtype=torch.long,
                          device=dev)
         seq_ids = [meta.seq_ids[i] for i in index]
         self.table.reserve(0, max(budgets) // self.unit)
@@ -424,8 +425,9 @@ class SparseBackend(AttentionBackend):
         qpos = torch.arange(ctx - n, ctx, device=dev)
         out = torch.empty_like(q).view(n, self.num_kv_heads, self.group, self.head_dim)
         qg = q.view(n, self.num_kv_heads, self.group, self.head_dim)
-        table = meta.page_tables[i: i + 1]
-        value_table = meta.values_of(layer)[0][i: i + 1]
+        value_tables = meta.values_of(layer)[0]
+        offloaded = value_tables is not meta.page_tables
+        table, value_table = meta.page_tables[i: i + 1], value_tables[i: i + 1]
         kinds = ((self._retrieval[layer], None), (self._streaming[layer], self.prefill_local_tokens))
         for heads, window in kinds:
             if not heads.numel():
@@ -436,8 +438,9 @@ class SparseBackend(AttentionBackend):
                 first_local = max(self.sink_tokens, ctx - n - window + 1)
                 kpos = torch.cat([torch.arange(min(self.sink_tokens, ctx), device=dev),
                                   torch.arange(first_local, ctx, device=dev)])
-            slots = token_slots(table, kpos[None], self.pool.spec.page_size)[0]
-            value_slots = token_slots(value_table, kpos[None], self.pool.spec.page_size)[0]
+            ps = self.pool.spec.page_size
+            slots = token_slots(table, kpos[None], ps)[0]
+            value_slots = token_slots(value_table, kpos[None], ps)[0] if offloaded else slots
             keys = self._rows(self.pool.k[layer], slots, q.dtype)[:, heads]
             values = self._rows(self.pool.v[layer], value_slots, q.dtype)[:, heads]
             mask = kpos[None, :] <= qpos[:, None]

@@ -363,6 +363,34 @@ def decode_step_ms(engine, batch: int, ctx: int, steps: int = 24) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
+def ttft_seconds(engine, prompt_tokens: int, chunk: int = 8192,
+                 limit_s: float | None = None) -> float | None:
+    """Seconds from submitting one random prompt of `prompt_tokens` to its first token, prefilling
+    `chunk` tokens a step; None past limit_s. The request is aborted on a timeout or an error."""
+    from needle.scheduler.sampling_params import SamplingParams
+
+    engine.scheduler.max_num_batched_tokens = chunk
+    prompt = torch.randint(0, 100000, (prompt_tokens,)).tolist()
+    rid = f"ttft-{prompt_tokens}-{chunk}-{time.monotonic_ns()}"
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.add_request(rid, prompt, SamplingParams(max_tokens=1, temperature=0.0))
+    try:
+        while engine.has_unfinished():
+            engine.step()
+            if limit_s is not None and time.perf_counter() - start > limit_s:
+                engine.abort(rid)
+                engine.step()
+                return None
+    except Exception:
+        engine.abort(rid)
+        while engine.has_unfinished():
+            engine.step()
+        raise
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def weight_bytes(engine) -> int:
     """Bytes a decode step reads of the weights: all but the embedding table (only B rows of it)."""
     m = engine.model
@@ -418,33 +446,17 @@ def e2e(out: Path, bw: float, ttft_only: bool = False) -> dict:
                 result["decode"].append(row)
                 print(json.dumps(row), flush=True)
                 (out / "e2e.json").write_text(json.dumps(result, indent=1))
-        from needle.scheduler.sampling_params import SamplingParams
-
-        engine.add_request("warm-up", list(range(1, 9000)), SamplingParams(max_tokens=1, temperature=0.0))
-        while engine.has_unfinished():  # one-time costs (kernel plans, allocator growth) stay out of TTFT
-            engine.step()
+        ttft_seconds(engine, 9000)  # one-time costs (kernel plans, allocator growth) stay out of TTFT
         for n, chunk in ((32768, 8192), (131072 - 64, 8192), (32768, 131072), (131072 - 64, 131072)):
             # the prompt and its one new token within max_model_len; chunked or in one step
-            engine.scheduler.max_num_batched_tokens = chunk
             row = {"mode": mode, "prompt": n, "chunk": chunk}
             try:
-                prompt = torch.randint(0, 100000, (n,)).tolist()
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                rid = f"ttft-{n}-{chunk}"
-                engine.add_request(rid, prompt, SamplingParams(max_tokens=1, temperature=0.0))
-                while engine.has_unfinished():
-                    engine.step()
-                torch.cuda.synchronize()
-                row["ttft_s"] = time.perf_counter() - t0
+                row["ttft_s"] = ttft_seconds(engine, n, chunk)
             except Exception as e:  # noqa: BLE001
                 import traceback
 
                 traceback.print_exc()
                 row["error"] = repr(e)[:300]
-                engine.abort(rid)
-                while engine.has_unfinished():
-                    engine.step()
             result["ttft"].append(row)
             print(json.dumps(row), flush=True)
             (out / "e2e.json").write_text(json.dumps(result, indent=1))

@@ -52,36 +52,15 @@ def largest_batch(capacity_tokens: int, ctx: int) -> int:
     return (capacity_tokens - 64) // (ctx + 16)
 
 
-def ttft(engine, ctx: int, limit_s: float = 120.0) -> float | None:
-    """Seconds from submitting one prompt of about ctx tokens to its first token; None past limit_s
-    (the request is then aborted), so a slow prefill path cannot eat the whole run."""
-    from needle.scheduler.sampling_params import SamplingParams
-
-    engine.scheduler.max_num_batched_tokens = 8192
-    prompt = torch.randint(0, 100000, (ctx - 64,)).tolist()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    rid = f"ttft-{ctx}"
-    engine.add_request(rid, prompt, SamplingParams(max_tokens=1, temperature=0.0))
-    while engine.has_unfinished():
-        engine.step()
-        if time.perf_counter() - start > limit_s:
-            engine.abort(rid)
-            engine.step()
-            return None
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def baseline_rows(model: str, mode: str, kv_gib: float, rows: list[dict]) -> None:
     engine = gpu.make_engine(model, mode, kv_gib)
     gpu.fill_pool(engine.pool)
-    ttft(engine, 9000)  # one-time costs (kernel plans, allocator growth) stay out of TTFT
+    gpu.ttft_seconds(engine, 9000)  # one-time costs (kernel plans, allocator growth) stay out of TTFT
     for ctx in CONTEXTS:
         batch = largest_batch(engine.pool.capacity_tokens, ctx)
         row = {"mode": mode, "ctx": ctx, "batch": batch}
         ms = gpu.decode_step_ms(engine, batch, ctx)
-        row.update(ms=ms, tok_s=batch / ms * 1e3, ttft_s=ttft(engine, ctx))
+        row.update(ms=ms, tok_s=batch / ms * 1e3, ttft_s=gpu.ttft_seconds(engine, ctx - 64))
         rows.append(row)
         print(json.dumps(row), flush=True)
     del engine
@@ -174,8 +153,8 @@ def offload_rows(model: str, ctx: int, kv_gib: float, host_gib: float, rows: lis
         rows.append(row)
         print(json.dumps(row), flush=True)
     try:  # after the decode rows: the torch prefill is the slow part (time-limited; it may run out of memory)
-        ttft(engine, 9000)
-        seconds = ttft(engine, ctx, limit_s=45.0)
+        gpu.ttft_seconds(engine, 9000)
+        seconds = gpu.ttft_seconds(engine, ctx - 64, limit_s=45.0)
         rows[first_row]["ttft_s"] = seconds if seconds is not None else float("nan")
     except torch.OutOfMemoryError as e:
         seconds = repr(e)[:200]

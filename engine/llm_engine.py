@@ -12,7 +12,7 @@ import torch
 
 from needle.attention import build_backend
 from needle.attention.base import AttentionBackend
-from needle.attention.head_profile import HeadProfile, resolve_profile
+from needle.attention.head_profile import resolve_profile
 from needle.engine.config import EngineArgs
 from needle.engine.cuda_graph import CudaGraphRunner
 from needle.engine.detokenizer import TextState
@@ -96,6 +96,9 @@ class LLMEngine:
         self.tiers = None
         if args.cpu_kv_cache_memory is not None and (refusal := offload_refusal(args, cfg.windowed)):
             raise ModelLoadError(refusal)
+        self.head_profile = None if not self.keeps_summaries else resolve_profile(
+            args.head_profile, self.model_name, cfg.identity, cfg.num_layers, cfg.num_kv_heads,
+            args.streaming_ratio)  # resolved once: the offload tiers and the backends read it
         self.pool = self._build_pool()
         self.kernels = "torch" if self.tiers is not None else args.kernel_backend(self.device.type)
         self.backend = self._build_backend()
@@ -138,25 +141,18 @@ class LLMEngine:
             free, total = torch.cuda.mem_get_info(self.device)
             budget = int(free - total * (1 - args.gpu_memory_utilization))
         if args.cpu_kv_cache_memory is not None:
-            self.pool, self.tiers = build_tiers(spec, args, self.sparse_config, self._profile(), cfg.num_heads
-                                                // cfg.num_kv_heads, self.device, budget or CPU_KV_DEFAULT,
-                                                self.max_model_len)
-            return self.pool
+            pool, self.tiers = build_tiers(spec, args, self.sparse_config, self.head_profile,
+                                           cfg.num_heads // cfg.num_kv_heads, self.device,
+                                           budget or CPU_KV_DEFAULT, self.max_model_len)
+            return pool
         return KVPool.from_budget(spec, budget or CPU_KV_DEFAULT, self.device, with_summaries=sparse)
-
-    def _profile(self) -> HeadProfile:
-        cfg, args = self.model_config, self.args
-        return resolve_profile(args.head_profile, self.model_name, cfg.identity, cfg.num_layers,
-                               cfg.num_kv_heads, args.streaming_ratio)
 
     def _build_backend(self) -> AttentionBackend:
         cfg = self.model_config
-        profile = self._profile() if self.keeps_summaries else None
-        self.head_profile = profile
         # A dense server drafting with self_sparse runs the sparse backend with every sequence in dense
         # mode: the same attention, and the key summaries the draft's page selection reads stay exact.
         mode = "sparse" if self.keeps_summaries else "dense"
-        return build_backend(self.pool, mode, self.kernels, self.sparse_config, profile,
+        return build_backend(self.pool, mode, self.kernels, self.sparse_config, self.head_profile,
                              cfg.num_heads, cfg.num_kv_heads, offload=self.tiers is not None)
 
     @property

@@ -81,9 +81,8 @@ class ModelRunner:
 
     def draft_limit(self, seq: Sequence) -> int | None:
         """The most drafts the sequence may verify next step and still emit what it would without them."""
-        if self._mode(seq) == "dense":
-            return None
-        return self.backend.draft_limit(seq.seq_id, self._budget(seq), len(seq))
+        mode, budget = self.attention_of(seq)
+        return None if mode == "dense" else self.backend.draft_limit(seq.seq_id, budget, len(seq))
 
     def attention_key(self, seq: Sequence) -> str:
         """What the sequence's KV depends on beyond its tokens: its attention mode (and sparse budget)."""
