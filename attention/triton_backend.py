@@ -75,8 +75,8 @@ class TritonDenseBackend(DenseBackend):
         n, scale = q.shape[0], 1.0 / math.sqrt(q.shape[-1])
         first = 0 if window is None else max(0, ctx - n - window + 1)
         if ctx > n:
-            k = gather_context(self.pool.k[layer], page_table, ctx)[first:]
-            v = gather_context(self.pool.v[layer], page_table, ctx)[first:]
+            k = gather_context(self.pool.k[layer], page_table, ctx)[first:].to(q.dtype)
+            v = gather_context(self.pool.v[layer], page_table, ctx)[first:].to(q.dtype)
         if window is None:
             return prefill_dense(q, k, v, scale)
         return prefill_streaming(q, k, v, scale, sink=0, local=window)
@@ -221,8 +221,8 @@ class TritonSparseBackend(SparseBackend):
     def _prefill(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, i: int) -> torch.Tensor:
         """Retrieval heads: causal over the whole context; streaming heads: sinks + prefill window."""
         ctx, n = meta.context_lens[i], q.shape[0]
-        keys = gather_context(self.pool.k[layer], meta.page_tables[i], ctx)
-        values = gather_context(self.pool.v[layer], meta.page_tables[i], ctx)
+        keys = gather_context(self.pool.k[layer], meta.page_tables[i], ctx).to(q.dtype)
+        values = gather_context(self.pool.v[layer], meta.page_tables[i], ctx).to(q.dtype)
         qg = q.view(n, self.num_kv_heads, self.group, self.head_dim)
         out = torch.empty_like(qg)
         for heads, streaming in ((self._retrieval[layer], False), (self._streaming[layer], True)):

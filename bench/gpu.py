@@ -323,11 +323,12 @@ def make_engine(model: str, attention: str, kv_gib: float, max_model_len: int = 
 def fill_pool(pool) -> None:
     """Random K/V (never time on zeros) and the exact summaries of it."""
     for layer in range(pool.k.shape[0]):
-        pool.k[layer].normal_()
-        pool.v[layer].normal_()
+        pool.k[layer].copy_(torch.randn(pool.k[layer].shape, device=pool.device))  # any page dtype (fp8)
+        pool.v[layer].copy_(torch.randn(pool.v[layer].shape, device=pool.device))
         if pool.kmin is not None:
             sb = pool.spec.summary_tokens
-            blocks = pool.k[layer].view(pool.num_pages, -1, sb, pool.spec.num_kv_heads, pool.spec.head_dim)
+            blocks = pool.k[layer].to(pool.kmin.dtype).view(pool.num_pages, -1, sb, pool.spec.num_kv_heads,
+                                                            pool.spec.head_dim)
             pool.kmin[layer].copy_(blocks.amin(2))
             pool.kmax[layer].copy_(blocks.amax(2))
             pool.kmean[layer].copy_(blocks.mean(2))
@@ -468,34 +469,42 @@ def e2e(out: Path, bw: float, ttft_only: bool = False) -> dict:
 
 
 FUSION_ROWS = (("dense", 8192, 1), ("dense", 32768, 16), ("sparse", 131072, 1), ("sparse", 32768, 16))
+FP8_ROWS = (("dense", 8192, 1), ("dense", 32768, 16), ("dense", 131072, 1), ("sparse", 131072, 1),
+            ("sparse", 32768, 16))
 
 
-def fusion(out: Path) -> list[dict]:
-    """Decode ms/step with the elementwise ops compiled (-O1, the default) vs not (-O0), side by side."""
+def side_by_side(out: Path, name: str, key: str, values: tuple, rows: tuple) -> list[dict]:
+    """Decode ms/step of each (attention, ctx, batch) row with engine argument `key` at each of `values`,
+    one engine per (attention, value), the same random KV; -> rows, also written to OUT/name.json."""
     import gc
 
-    rows = []
+    result = []
     model = model_config_path(out)
     for mode in ("dense", "sparse"):
-        for level in (0, 1):
-            engine = make_engine(model, mode, 80, compilation_level=level)
+        for value in values:
+            engine = make_engine(model, mode, 80, **{key: value})
             fill_pool(engine.pool)
-            for m, ctx, batch in FUSION_ROWS:
+            for m, ctx, batch in rows:
                 if m == mode:
-                    row = {"mode": mode, "ctx": ctx, "batch": batch, "level": level,
+                    row = {"mode": mode, "ctx": ctx, "batch": batch, key: value,
+                           "capacity_tokens": engine.pool.capacity_tokens,
                            "ms": decode_step_ms(engine, batch, ctx)}
-                    rows.append(row)
+                    result.append(row)
                     print(json.dumps(row), flush=True)
             engine = None
             gc.collect()
             torch.cuda.empty_cache()
-    (out / "fusion.json").write_text(json.dumps(rows, indent=1))
-    by = {(r["mode"], r["ctx"], r["batch"], r["level"]): r["ms"] for r in rows}
-    print("\n| attention | ctx | batch | -O0 ms/step | -O1 ms/step | speed-up |\n|---|---|---|---|---|---|")
-    for m, ctx, batch in FUSION_ROWS:
-        a, b = by[(m, ctx, batch, 0)], by[(m, ctx, batch, 1)]
-        print(f"| {m} | {ctx // 1024}K | {batch} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
-    return rows
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    by = {(r["mode"], r["ctx"], r["batch"], r[key]): r for r in result}
+    a, b = values
+    print(f"\n| attention | ctx | batch | {key}={a} ms/step | {key}={b} ms/step | speed-up "
+          "| tokens in 80 GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for m, ctx, batch in rows:
+        x, y = by[(m, ctx, batch, a)], by[(m, ctx, batch, b)]
+        print(f"| {m} | {ctx // 1024}K | {batch} | {x['ms']:.2f} | {y['ms']:.2f} | "
+              f"{x['ms'] / y['ms']:.2f}x | {x['capacity_tokens']} -> {y['capacity_tokens']} |")
+    return result
 
 
 FAMILY_ROWS = (("qwen3-8b", 32768, (1, 4)), ("gemma-3-12b", 32768, (1, 2)))
@@ -631,6 +640,7 @@ def main() -> None:
     ap.add_argument("--families", action="store_true", help="Qwen3-8B and Gemma-3-12B shapes at 32K")
     ap.add_argument("--ttft-only", action="store_true", help="with --e2e: skip the decode table")
     ap.add_argument("--fusion", action="store_true", help="decode with the elementwise ops compiled or not")
+    ap.add_argument("--fp8", action="store_true", help="decode over model-dtype (auto) vs fp8 KV pages")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     out = Path(args.out)
@@ -645,7 +655,10 @@ def main() -> None:
         families(out)
         return
     if args.fusion:
-        fusion(out)
+        side_by_side(out, "fusion", "compilation_level", (0, 1), FUSION_ROWS)
+        return
+    if args.fp8:
+        side_by_side(out, "fp8", "kv_cache_dtype", ("auto", "fp8"), FP8_ROWS)
         return
     if args.kernels or not args.e2e:
         result = kernels(out)

@@ -8,6 +8,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+import torch
+
 from needle.attention.sparse import SparseConfig
 
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -148,8 +150,11 @@ class EngineArgs:
                 "gated activation, RoPE) with torch.compile on CUDA when CUDA graphs are on (a one-time "
                 "compile on the first steps); 0 never compiles. Ignored on the CPU."})
     kv_cache_dtype: str = field(default="auto", metadata={
-        "help": "KV cache dtype. auto: the model dtype; fp8 (fp8_e4m3, fp8_e5m2) is refused: not "
-                "implemented on CUDA yet, and the CPU path reads the cache in the model dtype.",
+        "help": "KV cache dtype. auto: the model dtype; fp8 (= fp8_e4m3) or fp8_e5m2: K/V pages in one "
+                "byte per value (half of bf16: twice the tokens in the same memory), saturating at the "
+                "format's largest value, unscaled (vLLM's default scale of 1.0); the kernels read them and "
+                "compute in the model dtype, key summaries stay in the model dtype. Not with "
+                "--cpu-kv-cache-memory.",
         "choices": ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]})
     tokenizer: str | None = field(default=None, metadata={
         "help": "Tokenizer: a Hugging Face tokenizer directory or Hub repo (default: the model's own)."})
@@ -197,6 +202,12 @@ class EngineArgs:
     @property
     def cpu_kv_cache_bytes(self) -> int | None:
         return None if self.cpu_kv_cache_memory is None else parse_bytes(self.cpu_kv_cache_memory)
+
+    @property
+    def kv_page_dtype(self) -> torch.dtype | None:
+        """The K/V pages' dtype where --kv-cache-dtype sets one (None: the model's)."""
+        return {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+                "fp8_e5m2": torch.float8_e5m2}[self.kv_cache_dtype]
 
     @property
     def kv_cache_bytes(self) -> int | None:

@@ -82,11 +82,10 @@ class LLMEngine:
             raise ModelLoadError(f"--max-model-len {args.max_model_len} exceeds the model's context "
                                  f"length {cfg.max_model_len}")
         self.max_model_len = args.max_model_len or cfg.max_model_len
-        if args.kv_cache_dtype != "auto":
-            raise ModelLoadError(f"--kv-cache-dtype {args.kv_cache_dtype} is not available: "
-                                 + ("the CPU attention reads the KV cache in the model dtype"
-                                    if self.device.type == "cpu" else "fp8 KV pages are not implemented on "
-                                    "CUDA yet") + "; use --kv-cache-dtype auto")
+        if args.kv_page_dtype is not None and args.cpu_kv_cache_memory is not None:
+            raise ModelLoadError(f"--kv-cache-dtype {args.kv_cache_dtype} is not available with "
+                                 "--cpu-kv-cache-memory: the host value tier keeps model-dtype pages; "
+                                 "use --kv-cache-dtype auto")
         self.tokenizer = load_tokenizer(path, args.tokenizer)
         self.sampling_defaults = generation_defaults(args.generation_config, path)
         self.model = quantize(load_model(path, cfg, self.dtype, self.device, args.load_format, args.seed),
@@ -134,7 +133,8 @@ class LLMEngine:
 
     def _build_pool(self) -> KVPool:
         cfg, args = self.model_config, self.args
-        spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, args.page_size, dtype=self.dtype)
+        spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, args.page_size, dtype=self.dtype,
+                           kv_dtype=args.kv_page_dtype)
         sparse = self.keeps_summaries
         budget = args.kv_cache_bytes
         if budget is None and self.device.type == "cuda":

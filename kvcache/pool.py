@@ -14,20 +14,24 @@ class KVCacheSpec:
     head_dim: int
     page_size: int = 16
     summary_tokens: int = 16  # tokens per summary summarised by key min/max/mean
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = torch.float32  # the model's: key summaries, and K/V unless kv_dtype says
+    kv_dtype: torch.dtype | None = None  # the K/V pages' own dtype (fp8 KV: --kv-cache-dtype fp8)
+
+    @property
+    def page_dtype(self) -> torch.dtype:
+        return self.kv_dtype or self.dtype
 
     def bytes_per_page(self, with_summaries: bool) -> int:
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        kv = 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * elem
+        kv = 2 * self.value_bytes_per_page(self.num_layers)
         if not with_summaries:
             return kv
         blocks = self.page_size // self.summary_tokens
+        elem = self.dtype.itemsize
         return kv + 3 * self.num_layers * blocks * self.num_kv_heads * self.head_dim * elem
 
     def value_bytes_per_page(self, num_layers: int) -> int:
         """Bytes of one page's values in `num_layers` layers."""
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return num_layers * self.page_size * self.num_kv_heads * self.head_dim * elem
+        return num_layers * self.page_size * self.num_kv_heads * self.head_dim * self.page_dtype.itemsize
 
 
 class KVPool:
@@ -45,10 +49,10 @@ class KVPool:
         self.num_pages = num_pages
         self.device = device
         shape = (spec.num_layers, num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim)
-        self.k = torch.zeros(shape, dtype=spec.dtype, device=device)
-        self.v: torch.Tensor | list[torch.Tensor] = torch.zeros(shape, dtype=spec.dtype, device=device) \
+        self.k = torch.zeros(shape, dtype=spec.page_dtype, device=device)
+        self.v: torch.Tensor | list[torch.Tensor] = torch.zeros(shape, dtype=spec.page_dtype, device=device) \
             if value_slots is None else \
-            [torch.zeros((rows, *shape[2:]), dtype=spec.dtype, device=device)
+            [torch.zeros((rows, *shape[2:]), dtype=spec.page_dtype, device=device)
              for rows in [num_pages] * offloaded_from + list(value_slots)]
         self.kmin: torch.Tensor | None = None
         self.kmax: torch.Tensor | None = None
@@ -78,5 +82,23 @@ class KVPool:
         slots where those differ: offloaded layers, see value_tiers.py)."""
         hkv, d = self.spec.num_kv_heads, self.spec.head_dim
         value_slots = slot_mapping if value_slot_mapping is None else value_slot_mapping
-        self.k[layer].view(-1, hkv, d).index_copy_(0, slot_mapping, k.to(self.spec.dtype))
-        self.v[layer].view(-1, hkv, d).index_copy_(0, value_slots, v.to(self.spec.dtype))
+        store(self.k[layer].view(-1, hkv, d), slot_mapping, k)
+        store(self.v[layer].view(-1, hkv, d), value_slots, v)
+
+
+def to_page_dtype(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """rows in the pages' dtype; into fp8 saturating at its largest value (a cast past e4m3's 448 gives
+    NaN, and one outlier key would then poison every score of its page)."""
+    if dtype.itemsize == 1 and dtype.is_floating_point:
+        bound = torch.finfo(dtype).max
+        rows = rows.clamp(-bound, bound)
+    return rows.to(dtype)
+
+
+def store(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """cache[slots] = rows in the cache's dtype. torch has no index_copy_ for fp8, so one-byte caches
+    are written through a uint8 view of the same bytes."""
+    rows = to_page_dtype(rows, cache.dtype)
+    if cache.element_size() == 1:
+        cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)
+    cache.index_copy_(0, slots, rows)

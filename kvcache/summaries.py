@@ -34,10 +34,10 @@ def summarise_pages(k_cache: torch.Tensor, summaries: tuple[torch.Tensor, torch.
     hkv, d = k_cache.shape[-2], k_cache.shape[-1]
     touched, inverse = torch.unique(slot_mapping // sb, return_inverse=True)  # flat logical-page ids
     last_row = torch.full_like(touched, -1).scatter_reduce_(0, inverse, slot_mapping % sb, reduce="amax")
-    keys = k_cache.view(-1, sb, hkv, d)[touched]  # [U, sb, Hkv, D]
+    kmin, kmax, kmean = summaries
+    keys = k_cache.view(-1, sb, hkv, d)[touched].to(kmin.dtype)  # [U, sb, Hkv, D], fp8 pages upcast
     valid = (torch.arange(sb, device=keys.device)[None, :] <= last_row[:, None])[:, :, None, None]
     inf = torch.tensor(float("inf"), dtype=keys.dtype, device=keys.device)
-    kmin, kmax, kmean = summaries
     kmin.view(-1, hkv, d)[touched] = torch.where(valid, keys, inf).amin(dim=1)
     kmax.view(-1, hkv, d)[touched] = torch.where(valid, keys, -inf).amax(dim=1)
     total = torch.where(valid, keys.float(), 0).sum(dim=1)

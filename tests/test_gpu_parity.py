@@ -74,6 +74,9 @@ def runs(model_path, prompts) -> dict[tuple[str, str], list[list[int]]]:
         for name, kw in VARIANTS.items():
             out[(attention, name + "-spec")] = greedy(model_path, prompts, attention, name + "-spec",
                                                       speculative_config=SPEC, selector_interval=16, **kw)
+        for name in ("torch", "triton"):
+            out[(attention, name + "-fp8")] = greedy(model_path, prompts, attention, name + "-fp8",
+                                                     kv_cache_dtype="fp8", **VARIANTS[name])
     return out
 
 
@@ -90,6 +93,13 @@ def test_triton_equals_torch_position_by_position(runs, attention, variant):
     for i, (a, b) in enumerate(zip(want, got, strict=True)):
         same = next((j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
         assert same == len(a), f"prompt {i} ({PROMPT_LENS[i]} tokens) diverges at new token {same}"
+
+
+@pytest.mark.parametrize("attention", ["dense", "sparse"])
+def test_triton_reads_fp8_pages_as_torch_does(runs, attention):
+    """Both backends store the same rounded bytes and compute in the model dtype over them."""
+    assert runs[(attention, "triton-fp8")] == runs[(attention, "torch-fp8")]
+    assert runs[(attention, "triton-fp8")] != runs[(attention, "triton")]  # the pages really are fp8
 
 
 @pytest.mark.parametrize("variant", ["torch", "triton", "triton-eager"])

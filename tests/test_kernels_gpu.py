@@ -141,6 +141,49 @@ def test_sparse_decode_matches_reference(hq, hkv, shared, d, dtype):
         assert nu > 0 and rel_err(out, want) < 1e-2
 
 
+@needs_kernels
+@pytest.mark.parametrize("page_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_kernels_read_and_write_fp8_pages(page_dtype):
+    """fp8 pages: kv_append stores what to_page_dtype gives and summarises the stored keys in the
+    summaries' dtype; the decode kernels equal their reference over the same pages upcast."""
+    from needle.attention.kernels.kv_append import kv_append
+    from needle.attention.kernels.paged_decode import paged_decode, sparse_decode
+    from needle.kvcache.pool import to_page_dtype
+    from needle.kvcache.summaries import summarise_pages
+
+    gen = torch.Generator().manual_seed(5)
+    hq, hkv, d, dtype = 8, 2, 128, torch.bfloat16
+    lens = [700, 90, 1000, 5]
+    q, k, v, _, _, bt, ctx = _decode_case(gen, hq, hkv, d, dtype, lens)
+    k8, v8 = to_page_dtype(k, page_dtype), to_page_dtype(v, page_dtype)
+    scale = d ** -0.5
+    out = paged_decode(q, k8, v8, bt, ctx, scale)
+    assert rel_err(out, ref.paged_decode_ref(q, k8.to(dtype), v8.to(dtype), bt, ctx, scale)) < 1e-2
+    units = torch.full((len(lens), hq, 4), -1, dtype=torch.int32)
+    for b, n in enumerate(lens):
+        pick = torch.randperm(math.ceil(n / 32), generator=gen)[:4]
+        units[b, :, : pick.numel()] = pick.int()
+    units, streaming = units.to(DEVICE), torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
+    kw = dict(unit_tokens=32, sink=16, recent=40, recent_units=0, stream_sink=8, stream_local=50)
+    out = sparse_decode(q, k8, v8, bt, ctx, units, streaming, scale=scale, **kw)
+    want = ref.paged_decode_ref(q, k8.to(dtype), v8.to(dtype), bt, ctx, scale,
+                                streaming_kv=streaming.bool(), units=units, **kw)
+    assert rel_err(out, want) < 1e-2
+
+    slots = slots_for(bt.cpu(), [0] * 4, lens, 16).to(DEVICE)
+    new_k = 30 * torch.randn(slots.numel(), hkv, d, generator=gen).to(dtype).to(DEVICE)  # some past 448
+    new_v = torch.randn(slots.numel(), hkv, d, generator=gen).to(dtype).to(DEVICE)
+    sums = tuple(torch.zeros(256, 1, hkv, d, dtype=dtype, device=DEVICE) for _ in range(3))
+    kv_append(k8, v8, sums, new_k, new_v, slots, 16)
+    assert torch.equal(k8.view(-1, hkv, d)[slots].to(dtype), to_page_dtype(new_k, page_dtype).to(dtype))
+    assert torch.equal(v8.view(-1, hkv, d)[slots].to(dtype), to_page_dtype(new_v, page_dtype).to(dtype))
+    want = tuple(torch.zeros_like(t) for t in sums)
+    summarise_pages(k8, want, slots, 16)
+    for got, expect in zip(sums[:2], want[:2], strict=True):
+        assert torch.equal(got, expect)
+    torch.testing.assert_close(sums[2].float(), want[2].float(), rtol=2e-2, atol=2e-2)
+
+
 def _verify_case(gen, lens, qlens):
     """query_start_loc of sequences bringing qlens[i] queries each (qlens 0: a padded row)."""
     starts = torch.tensor([0, *itertools.accumulate(qlens)], dtype=torch.int64, device=DEVICE)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from needle.attention.kernels import HAS_TRITON, tl, triton
+from needle.kvcache.pool import to_page_dtype
 
 if HAS_TRITON:
 
@@ -71,8 +72,8 @@ def kv_append(k_cache: torch.Tensor, v_cache: torch.Tensor, summaries: tuple[tor
     t, hkv, d = k.shape
     if t == 0:
         return
-    k = k.to(k_cache.dtype).contiguous()
-    v = v.to(v_cache.dtype).contiguous()
+    k = to_page_dtype(k, k_cache.dtype).contiguous()
+    v = to_page_dtype(v, v_cache.dtype).contiguous()
     kmin, kmax, kmean = summaries or (k_cache, k_cache, k_cache)
     _kv_append_kernel[(t,)](
         k, v, slot_mapping, k_cache, v_cache, kmin, kmax, kmean,

@@ -102,8 +102,8 @@ if HAS_TRITON:
                 valid = valid & (pos[None, :] >= rec_start[:, None])
             page = tl.load(bt_ptr + b * bt_stride + pos // PS, mask=loaded, other=0).to(tl.int64)
             off = ((page * PS + pos % PS) * HKV + kvh) * D
-            k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=loaded[:, None], other=0.0)
-            v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=loaded[:, None], other=0.0)
+            k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=loaded[:, None], other=0.0).to(q.dtype)
+            v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=loaded[:, None], other=0.0).to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
