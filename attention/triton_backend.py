@@ -32,7 +32,7 @@ from needle.attention.kernels.page_select import select_units
 from needle.attention.kernels.paged_decode import paged_decode, sparse_decode
 from needle.attention.kernels.prefill import gather_context, prefill_dense, prefill_streaming
 from needle.attention.sparse import SparseBackend, SparseConfig, _Step, allowed_units
-from needle.kvcache.pool import KVPool
+from needle.kvcache.pool import KVPool, to_page_dtype
 
 
 def append(pool: KVPool, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -77,6 +77,8 @@ class TritonDenseBackend(DenseBackend):
         if ctx > n:
             k = gather_context(self.pool.k[layer], page_table, ctx)[first:].to(q.dtype)
             v = gather_context(self.pool.v[layer], page_table, ctx)[first:].to(q.dtype)
+        elif self.pool.k.dtype != k.dtype:  # fp8 pages: attend to what the cache holds, as later steps do
+            k, v = (to_page_dtype(t, self.pool.k.dtype).to(q.dtype) for t in (k, v))
         if window is None:
             return prefill_dense(q, k, v, scale)
         return prefill_streaming(q, k, v, scale, sink=0, local=window)

@@ -127,7 +127,7 @@ def report(result: dict, acceptance: list[float]) -> str:
                 cells = [f"{m:.2f} ({m / base['ms']:.2f}x)" for m in ms]
                 lines.append(f"| {mode} | {ctx // 1024}K | {batch} | {base['ms']:.2f} | " + " | ".join(cells)
                              + f" | {base['draft_round_ms']:.2f} |")
-    lines += ["", "Step-time model (the controller's features, ridge fit over these shapes): "
+    lines += ["", "Step-time model (the controller's features, non-negative fit over these shapes): "
               + "; ".join(f"{m}: mean error {100 * f['mean_error']:.1f}%, max {100 * f['max_error']:.1f}%"
                           for m, f in result["fit"].items()), ""]
     for mode in ("dense", "sparse"):

@@ -14,14 +14,20 @@ from __future__ import annotations
 import torch
 
 from needle.attention.kernels import HAS_TRITON, tl, triton
-from needle.kvcache.pool import to_page_dtype
 
 if HAS_TRITON:
 
     @triton.jit
+    def _as_page(x, cache_ptr, BOUND: tl.constexpr):
+        """x in the cache's dtype, saturated at +-BOUND first where BOUND > 0 (fp8: see to_page_dtype)."""
+        if BOUND > 0:
+            x = tl.clamp(x.to(tl.float32), -BOUND, BOUND)
+        return x.to(cache_ptr.dtype.element_ty)
+
+    @triton.jit
     def _kv_append_kernel(k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, kmean_ptr, T,
                           HKV: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, SB: tl.constexpr,
-                          SUMMARIES: tl.constexpr):
+                          SUMMARIES: tl.constexpr, BOUND: tl.constexpr):
         t = tl.program_id(0)
         slot = tl.load(slot_ptr + t).to(tl.int64)
         if slot >= 0:
@@ -29,8 +35,8 @@ if HAS_TRITON:
             d = tl.arange(0, D)[None, :]
             m = h < HKV
             src = h * D + d
-            kt = tl.load(k_ptr + t.to(tl.int64) * HKV * D + src, mask=m)
-            vt = tl.load(v_ptr + t.to(tl.int64) * HKV * D + src, mask=m)
+            kt = _as_page(tl.load(k_ptr + t.to(tl.int64) * HKV * D + src, mask=m), kc_ptr, BOUND)
+            vt = _as_page(tl.load(v_ptr + t.to(tl.int64) * HKV * D + src, mask=m), vc_ptr, BOUND)
             tl.store(kc_ptr + slot * HKV * D + src, kt, mask=m)
             tl.store(vc_ptr + slot * HKV * D + src, vt, mask=m)
             if SUMMARIES:
@@ -46,8 +52,8 @@ if HAS_TRITON:
                     for i in tl.static_range(1, SB):
                         prev = tl.load(slot_ptr + t - i, mask=t - i >= 0, other=-1).to(tl.int64)
                         ok = (i <= r) & (run == i) & (prev == slot - i)
-                        kp = tl.load(k_ptr + (t - i).to(tl.int64) * HKV * D + src, mask=m & ok,
-                                     other=0.0).to(tl.float32)
+                        kp = _as_page(tl.load(k_ptr + (t - i).to(tl.int64) * HKV * D + src, mask=m & ok,
+                                              other=0.0), kc_ptr, BOUND).to(tl.float32)
                         lo = tl.where(ok, tl.minimum(lo, kp), lo)
                         hi = tl.where(ok, tl.maximum(hi, kp), hi)
                         total = tl.where(ok, total + kp, total)
@@ -72,10 +78,11 @@ def kv_append(k_cache: torch.Tensor, v_cache: torch.Tensor, summaries: tuple[tor
     t, hkv, d = k.shape
     if t == 0:
         return
-    k = to_page_dtype(k, k_cache.dtype).contiguous()
-    v = to_page_dtype(v, v_cache.dtype).contiguous()
+    k, v = k.contiguous(), v.contiguous()  # cast into the pages' dtype in the kernel
+    fp8 = k_cache.element_size() == 1
     kmin, kmax, kmean = summaries or (k_cache, k_cache, k_cache)
     _kv_append_kernel[(t,)](
         k, v, slot_mapping, k_cache, v_cache, kmin, kmax, kmean,
         t, HKV=hkv, HP=triton.next_power_of_2(hkv), D=d, SB=summary_tokens, SUMMARIES=summaries is not None,
+        BOUND=torch.finfo(k_cache.dtype).max if fp8 else 0.0,
         num_warps=4 if hkv * d >= 512 else 1)
