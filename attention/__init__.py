@@ -16,11 +16,15 @@ from needle.kvcache.pool import KVPool
 def build_backend(pool: KVPool, mode: str, kernels: str, sparse: SparseConfig, profile: HeadProfile | None,
                   num_q_heads: int, num_kv_heads: int, offload: bool = False) -> AttentionBackend:
     """mode: dense | sparse (the engine's --attention); kernels: torch | triton (resolved, not auto);
-    offload: values live in kvcache/value_tiers.py (sparse, torch kernels only)."""
+    offload: values live in kvcache/value_tiers.py (sparse)."""
     if kernels == "triton":
         from needle.attention.triton_backend import TritonDenseBackend, TritonSparseBackend
 
         dense_cls, sparse_cls = TritonDenseBackend, TritonSparseBackend
+        if offload:
+            from needle.attention.offload import TritonOffloadSparseBackend
+
+            sparse_cls = TritonOffloadSparseBackend
     else:
         from needle.attention.dense import DenseBackend
         from needle.attention.sparse import SparseBackend

@@ -1,5 +1,5 @@
-"""Sparse attention over offloaded values (kvcache/value_tiers.py): the torch sparse backend, whose
-retrieval heads read the values of host pages through the device value cache.
+"""Sparse attention over offloaded values (kvcache/value_tiers.py): the sparse backends (torch, and Triton
+on CUDA), whose retrieval heads read the values of host pages through the device value cache.
 
 Which values must stay on the device follows from what each sequence reads: a prefill chunk, a
 dense-mode request and a sequence whose context fits its budget read everything (so all of their pages
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from needle.attention.base import AttentionMetadata
 from needle.attention.sparse import SparseBackend, _Decode
+from needle.attention.triton_backend import TritonSparseBackend, value_tables_of
 from needle.kvcache.value_tiers import ValueTiers
 
 
@@ -36,19 +38,39 @@ class OffloadSparseBackend(SparseBackend):
 
     def _retrieval_values(self, layer: int, pos: torch.Tensor, valid: torch.Tensor,
                           plan: _Decode) -> torch.Tensor:
-        """Value tables in which the host pages that pos reads point at their value-cache slots."""
-        tables = plan.value_tables
-        b, width = tables.shape
-        logical = (pos // self.pool.spec.page_size).reshape(b, -1)
-        on_host = (tables.gather(1, logical) < 0) & valid.reshape(b, -1)
-        if not bool(on_host.any()):
-            return tables.clamp(min=0)  # positions masked out may point at host pages: read slot 0
-        rows = torch.arange(b, device=pos.device)[:, None].expand_as(logical)[on_host]
-        cells = torch.unique(rows * width + logical[on_host])  # (sequence, page) pairs, flat
-        pages = plan.page_tables.reshape(-1)[cells].tolist()
-        distinct = list(dict.fromkeys(pages))  # sequences sharing a prefix share its cache entries
-        slot_of = dict(zip(distinct, self.tiers.fetch(layer, distinct), strict=True))
-        tables = tables.clone()
-        tables.view(-1)[cells] = torch.tensor([slot_of[p] for p in pages], dtype=tables.dtype,
-                                              device=tables.device)
-        return tables.clamp(min=0)
+        return fetch_selected(self.tiers, layer, plan.value_tables, plan.page_tables, pos, valid)
+
+
+class TritonOffloadSparseBackend(TritonSparseBackend, OffloadSparseBackend):
+    """The Triton kernels over offloaded values: after each layer's page selection the host pages it
+    chose are fetched and the decode kernel reads values through the patched value tables. Steps run
+    eagerly (no CUDA graph): what a layer fetches depends on what it just selected, which the host must
+    see. Steps the fast path does not take run the torch path of OffloadSparseBackend."""
+
+    name = "triton-sparse-offload"
+
+    def graph_key(self, meta: AttentionMetadata):
+        return None
+
+    def _value_tables(self, layer: int, sel: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
+        tables = value_tables_of(meta, layer)
+        if tables is None:
+            return None
+        ctx = meta.context_lens_t.long()[:, None, None]
+        rows = sel.shape[1]  # selector rows: KV heads, or query heads when they select alone
+        kv_head = torch.arange(rows, device=sel.device) * (self.num_q_heads // rows) // self.group
+        selects = self._stream_flags[layer][kv_head] == 0  # streaming heads read no chosen unit
+        pos = (sel.long()[..., None] * self.unit + torch.arange(self.unit, device=sel.device)).flatten(2)
+        valid = ((sel >= 0) & selects[None, :, None]).repeat_interleave(self.unit, dim=2) & (pos < ctx)
+        return fetch_selected(self.tiers, layer, tables, meta.page_tables, pos.clamp(min=0).minimum(ctx - 1),
+                              valid)
+
+
+def fetch_selected(tiers: ValueTiers, layer: int, tables: torch.Tensor, page_tables: torch.Tensor,
+                   pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Value tables [B, P] in which the host pages that pos [B, H, N] reads (where valid) point at their
+    value-cache slots in `layer`, fetched there first."""
+    b = tables.shape[0]
+    logical = (pos // tiers.pool.spec.page_size).reshape(b, -1)
+    resolved = tiers.resolve(layer, tables, page_tables, logical, valid.reshape(b, -1))
+    return resolved.clamp(min=0)  # positions masked out may point at host pages: read slot 0

@@ -35,10 +35,19 @@ from needle.attention.sparse import SparseBackend, SparseConfig, _Step, allowed_
 from needle.kvcache.pool import KVPool, to_page_dtype
 
 
-def append(pool: KVPool, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Write the step's K/V and keep the key summaries exact (when the pool has them)."""
+def append(pool: KVPool, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    """Write the step's K/V (values at their value slots where offload moved them) and keep the key
+    summaries exact (when the pool has them)."""
     summaries = None if pool.kmin is None else (pool.kmin[layer], pool.kmax[layer], pool.kmean[layer])
-    kv_append(pool.k[layer], pool.v[layer], summaries, k, v, slots, pool.spec.summary_tokens)
+    value_slots = meta.values_of(layer)[1]
+    kv_append(pool.k[layer], pool.v[layer], summaries, k, v, meta.slot_mapping, pool.spec.summary_tokens,
+              None if value_slots is meta.slot_mapping else value_slots)
+
+
+def value_tables_of(meta: AttentionMetadata, layer: int) -> torch.Tensor | None:
+    """The tables the kernels read `layer`'s values through, or None: at the pages' own slots."""
+    tables = meta.values_of(layer)[0]
+    return None if tables is meta.page_tables else tables
 
 
 class TritonDenseBackend(DenseBackend):
@@ -46,7 +55,7 @@ class TritonDenseBackend(DenseBackend):
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata, window: int | None = None) -> torch.Tensor:
-        append(self.pool, layer, k, v, meta.slot_mapping)
+        append(self.pool, layer, k, v, meta)
         if meta.decodes_only:
             return self._decode(layer, q, meta, window)
         out = torch.empty_like(q)
@@ -59,24 +68,26 @@ class TritonDenseBackend(DenseBackend):
             if not meta.decodes(i):
                 rows = slice(starts[i], starts[i] + n)
                 out[rows] = self.prefill(layer, q[rows], k[rows], v[rows], meta.page_tables[i],
-                                         meta.context_lens[i], window)
+                                         meta.context_lens[i], window, meta.values_of(layer)[0][i])
         return out
 
     def _decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,
                 window: int | None) -> torch.Tensor:
         """Decodes and verifies (several queries per sequence, in the same kernel)."""
         return paged_decode(q, self.pool.k[layer], self.pool.v[layer], meta.page_tables, meta.context_lens_t,
-                            1.0 / math.sqrt(q.shape[-1]), window=window, **meta.decode_kernel_args())
+                            1.0 / math.sqrt(q.shape[-1]), window=window,
+                            value_tables=value_tables_of(meta, layer), **meta.decode_kernel_args())
 
     def prefill(self, layer: int, q, k, v, page_table: torch.Tensor, ctx: int,
-                window: int | None = None) -> torch.Tensor:
+                window: int | None = None, value_table: torch.Tensor | None = None) -> torch.Tensor:
         """A prefill chunk: causal over the context in the pages (a later chunk) or its own keys; a
         sliding-window layer gathers only the keys its oldest query can see."""
         n, scale = q.shape[0], 1.0 / math.sqrt(q.shape[-1])
         first = 0 if window is None else max(0, ctx - n - window + 1)
         if ctx > n:
             k = gather_context(self.pool.k[layer], page_table, ctx)[first:].to(q.dtype)
-            v = gather_context(self.pool.v[layer], page_table, ctx)[first:].to(q.dtype)
+            v = gather_context(self.pool.v[layer], page_table if value_table is None else value_table,
+                               ctx)[first:].to(q.dtype)
         elif self.pool.k.dtype != k.dtype:  # fp8 pages: attend to what the cache holds, as later steps do
             k, v = (to_page_dtype(t, self.pool.k.dtype).to(q.dtype) for t in (k, v))
         if window is None:
@@ -196,7 +207,7 @@ class TritonSparseBackend(SparseBackend):
             # (a sliding-window layer is one streaming head over its window, as in sparse.py)
             return self.dense.forward(layer, q, k, v, meta, window)  # its append keeps the summaries exact
         pool = self.pool
-        append(pool, layer, k, v, meta.slot_mapping)
+        append(pool, layer, k, v, meta)
         sel = self._sel[layer][:meta.num_seqs, :, :kk]
         if reselect != "none" and kk > 0:  # kk = 0: the budget holds only the sink and recent units
             qs, ctx = q, meta.context_lens_t
@@ -218,13 +229,17 @@ class TritonSparseBackend(SparseBackend):
                              self._stream_flags[layer], unit_tokens=self.unit,
                              sink=self.num_sink_units * self.unit, recent_units=self.num_recent_units,
                              stream_sink=self.sink_tokens, stream_local=self.local_tokens, scale=self.scale,
-                             **meta.decode_kernel_args())
+                             value_tables=self._value_tables(layer, sel, meta), **meta.decode_kernel_args())
+
+    def _value_tables(self, layer: int, sel: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
+        """Where the fast path's decode reads `layer`'s values, given the selection sel [B, R, k]."""
+        return value_tables_of(meta, layer)
 
     def _prefill(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, i: int) -> torch.Tensor:
         """Retrieval heads: causal over the whole context; streaming heads: sinks + prefill window."""
         ctx, n = meta.context_lens[i], q.shape[0]
         keys = gather_context(self.pool.k[layer], meta.page_tables[i], ctx).to(q.dtype)
-        values = gather_context(self.pool.v[layer], meta.page_tables[i], ctx).to(q.dtype)
+        values = gather_context(self.pool.v[layer], meta.values_of(layer)[0][i], ctx).to(q.dtype)
         qg = q.view(n, self.num_kv_heads, self.group, self.head_dim)
         out = torch.empty_like(qg)
         for heads, streaming in ((self._retrieval[layer], False), (self._streaming[layer], True)):

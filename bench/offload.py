@@ -5,13 +5,13 @@ Llama-3.1-8B shapes, dummy weights, bf16, the same device KV budget (--kv-gib) f
 and 128K of context:
   dense, Triton + CUDA graphs, at the largest batch its pool holds;
   sparse without offload, Triton + CUDA graphs, at its largest batch;
-  sparse + offload (--cpu-kv-cache-memory, torch kernels), at batch 8, 16 and the largest that the
+  sparse + offload (--cpu-kv-cache-memory, Triton kernels, eager), at batch 8, 16 and the largest that the
   device (keys, summaries, resident values, value caches) and the host tier (--host-gib) hold.
 Decode rows time runner.forward over sequences at the context (gpu.py's method); an offload row first
 places each sequence's values as the engine does after its prefill (sinks and window resident, the rest
 copied to the host), then reports the value-cache hit rate and host->device bytes per step over the
 normal schedule (reselect every 4 steps), and ms/step when every selection is kept (no copies). TTFT is
-one prompt through the engine (chunks of 8192; offload prefills on the torch kernels: cut off at 45 s,
+one prompt through the engine (chunks of 8192; cut off at 45 s,
 shown as nan). The host tier's pinned allocation is timed at start-up.
 Dummy weights make selections change more between reselections than a trained model's would, so the
 hit rates are a lower bound; --cpu measures them with real weights on natural text (4 sequences of 3,000

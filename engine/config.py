@@ -73,7 +73,8 @@ class EngineArgs:
                 "--dense-layers; keys, key summaries and those values stay on the device, which then "
                 "holds about 1.75x the tokens (Llama-3.1-8B). Each decode step copies back the "
                 "selected pages that its device value cache lacks. Costs: host->device copies when "
-                "selections change, and the torch attention kernels (no Triton, no CUDA graphs); pinning "
+                "selections change, and eager steps (no CUDA graphs: each layer fetches what it just "
+                "selected, which the host must see); pinning "
                 "takes ~0.65 s per GiB at start-up."})
     max_logprobs: int = field(default=20, metadata={
         "help": "Most top logprobs per token a request may ask for (logprobs, prompt_logprobs, "

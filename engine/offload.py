@@ -27,8 +27,6 @@ def offload_refusal(args: EngineArgs, windowed: bool) -> str | None:
         return "--cpu-kv-cache-memory cannot be combined with --speculative-config yet"
     if windowed:
         return "--cpu-kv-cache-memory does not support sliding-window models yet"
-    if args.attention_backend == "triton":
-        return "--cpu-kv-cache-memory runs the torch attention kernels: use --attention-backend torch or auto"
     return None
 
 

@@ -95,6 +95,14 @@ class ValueTiers:
         first_cache = sizes.resident_slots
         self.cache: list[OrderedDict[int, int]] = [OrderedDict() for _ in self.layers]  # page -> slot
         self.cache_free = [list(range(first_cache, first_cache + n)) for n in sizes.cache_slots]
+        # The caches mirrored on the device, so a decode step resolves its hits there (resolve): per
+        # layer, each page's cache slot or -1, and the last resolve call that read each slot.
+        self.cached_slot = [torch.full((pool.num_pages,), -1, dtype=torch.int32, device=pool.device)
+                            for _ in self.layers]
+        self.last_read = [torch.zeros(first_cache + n, dtype=torch.long, device=pool.device)
+                          for n in sizes.cache_slots]
+        self._uncached: list[list[int]] = [[] for _ in self.layers]  # mirror entries still to clear
+        self._calls = 0
         self.on_evict: Callable[[int], None] = lambda page: None  # the allocator forgets the page's hash
         self.stats = TierStats()
 
@@ -144,10 +152,17 @@ class ValueTiers:
             self._uncache(page)
 
     def _uncache(self, page: int) -> None:
-        for cache, free in zip(self.cache, self.cache_free, strict=True):
+        for cache, free, stale in zip(self.cache, self.cache_free, self._uncached, strict=True):
             slot = cache.pop(page, None)
             if slot is not None:
                 free.append(slot)
+                stale.append(page)  # cleared on the device at the next resolve (one write, not one a page)
+
+    def _sync_mirror(self, i: int) -> None:
+        if self._uncached[i]:
+            pages = torch.tensor(self._uncached[i], dtype=torch.long, device=self.pool.device)
+            self.cached_slot[i][pages] = -1
+            self._uncached[i] = []
 
     def _take_slot(self) -> int:
         if not self.free_slots:
@@ -231,13 +246,14 @@ class ValueTiers:
 
     # ---- decode: the value cache -----------------------------------------------------------------
 
-    def fetch(self, layer: int, pages: list[int]) -> list[int]:
+    def fetch(self, layer: int, pages: list[int], keep: frozenset[int] = frozenset()) -> list[int]:
         """Device slots holding `layer`'s values of host pages (distinct), copying only the misses into
-        the layer's value cache; the least recently used entries not asked for make room."""
+        the layer's value cache; the least recently used entries not asked for (nor in `keep`, slots
+        the step reads already) make room."""
         i = layer - self.first_layer
         cache, free = self.cache[i], self.cache_free[i]
-        if len(pages) > self.sizes.cache_slots[i]:
-            raise RuntimeError(f"{len(pages)} pages exceed layer {layer}'s value cache of "
+        if len(pages) + len(keep) > self.sizes.cache_slots[i]:
+            raise RuntimeError(f"{len(pages) + len(keep)} pages exceed layer {layer}'s value cache of "
                                f"{self.sizes.cache_slots[i]}")
         slots, misses = [], []
         for page in pages:
@@ -247,11 +263,21 @@ class ValueTiers:
             else:
                 cache.move_to_end(page)
             slots.append(slot)
+        evicted_pages = []
         for j in misses:
-            if not free:
-                _, evicted = cache.popitem(last=False)  # hits were moved to the end: never one of them
-                free.append(evicted)
+            while not free:
+                page, slot = cache.popitem(last=False)  # hits were moved to the end: never one of them
+                if slot in keep:
+                    cache[page] = slot
+                    continue
+                free.append(slot)
+                evicted_pages.append(page)
             slots[j] = cache[pages[j]] = free.pop()
+        if misses or evicted_pages:
+            changed = evicted_pages + [pages[j] for j in misses]
+            values = [-1] * len(evicted_pages) + [slots[j] for j in misses]
+            self.cached_slot[i][torch.tensor(changed, device=self.pool.device)] = torch.tensor(
+                values, dtype=torch.int32, device=self.pool.device)
         self.stats.hits += len(pages) - len(misses)
         self.stats.misses += len(misses)
         if misses:
@@ -260,6 +286,32 @@ class ValueTiers:
             self.stats.bytes_to_device += len(misses) * self.page_bytes
             self.stats.copy_seconds += time.perf_counter() - start
         return slots
+
+    def resolve(self, layer: int, tables: torch.Tensor, page_tables: torch.Tensor, logical: torch.Tensor,
+                needed: torch.Tensor) -> torch.Tensor:
+        """Value tables [B, P] (-1: on the host) in which the host pages a step reads in `layer` (logical
+        page indices [B, N], where `needed`) point at their value-cache slots. Hits resolve on the device
+        through the mirror, without a Python step per page (thousands a layer at batch 8 x 128K); only the
+        misses go through fetch, which keeps every slot this step reads."""
+        i = layer - self.first_layer
+        self._sync_mirror(i)
+        self._calls += 1
+        patched = torch.where(tables < 0, self.cached_slot[i][page_tables.long()], tables)
+        read = patched.gather(1, logical)
+        on_host = needed & (tables.gather(1, logical) < 0)
+        self.last_read[i][read[on_host & (read >= 0)].long()] = self._calls
+        missing = on_host & (read < 0)
+        hits, misses = (int(n) for n in torch.stack([
+            (self.last_read[i] == self._calls).sum(), missing.sum()]).tolist())
+        self.stats.hits += hits
+        if not misses:
+            return patched
+        b, width = tables.shape
+        rows = torch.arange(b, device=tables.device)[:, None].expand_as(logical)
+        pages = page_tables.reshape(-1)[torch.unique((rows * width + logical)[missing])].tolist()
+        keep = frozenset(torch.nonzero(self.last_read[i] == self._calls).flatten().tolist())
+        self.fetch(layer, list(dict.fromkeys(pages)), keep)
+        return torch.where(tables < 0, self.cached_slot[i][page_tables.long()], tables)
 
     def drain_stats(self) -> TierStats:
         stats, self.stats = self.stats, TierStats()
@@ -312,9 +364,13 @@ class ValueTiers:
         assert sorted(slots) == list(range(self.sizes.resident_slots)), "device slots lost or shared"
         hosts = list(self.host_of.values()) + list(self.free_host)
         assert sorted(hosts) == list(range(self.sizes.host_pages)), "host slots lost or shared"
-        for cache, free, n in zip(self.cache, self.cache_free, self.sizes.cache_slots, strict=True):
+        for i, (cache, free, n) in enumerate(zip(self.cache, self.cache_free, self.sizes.cache_slots,
+                                                 strict=True)):
             assert set(cache) <= set(self.host_of), "a cached copy of a page not on the host"
             assert len(cache) + len(free) == n and len(set(cache.values()) | set(free)) == n, "cache slots"
+            self._sync_mirror(i)
+            mirrored = {p: s for p, s in enumerate(self.cached_slot[i].tolist()) if s >= 0}
+            assert mirrored == dict(cache), "the device mirror differs from the cache"
 
 
 def _runs(values: list[int]) -> list[tuple[int, int]]:

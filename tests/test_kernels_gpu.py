@@ -184,6 +184,43 @@ def test_kernels_read_and_write_fp8_pages(page_dtype):
     torch.testing.assert_close(sums[2].float(), want[2].float(), rtol=2e-2, atol=2e-2)
 
 
+@needs_kernels
+def test_kernels_read_and_write_values_through_value_tables():
+    """Offload keeps values at other slots than their keys: kv_append writes them at value slots and
+    both decode kernels read them through value tables, giving what the pages' own slots give."""
+    from needle.attention.kernels.kv_append import kv_append
+    from needle.attention.kernels.paged_decode import paged_decode, sparse_decode
+
+    gen = torch.Generator().manual_seed(11)
+    hq, hkv, d, dtype = 8, 2, 64, torch.float16
+    lens = [700, 90, 1000, 5]
+    q, k, v, _, _, bt, ctx = _decode_case(gen, hq, hkv, d, dtype, lens)
+    moved = torch.randperm(v.shape[0], generator=gen).to(DEVICE)  # value page of key page p: moved[p]
+    v_moved = torch.empty_like(v)
+    v_moved[moved] = v
+    vt = moved[bt.long()].to(torch.int32)
+    scale = d ** -0.5
+    assert torch.equal(paged_decode(q, k, v_moved, bt, ctx, scale, value_tables=vt),
+                       paged_decode(q, k, v, bt, ctx, scale))
+    units = torch.full((len(lens), hkv, 4), -1, dtype=torch.int32)
+    for b, n in enumerate(lens):
+        pick = torch.randperm(math.ceil(n / 32), generator=gen)[:4]
+        units[b, :, : pick.numel()] = pick.int()
+    kw = dict(unit_tokens=32, sink=16, recent=40, recent_units=0, stream_sink=8, stream_local=50, scale=scale)
+    streaming = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
+    units = units.to(DEVICE)
+    assert torch.equal(sparse_decode(q, k, v_moved, bt, ctx, units, streaming, value_tables=vt, **kw),
+                       sparse_decode(q, k, v, bt, ctx, units, streaming, **kw))
+
+    slots = slots_for(bt.cpu(), [0] * 4, lens, 16).to(DEVICE)
+    value_slots = moved[slots // 16] * 16 + slots % 16
+    new_k = torch.randn(slots.numel(), hkv, d, generator=gen).to(dtype).to(DEVICE)
+    new_v = torch.randn(slots.numel(), hkv, d, generator=gen).to(dtype).to(DEVICE)
+    kv_append(k, v_moved, None, new_k, new_v, slots, 16, value_slots)
+    assert torch.equal(k.view(-1, hkv, d)[slots], new_k)
+    assert torch.equal(v_moved.view(-1, hkv, d)[value_slots], new_v)
+
+
 def _verify_case(gen, lens, qlens):
     """query_start_loc of sequences bringing qlens[i] queries each (qlens 0: a padded row)."""
     starts = torch.tensor([0, *itertools.accumulate(qlens)], dtype=torch.int64, device=DEVICE)

@@ -48,10 +48,16 @@ def offloaded(model_path, prompts):  # noqa: F811
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_offload_equals_sparse_without_offload(model_path, prompts, offloaded, backend):  # noqa: F811
+    """The default (Triton kernels over value tables) and the torch path, both offloaded, against sparse
+    without offload on either backend."""
+    assert offloaded[0].engine.backend.name == "triton-sparse-offload"
+    torch_offloaded = greedy(engine(model_path, cpu_kv_cache_memory="256MiB", attention_backend="torch"),
+                             prompts)
     want = greedy(engine(model_path, attention_backend=backend), prompts)
-    for i, (a, b) in enumerate(zip(want, offloaded[1], strict=True)):
-        same = next((j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
-        assert same == len(a), f"prompt {i} diverges at new token {same} with offload"
+    for got in (offloaded[1], torch_offloaded):
+        for i, (a, b) in enumerate(zip(want, got, strict=True)):
+            same = next((j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+            assert same == len(a), f"prompt {i} diverges at new token {same} with offload"
 
 
 def test_copies_run_on_their_own_stream_from_pinned_memory(offloaded):

@@ -25,7 +25,8 @@ if HAS_TRITON:
         return x.to(cache_ptr.dtype.element_ty)
 
     @triton.jit
-    def _kv_append_kernel(k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, kmean_ptr, T,
+    def _kv_append_kernel(k_ptr, v_ptr, slot_ptr, vslot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, kmean_ptr,
+                          T,
                           HKV: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, SB: tl.constexpr,
                           SUMMARIES: tl.constexpr, BOUND: tl.constexpr):
         t = tl.program_id(0)
@@ -38,7 +39,8 @@ if HAS_TRITON:
             kt = _as_page(tl.load(k_ptr + t.to(tl.int64) * HKV * D + src, mask=m), kc_ptr, BOUND)
             vt = _as_page(tl.load(v_ptr + t.to(tl.int64) * HKV * D + src, mask=m), vc_ptr, BOUND)
             tl.store(kc_ptr + slot * HKV * D + src, kt, mask=m)
-            tl.store(vc_ptr + slot * HKV * D + src, vt, mask=m)
+            vslot = tl.load(vslot_ptr + t).to(tl.int64)  # the value slot (offload), else slot itself
+            tl.store(vc_ptr + vslot * HKV * D + src, vt, mask=m)
             if SUMMARIES:
                 r = slot % SB
                 nxt = tl.load(slot_ptr + t + 1, mask=t + 1 < T, other=-1).to(tl.int64)
@@ -71,10 +73,12 @@ if HAS_TRITON:
 
 
 def kv_append(k_cache: torch.Tensor, v_cache: torch.Tensor, summaries: tuple[torch.Tensor, ...] | None,
-              k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, summary_tokens: int) -> None:
+              k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, summary_tokens: int,
+              value_slot_mapping: torch.Tensor | None = None) -> None:
     """One layer: k_cache/v_cache [pages, page_size, Hkv, D]; summaries (kmin, kmax, kmean), each
     [pages, page_size // sb, Hkv, D], or None; k, v [T, Hkv, D]; slot_mapping [T] (consecutive positions
-    of a sequence in consecutive rows)."""
+    of a sequence in consecutive rows); value_slot_mapping [T]: where the values go when that is not
+    their keys' slot (offload)."""
     t, hkv, d = k.shape
     if t == 0:
         return
@@ -82,7 +86,8 @@ def kv_append(k_cache: torch.Tensor, v_cache: torch.Tensor, summaries: tuple[tor
     fp8 = k_cache.element_size() == 1
     kmin, kmax, kmean = summaries or (k_cache, k_cache, k_cache)
     _kv_append_kernel[(t,)](
-        k, v, slot_mapping, k_cache, v_cache, kmin, kmax, kmean,
+        k, v, slot_mapping, slot_mapping if value_slot_mapping is None else value_slot_mapping,
+        k_cache, v_cache, kmin, kmax, kmean,
         t, HKV=hkv, HP=triton.next_power_of_2(hkv), D=d, SB=summary_tokens, SUMMARIES=summaries is not None,
         BOUND=torch.finfo(k_cache.dtype).max if fp8 else 0.0,
         num_warps=4 if hkv * d >= 512 else 1)

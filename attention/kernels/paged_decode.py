@@ -29,12 +29,13 @@ from needle.attention.kernels import HAS_TRITON, dot_precision, tl, triton
 if HAS_TRITON:
 
     @triton.jit
-    def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, qs_ptr, units_ptr, stream_ptr, o_ptr,
-                             lse_ptr, qk_scale, bt_stride, u_stride_b, u_stride_r, k_sel,
+    def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, vt_ptr, ctx_ptr, qs_ptr, units_ptr, stream_ptr,
+                             o_ptr, lse_ptr, qk_scale, bt_stride, vt_stride, u_stride_b, u_stride_r, k_sel,
                              sink, recent, recent_units, stream_sink, stream_local, window,
                              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
                              QPR: tl.constexpr, NQ: tl.constexpr, GP: tl.constexpr, UT: tl.constexpr,
-                             S: tl.constexpr, SPARSE: tl.constexpr, PRECISION: tl.constexpr):
+                             S: tl.constexpr, SPARSE: tl.constexpr, VT: tl.constexpr,
+                             PRECISION: tl.constexpr):
         b = tl.program_id(0)
         row = tl.program_id(1)
         split = tl.program_id(2)
@@ -102,8 +103,12 @@ if HAS_TRITON:
                 valid = valid & (pos[None, :] >= rec_start[:, None])
             page = tl.load(bt_ptr + b * bt_stride + pos // PS, mask=loaded, other=0).to(tl.int64)
             off = ((page * PS + pos % PS) * HKV + kvh) * D
+            voff = off
+            if VT:  # values where the value tables say (offload: the device value cache's slots)
+                vpage = tl.load(vt_ptr + b * vt_stride + pos // PS, mask=loaded, other=0).to(tl.int64)
+                voff = ((vpage * PS + pos % PS) * HKV + kvh) * D
             k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=loaded[:, None], other=0.0).to(q.dtype)
-            v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=loaded[:, None], other=0.0).to(q.dtype)
+            v = tl.load(vc_ptr + voff[:, None] + d[None, :], mask=loaded[:, None], other=0.0).to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -150,7 +155,7 @@ def choose_splits(batch: int, rows: int, max_units: int, device: torch.device) -
 
 def _launch(q, k_cache, v_cache, page_tables, context_lens, scale, *, qpr, units, streaming_kv, sink,
             recent, recent_units, stream_sink, stream_local, unit_tokens, max_units, num_splits, num_warps,
-            num_stages, query_start_loc, max_query_len, window=0):
+            num_stages, query_start_loc, max_query_len, window=0, value_tables=None):
     t, hq, d = q.shape
     b = page_tables.shape[0]
     _, ps, hkv, _ = k_cache.shape
@@ -167,14 +172,17 @@ def _launch(q, k_cache, v_cache, page_tables, context_lens, scale, *, qpr, units
     dummy = context_lens
     nq = 1 if query_start_loc is None else max_query_len
     _decode_split_kernel[(b, rows, s)](
-        q.contiguous(), k_cache, v_cache, page_tables, context_lens,
+        q.contiguous(), k_cache, v_cache, page_tables, page_tables if value_tables is None else value_tables,
+        context_lens,
         dummy if query_start_loc is None else query_start_loc,
         units if sparse else dummy, streaming_kv if sparse else dummy, o_part, lse,
         scale * 1.4426950408889634, page_tables.stride(0),
+        page_tables.stride(0) if value_tables is None else value_tables.stride(0),
         units.stride(0) if sparse else 0, units.stride(1) if sparse else 0,
         units.shape[2] if sparse else 0, sink, recent, recent_units, stream_sink, stream_local, window,
         HQ=hq, HKV=hkv, D=d, PS=ps, QPR=qpr, NQ=nq, GP=max(16, triton.next_power_of_2(qpr * nq)),
-        UT=unit_tokens, S=s, SPARSE=sparse, PRECISION=dot_precision(q.dtype), num_warps=num_warps,
+        UT=unit_tokens, S=s, SPARSE=sparse, VT=value_tables is not None, PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps,
         num_stages=num_stages)
     _combine_kernel[(t * hq,)](o_part, lse, out, S=s, SP=triton.next_power_of_2(s), D=d, num_warps=4)
     return out
@@ -184,10 +192,11 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  context_lens: torch.Tensor, scale: float | None = None, *, block_n: int = 64,
                  num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
                  query_start_loc: torch.Tensor | None = None, max_query_len: int = 1,
-                 window: int | None = None) -> torch.Tensor:
+                 window: int | None = None, value_tables: torch.Tensor | None = None) -> torch.Tensor:
     """Dense decode. q [B, Hq, D]; one layer's k/v_cache [pages, page_size, Hkv, D]; page_tables [B, P]
     int32; context_lens [B] int32 (0 = padded row, output 0) -> [B, Hq, D]. `window`: a sliding-window
-    layer's, each query reads only its last `window` keys (only their pages are loaded).
+    layer's, each query reads only its last `window` keys (only their pages are loaded). value_tables
+    [B, P] int32: where values sit when not at their pages' own slots (offload), else None.
 
     Verify steps: q [T, Hq, D] holds sequence i's queries at rows query_start_loc[i]:query_start_loc[i+1]
     (at most max_query_len of them), its last ones, causal among themselves -> [T, Hq, D]."""
@@ -201,7 +210,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                    stream_local=0,
                    unit_tokens=block_n, max_units=max_units, num_splits=num_splits, num_warps=num_warps,
                    num_stages=num_stages, query_start_loc=query_start_loc, max_query_len=max_query_len,
-                   window=window or 0)
+                   window=window or 0, value_tables=value_tables)
 
 
 def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_tables: torch.Tensor,
@@ -209,11 +218,11 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   unit_tokens: int, sink: int, recent: int = 0, recent_units: int = 0, stream_sink: int,
                   stream_local: int, scale: float | None = None, num_splits: int | None = None,
                   num_warps: int = 4, num_stages: int = 2, query_start_loc: torch.Tensor | None = None,
-                  max_query_len: int = 1) -> torch.Tensor:
+                  max_query_len: int = 1, value_tables: torch.Tensor | None = None) -> torch.Tensor:
     """Sparse decode. units [B, R, K] int32 chosen units per selector row (R = Hq: per query head;
     R = Hkv: shared by a GQA group), -1 padded; streaming_kv [Hkv] int32 (1 = streaming head). Retrieval
     rows always read [0, sink) and either the last `recent` tokens or the newest `recent_units` units.
-    Verify steps as in paged_decode; a sequence's queries share its units."""
+    Verify steps and value_tables as in paged_decode; a sequence's queries share its units."""
     hq, d = q.shape[1], q.shape[2]
     qpr = hq // units.shape[1]
     max_units = (triton.cdiv(max(sink, stream_sink), unit_tokens) + recent_units + triton.cdiv(
@@ -223,4 +232,4 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    recent_units=recent_units, stream_sink=stream_sink,
                    stream_local=stream_local, unit_tokens=unit_tokens, max_units=max_units,
                    num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
-                   query_start_loc=query_start_loc, max_query_len=max_query_len)
+                   query_start_loc=query_start_loc, max_query_len=max_query_len, value_tables=value_tables)
