@@ -99,7 +99,7 @@ class LLMEngine:
             args.head_profile, self.model_name, cfg.identity, cfg.num_layers, cfg.num_kv_heads,
             args.streaming_ratio)  # resolved once: the offload tiers and the backends read it
         self.pool = self._build_pool()
-        self.kernels = "torch" if self.tiers is not None else args.kernel_backend(self.device.type)
+        self.kernels = args.kernel_backend(self.device.type)
         self.backend = self._build_backend()
         if self.tiers is not None:
             self.backend.tiers = self.tiers
@@ -208,7 +208,22 @@ class LLMEngine:
             "speculative": None if self.spec_config is None else
             f"{self.spec_config.method}, K={self.spec_config.num_speculative_tokens}"
             + (", goodput" if self.spec_config.dynamic else ", fixed"),
+            "features": self.features(),
         }
+
+    def features(self) -> dict[str, dict[str, str]]:
+        """The optional mechanisms that are on, with their settings (the dashboard shows their rows)."""
+        on: dict[str, dict[str, str]] = {}
+        if self.args.attention == "sparse":
+            on["sparse_attention"] = {"policy": self.args.sparse_policy,
+                                      "token_budget": str(self.sparse_config.token_budget)}
+        spec = self.spec_config
+        if spec is not None:
+            on["speculative_decoding"] = {"method": spec.method,
+                                          "num_speculative_tokens": str(spec.num_speculative_tokens)}
+        if self.tiers is not None:
+            on["kv_offload"] = {"cpu_kv_cache_memory": str(self.args.cpu_kv_cache_memory)}
+        return on
 
     # -- requests ---------------------------------------------------------------------------------
 

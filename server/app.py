@@ -212,7 +212,8 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
             info = engine.describe()
             name = (config.served_model_names or (engine.model_name,))[0]
             state.metrics = Metrics(name, config.metrics_compat,
-                                    {"block_size": info["page_size"], "num_gpu_blocks": info["num_pages"]})
+                                    {"block_size": info["page_size"], "num_gpu_blocks": info["num_pages"]},
+                                    info["features"])
             engine.start()
         except Exception as err:
             state.load_error = f"{type(err).__name__}: {err}"

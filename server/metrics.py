@@ -73,9 +73,12 @@ class Fanout:
 class Metrics:
     """All collectors of one server, labelled with its served model name."""
 
-    def __init__(self, model_name: str, compat: str = "none", cache_info: dict[str, int] | None = None):
+    def __init__(self, model_name: str, compat: str = "none", cache_info: dict[str, int] | None = None,
+                 features: dict[str, dict[str, str]] | None = None):
         """`compat` "vllm" adds vLLM's names for the router metrics; `cache_info` ({block_size,
-        num_gpu_blocks}) becomes `cache_config_info` (under `vllm:` too when compat is vllm)."""
+        num_gpu_blocks}) becomes `cache_config_info` (under `vllm:` too when compat is vllm); each of
+        `features` (those switched on: name -> its settings) becomes a `needle:NAME_info` gauge, which
+        the dashboard's rows for that feature appear on."""
         if compat not in METRICS_COMPAT:
             raise ValueError(f"--metrics-compat must be one of {', '.join(METRICS_COMPAT)}, not {compat!r}")
         self.registry = CollectorRegistry()
@@ -155,6 +158,10 @@ class Metrics:
                 info = {"model_name": model_name, **{k: str(v) for k, v in cache_info.items()}}
                 Gauge(f"{prefix}:cache_config_info", "KV-cache configuration (the value is always 1).",
                       sorted(info), registry=r).labels(**info).set(1)
+        for name, settings in (features or {}).items():
+            labels = {"model_name": model_name, **settings}
+            Gauge(f"needle:{name}_info", f"{name.replace('_', ' ')} is on, with these settings (always 1).",
+                  sorted(labels), registry=r).labels(**labels).set(1)
         # vLLM's LoRA gauge, which the endpoint picker expects to find: needle serves no adapters.
         self.lora_info = None
         if compat == "vllm":

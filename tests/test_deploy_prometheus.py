@@ -80,6 +80,13 @@ def dashboard_queries() -> list[tuple[str, str]]:
     return [(p["title"], t["expr"]) for p in panels(json.loads(DASHBOARD.read_text())) for t in p["targets"]]
 
 
+def variable_queries() -> dict[str, str]:
+    """Variable name -> the PromQL selector of its label_values() definition (query variables)."""
+    variables = json.loads(DASHBOARD.read_text())["templating"]["list"]
+    return {v["name"]: v["definition"][len("label_values("):].rsplit(", ", 1)[0] for v in variables
+            if v["type"] == "query"}
+
+
 def alert_rules() -> list[dict]:
     rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())
     return [rule for group in rules["groups"] for rule in group["rules"]]
@@ -229,9 +236,21 @@ def test_every_exported_metric_family_is_on_the_dashboard(stack):
     text = httpx.get(f"{stack.needle_url}/metrics", timeout=10).text
     families = [f for f in text_string_to_metric_families(text) if f.name.startswith("needle:")]
     assert len(families) >= 19
-    used = {m for _, expr in dashboard_queries() for m in METRIC.findall(expr)}
+    exprs = [expr for _, expr in dashboard_queries()] + list(variable_queries().values())
+    used = {m for expr in exprs for m in METRIC.findall(expr)}
     missing = [f.name for f in families if not used & ({s.name for s in f.samples} | {f.name})]
     assert not missing, f"metric families not on the dashboard: {missing}"
+
+
+def test_rows_of_features_that_are_off_are_hidden(stack):
+    """A feature row repeats over its variable, which lists the model only where the server reports the
+    feature on: this server runs sparse attention and n-gram speculation, without value offload."""
+    rows = {p["title"]: p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] == "row"}
+    queries = variable_queries()
+    shown = {title: bool(stack.series(substitute(queries[row["repeat"]], stack.model_name)))
+             for title, row in rows.items() if "repeat" in row}
+    assert shown == {"Sparse attention": True, "Speculative decoding": True, "Value offload": False}
+    assert "Load" in rows and "repeat" not in rows["Load"]
 
 
 def test_promtool_check_metrics_on_the_scraped_text(stack):

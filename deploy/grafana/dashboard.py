@@ -142,6 +142,19 @@ ROWS = [
 ]
 
 
+# Rows of optional mechanisms appear only where the server reports the mechanism on: each repeats over
+# a hidden variable listing the model when its needle:FEATURE_info gauge exists, and none otherwise.
+FEATURE_OF_ROW = {"Sparse attention": "sparse_attention", "Value offload": "kv_offload",
+                  "Speculative decoding": "speculative_decoding"}
+
+
+def feature_variable(feature: str) -> dict:
+    definition = f"label_values(needle:{feature}_info{SEL}, model_name)"
+    return {"name": feature, "label": feature, "type": "query", "datasource": DATASOURCE,
+            "query": {"query": definition, "refId": feature}, "definition": definition,
+            "current": {}, "hide": 2, "refresh": 2, "multi": True, "includeAll": False}
+
+
 def panel(pid: int, title: str, kind: str, unit: str, queries, description: str, x: int, y: int) -> dict:
     targets = [{"datasource": DATASOURCE, "expr": expr, "legendFormat": legend, "refId": chr(ord("A") + i)}
                for i, (expr, legend) in enumerate(queries)]
@@ -162,8 +175,11 @@ def panel(pid: int, title: str, kind: str, unit: str, queries, description: str,
 def dashboard() -> dict:
     panels, pid, y = [], 1, 0
     for row_title, row in ROWS:
-        panels.append({"id": pid, "type": "row", "title": row_title, "collapsed": False,
-                       "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []})
+        row_panel = {"id": pid, "type": "row", "title": row_title, "collapsed": False,
+                     "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []}
+        if row_title in FEATURE_OF_ROW:
+            row_panel["repeat"] = FEATURE_OF_ROW[row_title]
+        panels.append(row_panel)
         pid, y = pid + 1, y + 1
         for i, (title, kind, unit, queries, description) in enumerate(row):
             x, dy = (i % 3) * 8, (i // 3) * 8
@@ -177,6 +193,7 @@ def dashboard() -> dict:
          "query": {"query": "label_values(needle:num_requests_running, model_name)", "refId": "model_name"},
          "definition": "label_values(needle:num_requests_running, model_name)",
          "current": {}, "hide": 0, "refresh": 2, "multi": False, "includeAll": False, "sort": 1},
+        *(feature_variable(f) for f in FEATURE_OF_ROW.values()),
     ]
     return {
         "uid": "needle", "title": "needle", "tags": ["needle", "llm"], "editable": True,

@@ -40,7 +40,7 @@ def variable_values(prom: str, dashboard: dict, name: str, model: str) -> list[s
     """Values of a dashboard variable (label_values(metric, label)), as Grafana would offer them."""
     for var in dashboard["templating"]["list"]:
         if var["name"] == name:
-            definition = var["definition"]
+            definition = var["definition"].replace("$model_name", model)
             metric, lab = definition[len("label_values("):-1].split(", ")
             r = httpx.get(f"{prom}/api/v1/series", params={"match[]": metric}, timeout=30).json()["data"]
             return sorted({s[lab] for s in r if s.get("model_name", model) == model and lab in s})
