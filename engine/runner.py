@@ -12,6 +12,7 @@ import torch
 
 from needle.attention.base import AttentionBackend, AttentionMetadata
 from needle.engine.cuda_graph import CudaGraphRunner
+from needle.engine.distributed import RankLost, Step, TensorParallel
 from needle.engine.models.llama import LlamaForCausalLM
 from needle.engine.prompt_logprobs import PromptRows, prompt_rows
 from needle.kvcache.value_tiers import ValueTiers
@@ -22,7 +23,8 @@ from needle.scheduler.sequence import Sequence
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, page_size: int,
                  device: torch.device, default_mode: str, default_budget: int,
-                 graphs: CudaGraphRunner | None = None, tiers: ValueTiers | None = None):
+                 graphs: CudaGraphRunner | None = None, tiers: ValueTiers | None = None,
+                 ranks: TensorParallel | None = None):
         self.model = model
         self.backend = backend
         self.page_size = page_size
@@ -31,6 +33,7 @@ class ModelRunner:
         self.default_budget = default_budget
         self.graphs = graphs  # CUDA graphs for decode steps, or None to run every step eagerly
         self.tiers = tiers  # where offloaded values sit, or None
+        self.ranks = ranks  # tensor parallelism's processes, or None for one process
 
     def set_backend(self, backend: AttentionBackend) -> None:
         self.backend = backend
@@ -38,29 +41,36 @@ class ModelRunner:
             self.graphs = CudaGraphRunner(self.model, backend, self.device, self.graphs.buckets[-1],
                                           self.graphs.max_query_len)
 
-    def build_metadata(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata]:
+    def step_of(self, batch: Batch) -> Step:
+        """The step as plain lists: what the model and the backend read, and what rank 0 sends the other
+        tensor-parallel ranks."""
         ids: list[int] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             ids.extend(seq.token_ids[seq.num_computed:seq.num_computed + n - len(seq.draft_ids)])
             ids.extend(seq.draft_ids)
-        meta = AttentionMetadata.build(
+        return Step(ids, dict(
             seq_ids=[s.seq_id for s in batch.seqs], query_lens=list(batch.num_new_tokens),
             context_lens=[s.num_computed + n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)],
-            page_tables=[s.pages.page_table for s in batch.seqs], page_size=self.page_size,
-            device=self.device, modes=[self._mode(s) for s in batch.seqs],
+            page_tables=[s.pages.page_table for s in batch.seqs], modes=[self._mode(s) for s in batch.seqs],
             token_budgets=[self._budget(s) for s in batch.seqs],
-            num_draft_tokens=[len(s.draft_ids) for s in batch.seqs],
-            value_tables=None if self.tiers is None else
-            [self.tiers.value_table(s.pages.page_table) for s in batch.seqs],
-            value_layers_from=0 if self.tiers is None else self.tiers.first_layer)
-        return torch.tensor(ids, dtype=torch.int64, device=self.device), meta
+            num_draft_tokens=[len(s.draft_ids) for s in batch.seqs]))
+
+    def tensors(self, step: Step, value_tables: list[list[int]] | None = None
+                ) -> tuple[torch.Tensor, AttentionMetadata]:
+        meta = AttentionMetadata.build(**step.metadata, page_size=self.page_size, device=self.device,
+                                       value_tables=value_tables,
+                                       value_layers_from=0 if self.tiers is None else self.tiers.first_layer)
+        return torch.tensor(step.input_ids, dtype=torch.int64, device=self.device), meta
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> tuple[torch.Tensor | None, list[Sequence], list[PromptRows]]:
         """-> (logits float32 for the sequences that emit a token, 1 + len(draft_ids) rows each, those
         sequences, the prompt rows of sequences that asked for prompt logprobs)."""
-        input_ids, meta = self.build_metadata(batch)
-        hidden = self.forward(input_ids, meta)
+        step = self.step_of(batch)
+        input_ids, meta = self.tensors(step, None if self.tiers is None else
+                                       [self.tiers.value_table(s.pages.page_table) for s in batch.seqs])
+        hidden = self.forward(input_ids, meta) if self.ranks is None else \
+            self._forward_with_ranks(step, input_ids, meta)
         rows, emitting, prompt = [], [], []
         ends = meta.query_start_loc.tolist()[1:]
         for seq, n, end in zip(batch.seqs, batch.num_new_tokens, ends, strict=True):
@@ -72,6 +82,35 @@ class ModelRunner:
         if not rows:
             return None, [], prompt
         return self.model.logits(hidden[torch.tensor(rows, device=self.device)]), emitting, prompt
+
+    def _forward_with_ranks(self, step: Step, input_ids: torch.Tensor,
+                            meta: AttentionMetadata) -> torch.Tensor:
+        """Rank 0 of a tensor-parallel engine: send the step, then run it with the other ranks. Any failure
+        leaves the ranks out of lockstep, so it is RankLost."""
+        try:
+            self.ranks.check_alive()
+            self.ranks.send(step)
+            return self.forward(input_ids, meta)
+        except RankLost:
+            raise
+        except Exception as err:
+            raise RankLost(f"a tensor-parallel step failed: {type(err).__name__}: {err}") from err
+
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """A tensor-parallel rank > 0: run the steps rank 0 sends, its releases first, until it says stop."""
+        while (step := self.ranks.receive()).input_ids is not None:
+            for seq_id in step.released:
+                self.backend.release(seq_id)
+            self.forward(*self.tensors(step))
+            self.backend.drain_stats()  # the telemetry rank 0 reports is its own heads'
+
+    def release(self, seq_id: int) -> None:
+        """A sequence left the batch: its attention state ends here and, in the same order, on the other
+        tensor-parallel ranks (sent with the next step)."""
+        self.backend.release(seq_id)
+        if self.ranks is not None:
+            self.ranks.released.append(seq_id)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Final hidden states of one step: a CUDA-graph replay where the backend names one, else eager."""
