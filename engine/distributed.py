@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -160,6 +161,18 @@ class TensorParallel:
         for rank, w in enumerate(self.workers, start=1):
             if w.poll() is not None:
                 raise RankLost(f"tensor-parallel rank {rank} (pid {w.pid}) exited with code {w.returncode}")
+
+    def lost(self, err: Exception, wait_s: float = 1.0) -> RankLost:
+        """What a failed distributed step means: the rank whose process exited (a peer's socket closes
+        as it dies, so give its exit a moment to show), else the failure itself."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                self.check_alive()
+            except RankLost as lost:
+                return lost
+            time.sleep(0.05)
+        return RankLost(f"a tensor-parallel step failed: {type(err).__name__}: {err}")
 
     def close(self) -> None:
         """Rank 0: stop the other ranks, then leave the process groups (another engine may start)."""

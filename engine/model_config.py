@@ -127,7 +127,7 @@ class ModelConfig:
         uneven = [f"{n} {what}" for what, n in counts.items() if n % size]
         if uneven:
             raise UnsupportedModelError(f"--tensor-parallel-size {size} must divide the model's "
-                                        f"{' and '.join(uneven)} (each rank holds whole heads)")
+                                        f"{', '.join(uneven)} (each rank holds whole heads)")
         return dataclasses.replace(self, num_heads=self.num_heads // size,
                                    num_kv_heads=self.num_kv_heads // size,
                                    intermediate_size=self.intermediate_size // size,

@@ -94,7 +94,7 @@ class ModelRunner:
         except RankLost:
             raise
         except Exception as err:
-            raise RankLost(f"a tensor-parallel step failed: {type(err).__name__}: {err}") from err
+            raise self.ranks.lost(err) from err
 
     @torch.inference_mode()
     def follow(self) -> None:
