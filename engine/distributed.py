@@ -94,6 +94,8 @@ class TensorParallel:
         self.rank, self.size, self.device = address.rank, address.size, device
         self.workers = workers or []
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # what launches on the current device (Triton) runs on this rank's
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{address.port}", rank=self.rank,
                                 world_size=self.size, timeout=COLLECTIVE_TIMEOUT,
                                 device_id=device if device.type == "cuda" else None)

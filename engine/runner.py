@@ -66,11 +66,8 @@ class ModelRunner:
     def execute(self, batch: Batch) -> tuple[torch.Tensor | None, list[Sequence], list[PromptRows]]:
         """-> (logits float32 for the sequences that emit a token, 1 + len(draft_ids) rows each, those
         sequences, the prompt rows of sequences that asked for prompt logprobs)."""
-        step = self.step_of(batch)
-        input_ids, meta = self.tensors(step, None if self.tiers is None else
-                                       [self.tiers.value_table(s.pages.page_table) for s in batch.seqs])
-        hidden = self.forward(input_ids, meta) if self.ranks is None else \
-            self._forward_with_ranks(step, input_ids, meta)
+        hidden, meta = self.run(self.step_of(batch), None if self.tiers is None else
+                                [self.tiers.value_table(s.pages.page_table) for s in batch.seqs])
         rows, emitting, prompt = [], [], []
         ends = meta.query_start_loc.tolist()[1:]
         for seq, n, end in zip(batch.seqs, batch.num_new_tokens, ends, strict=True):
@@ -83,14 +80,17 @@ class ModelRunner:
             return None, [], prompt
         return self.model.logits(hidden[torch.tensor(rows, device=self.device)]), emitting, prompt
 
-    def _forward_with_ranks(self, step: Step, input_ids: torch.Tensor,
-                            meta: AttentionMetadata) -> torch.Tensor:
-        """Rank 0 of a tensor-parallel engine: send the step, then run it with the other ranks. Any failure
-        leaves the ranks out of lockstep, so it is RankLost."""
+    def run(self, step: Step, value_tables: list[list[int]] | None = None
+            ) -> tuple[torch.Tensor, AttentionMetadata]:
+        """-> (final hidden states, metadata) of one step. With tensor parallelism (this is rank 0) the step
+        goes to the other ranks first; any failure then leaves the ranks out of lockstep: RankLost."""
+        input_ids, meta = self.tensors(step, value_tables)
+        if self.ranks is None:
+            return self.forward(input_ids, meta), meta
         try:
             self.ranks.check_alive()
             self.ranks.send(step)
-            return self.forward(input_ids, meta)
+            return self.forward(input_ids, meta), meta
         except RankLost:
             raise
         except Exception as err:
