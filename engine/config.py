@@ -142,7 +142,7 @@ class EngineArgs:
         "help": "Split the model over N processes, one per GPU (NCCL; gloo on the CPU), started by needle "
                 "itself: each rank holds 1/N of the attention heads, KV heads (with their KV pages and "
                 "summaries) and MLP; the embedding and LM head are replicated. Heads and KV heads must "
-                "divide by N. Refused with value offload and speculative decoding."})
+                "divide by N. Speculation: ngram only; value offload is refused."})
     attention_backend: str = field(default="auto", metadata={
         "help": "Attention kernels: torch (plain torch, the CPU path and the reference), triton (Triton "
                 "kernels, CUDA only) or auto (triton on CUDA when Triton is installed, else torch). "

@@ -4,9 +4,9 @@ sends them each step once, and every rank joins the all-reduces after its row-pa
 Rank 0 alone schedules and samples, so the other ranks need per step only what the model and the
 attention backend read: the token ids, the attention metadata's per-sequence lists (page tables are
 rank 0's, identical on every rank: each rank's pool holds the same pages for its own KV heads), and the
-sequences whose attention state ended since the last step (`release`, in the order rank 0 released
-them). A lost rank is fatal: `RankLost`, raised by `check_alive` or by any failure of a distributed step
-(the ranks are then out of lockstep), stops the engine.
+changes of per-sequence attention state since the last step (releases, speculation rollbacks), which
+the other ranks apply in rank 0's order. A lost rank is fatal: `RankLost`, raised by `check_alive` or
+by any failure of a distributed step (the ranks are then out of lockstep), stops the engine.
 
 Two process groups: the all-reduces' (NCCL on CUDA, gloo on the CPU; a failure surfaces within
 COLLECTIVE_TIMEOUT, at once when a peer's socket closes) and a gloo group for the step messages, whose
@@ -48,7 +48,9 @@ class Step:
 
     input_ids: list[int] | None
     metadata: dict = field(default_factory=dict)  # AttentionMetadata.build's per-sequence lists
-    released: list[int] = field(default_factory=list)  # seq ids released since the last step, in order
+    # Changes of attention state since the last step, in rank 0's order: ("release", seq_id) and
+    # ("rollback", seq_id, rejected rows, slot of the last kept position) (engine/runner.py applies them).
+    events: list[tuple] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,13 @@ def refusal(args: EngineArgs, device_type: str) -> str | None:
                 "(CUDA_VISIBLE_DEVICES)")
     if args.cpu_kv_cache_memory is not None:
         return "--cpu-kv-cache-memory (value offload) cannot be combined with --tensor-parallel-size yet"
-    if args.speculative_config:
-        return "--speculative-config cannot be combined with --tensor-parallel-size yet"
+    # imported here: spec_decode/ imports the runner, which imports this module
+    from needle.engine.spec_decode.config import SpeculativeConfig
+
+    spec = SpeculativeConfig.parse(args.speculative_config)
+    if spec is not None and spec.method != "ngram":
+        return (f"--speculative-config method {spec.method} cannot be combined with --tensor-parallel-size "
+                "yet (its drafts run outside the step the other ranks follow); ngram can")
     if args.sparse_min_recall > 0:
         return ("--sparse-min-recall cannot be combined with --tensor-parallel-size: each rank measures "
                 "recall over its own heads only, so the ranks would widen budgets differently")
@@ -100,7 +107,7 @@ class TensorParallel:
                                 world_size=self.size, timeout=COLLECTIVE_TIMEOUT,
                                 device_id=device if device.type == "cuda" else None)
         self.steps = dist.new_group(list(range(self.size)), timeout=STEP_TIMEOUT, backend="gloo")
-        self.released: list[int] = []  # rank 0: releases since the last step sent
+        self.events: list[tuple] = []  # rank 0: the attention-state changes since the last step sent
 
     @classmethod
     def launch(cls, args: EngineArgs, device: torch.device) -> TensorParallel:
@@ -143,8 +150,8 @@ class TensorParallel:
     # -- the step messages ------------------------------------------------------------------------
 
     def send(self, step: Step) -> None:
-        """Rank 0: the step to every other rank, with the releases queued since the last one."""
-        step.released, self.released = self.released, []
+        """Rank 0: the step to every other rank, with the events queued since the last one."""
+        step.events, self.events = self.events, []
         payload = pickle.dumps(step)
         dist.broadcast(torch.tensor([len(payload)], dtype=torch.int64), src=0, group=self.steps)
         dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0, group=self.steps)

@@ -146,7 +146,7 @@ class LLMEngine:
         self.spec: SpecDecoder | None = None
         if self.spec_config is not None:
             self.spec = SpecDecoder(self.spec_config, build_drafter(self.spec_config, self), self.sampler,
-                                    self.pool, self.allocator, self.max_model_len, self.runner)
+                                    self.allocator, self.max_model_len, self.runner)
 
     def _build_pool(self) -> KVPool:
         cfg, args = self.shard_config, self.args

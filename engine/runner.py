@@ -15,6 +15,7 @@ from needle.engine.cuda_graph import CudaGraphRunner
 from needle.engine.distributed import RankLost, Step, TensorParallel
 from needle.engine.models.llama import LlamaForCausalLM
 from needle.engine.prompt_logprobs import PromptRows, prompt_rows
+from needle.kvcache.summaries import update_summaries
 from needle.kvcache.value_tiers import ValueTiers
 from needle.scheduler.scheduler import Batch
 from needle.scheduler.sequence import Sequence
@@ -100,17 +101,36 @@ class ModelRunner:
     def follow(self) -> None:
         """A tensor-parallel rank > 0: run the steps rank 0 sends, its releases first, until it says stop."""
         while (step := self.ranks.receive()).input_ids is not None:
-            for seq_id in step.released:
-                self.backend.release(seq_id)
+            for event in step.events:
+                self._apply(event)
             self.forward(*self.tensors(step))
             self.backend.drain_stats()  # the telemetry rank 0 reports is its own heads'
 
     def release(self, seq_id: int) -> None:
-        """A sequence left the batch: its attention state ends here and, in the same order, on the other
-        tensor-parallel ranks (sent with the next step)."""
-        self.backend.release(seq_id)
-        if self.ranks is not None:
-            self.ranks.released.append(seq_id)
+        """A sequence left the batch: its attention state ends."""
+        self._apply(("release", seq_id))
+
+    def rollback(self, seq_id: int, rejected: int, last_slot: int) -> None:
+        """A verify step kept all but its last `rejected` rows: the backend takes them back, and the key
+        summary holding the last kept position (slot `last_slot`) is recomputed without them."""
+        self._apply(("rollback", seq_id, rejected, last_slot))
+
+    def _apply(self, event: tuple) -> None:
+        """One change of attention state between steps; rank 0 of a tensor-parallel engine also queues it
+        for the other ranks, which apply the same events in the same order before the next step."""
+        kind, seq_id, *rest = event
+        if kind == "release":
+            self.backend.release(seq_id)
+        else:
+            rejected, last_slot = rest
+            self.backend.rollback(seq_id, rejected)
+            if rejected:
+                pool = self.backend.pool
+                slot = torch.tensor([last_slot], device=pool.device)
+                for layer in range(pool.spec.num_layers):
+                    update_summaries(pool, layer, slot)
+        if self.ranks is not None and self.ranks.rank == 0:
+            self.ranks.events.append(event)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Final hidden states of one step: a CUDA-graph replay where the backend names one, else eager."""

@@ -58,18 +58,28 @@ def tiny_llama(tmp_path_factory, tokenizer):
     return path, profile
 
 
-def prompts() -> list[list[int]]:
+def prompts(vocab: int = 1000) -> list[list[int]]:
+    """Four prompts, the last sharing 4 full pages with the second; then the first again (a full prefix-
+    cache hit): shared pages are rank 0's decision, so every rank must read the same page ids."""
     rng = random.Random(0)
-    return [[rng.randrange(1, 1000) for _ in range(n)] for n in (40, 150, 200, 90)]
+    some = [[rng.randrange(1, vocab) for _ in range(n)] for n in (40, 150, 200, 26)]
+    return [*some[:3], some[1][:64] + some[3], some[0]]
 
 
-def generate(path, size: int, **kw) -> tuple[dict[str, list[int]], list]:
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
+# Output drawn from 8 tokens (logit_bias), prompts too: prompt lookup finds matches, some drafts are kept.
+FEW_TOKENS = SamplingParams(temperature=0, max_tokens=2 * NEW_TOKENS,
+                            logit_bias={t: 100.0 for t in range(1, 9)})
+
+
+def generate(path, size: int, params: SamplingParams = GREEDY, vocab: int = 1000,
+             **kw) -> tuple[dict[str, list[int]], list]:
     """Greedy tokens per prompt and every step's stats, from an engine of `size` ranks (closed after)."""
-    llm = LLM(str(path), tensor_parallel_size=size, **COMMON_ENGINE, **kw)
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
+    llm = LLM(str(path), tensor_parallel_size=size, **{**COMMON_ENGINE, **kw})
     steps: list = []
     try:
-        tokens = run_engine(llm.engine, {str(i): (p, params) for i, p in enumerate(prompts())}, steps.append)
+        tokens = run_engine(llm.engine, {str(i): (p, params) for i, p in enumerate(prompts(vocab))},
+                            steps.append)
     finally:
         llm.engine.close()
     return tokens, steps
@@ -78,6 +88,16 @@ def generate(path, size: int, **kw) -> tuple[dict[str, list[int]], list]:
 def test_dense_greedy_tokens_match_one_process(tiny_llama):
     path, _ = tiny_llama
     assert generate(path, 2, **DENSE)[0] == generate(path, 1, **DENSE)[0]
+
+
+def test_preemption_releases_reach_every_rank(tiny_llama):
+    """A pool of 32 pages per rank, too few for the running sequences' 72 new tokens each: sequences are
+    preempted and recomputed; their releases travel with the steps."""
+    path, _ = tiny_llama
+    longer = SamplingParams(temperature=0, max_tokens=6 * NEW_TOKENS)
+    two, steps = generate(path, 2, longer, **DENSE, kv_cache_memory="256KiB")
+    assert sum(s.num_preemptions for s in steps) > 0
+    assert two == generate(path, 1, longer, **DENSE)[0]
 
 
 def test_sparse_greedy_tokens_match_one_process(tiny_llama):
@@ -91,6 +111,22 @@ def test_sparse_greedy_tokens_match_one_process(tiny_llama):
     assert one != generate(path, 1, **DENSE)[0]  # sparse attention changed something worth comparing
 
 
+NGRAM = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "dynamic": false}'
+
+
+@pytest.mark.parametrize("attention", ["dense", "sparse"])
+def test_ngram_speculation_over_two_ranks_is_plain_greedy_decoding(tiny_llama, attention):
+    """Verify steps and their rollbacks (the backend's schedule, the last kept summary) reach rank 1."""
+    path, profile = tiny_llama
+    kw = DENSE if attention == "dense" else {**SPARSE, "head_profile": str(profile)}
+    plain, _ = generate(path, 1, FEW_TOKENS, vocab=9, **kw)
+    speculated, steps = generate(path, 2, FEW_TOKENS, vocab=9, **kw, speculative_config=NGRAM)
+    assert speculated == plain
+    drafted = sum(s.spec.num_draft_tokens for s in steps if s.spec)
+    accepted = sum(s.spec.num_accepted_tokens for s in steps if s.spec)
+    assert drafted > accepted > 0  # some drafts kept, some rolled back
+
+
 def test_heads_that_do_not_divide_are_refused_before_any_rank_starts(tiny_llama):
     path, _ = tiny_llama
     with pytest.raises(ValueError, match=r"--tensor-parallel-size 3 must divide the model's 4 attention "
@@ -99,7 +135,8 @@ def test_heads_that_do_not_divide_are_refused_before_any_rank_starts(tiny_llama)
 
 
 @pytest.mark.parametrize("flags, reason", [
-    (dict(speculative_config='{"method": "ngram", "num_speculative_tokens": 2}'), "--speculative-config"),
+    (dict(speculative_config='{"method": "self_sparse", "num_speculative_tokens": 2}'),
+     "--speculative-config method self_sparse"),
     (dict(cpu_kv_cache_memory="64MiB"), "--cpu-kv-cache-memory"),
     (dict(sparse_min_recall=0.5), "--sparse-min-recall"),
 ])
@@ -158,14 +195,30 @@ def test_server_with_two_ranks_answers_as_one_process(tiny_llama):
         stop(proc)
 
 
+def test_a_rank_killed_while_idle_stops_the_server(tiny_llama):
+    """The watchdog notices a dead rank with no request in flight: the server exits non-zero by itself."""
+    path, _ = tiny_llama
+    proc, url, lines = start_server(path, *engine_flags(**COMMON_ENGINE, **DENSE))
+    try:
+        os.kill(rank1_pid(lines), signal.SIGKILL)
+        assert proc.wait(timeout=60) != 0
+        assert any("rank 1" in line and "exited" in line for line in proc.stdout)
+    finally:
+        stop(proc)
+
+
+def rank1_pid(lines: list[str]) -> int:
+    return int(next(re.search(r"rank 1 of 2 started \(pid (\d+)\)", line).group(1)
+                    for line in lines if "rank 1 of 2 started" in line))
+
+
 def test_a_killed_rank_fails_the_server_cleanly(tiny_llama):
     """Rank 1 killed while a request streams: that request ends with a 503 error event, new requests get
     503, and the server exits non-zero within seconds instead of hanging."""
     path, _ = tiny_llama
     proc, url, lines = start_server(path, *engine_flags(**COMMON_ENGINE, **DENSE))
     try:
-        pid = int(next(re.search(r"rank 1 of 2 started \(pid (\d+)\)", line).group(1)
-                       for line in lines if "rank 1 of 2 started" in line))
+        pid = rank1_pid(lines)
         headers = {"Authorization": f"Bearer {API_KEY}"}
         body = {"prompt": "Once upon a time", "max_tokens": 400, "stream": True, "ignore_eos": True}
         events = []
