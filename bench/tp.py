@@ -6,6 +6,8 @@ path (the step message to the other ranks, both all-reduces per layer, CUDA grap
 replays them, the LM head), with dummy weights; the per-rank weight-read roofline (the rank's weight
 bytes / --bandwidth) and the ratio to it. `--allreduce` instead times the collectives alone: the two
 [batch, hidden] all-reduces per layer of one decode step, over NCCL between `--sizes` processes.
+`--message` (CPU too) times the step message alone: rank 0's `TensorParallel.send` of one decode step
+(pickle + two gloo broadcasts) to one other local process, and that process's receive + unpickle.
 A combination that does not fit (the KV pool holds too few pages, or the weights exceed one GPU) is
 skipped with a note. Keep NCCL_NVLS_ENABLE=0 (NVLink multicast off) on shared machines.
 
@@ -139,6 +141,45 @@ def allreduce_rows(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _message_rank(rank: int, port: int, batch: int, ctx: int, reps: int, queue) -> None:
+    from needle.engine.distributed import RankAddress, Step, TensorParallel
+
+    ranks = TensorParallel(RankAddress(rank, 2, port), torch.device("cpu"))
+    step = decode_step(batch, ctx, 16)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        if rank == 0:
+            ranks.send(step)
+        else:
+            ranks.receive()
+        times.append(time.perf_counter() - t0)
+    if rank == 0:
+        ranks.send(Step(None))
+    else:
+        ranks.receive()
+    queue.put((rank, sorted(times)[len(times) // 2] * 1e3))
+    torch.distributed.destroy_process_group()
+
+
+def message_rows(args: argparse.Namespace) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    from needle.engine.distributed import free_port
+
+    rows = []
+    for batch in args.batches:
+        for ctx in args.contexts:
+            queue = mp.get_context("spawn").SimpleQueue()
+            mp.start_processes(_message_rank, nprocs=2, start_method="spawn", join=True,
+                               args=(free_port(), batch, ctx, 50, queue))
+            ms = dict(queue.get() for _ in range(2))
+            rows.append({"batch": batch, "context": ctx, "send_ms": round(ms[0], 3),
+                         "receive_ms": round(ms[1], 3)})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama-3.1-8b", choices=["llama-3.1-8b", "llama-70b-shape"])
@@ -148,15 +189,17 @@ def main() -> None:
     p.add_argument("--attention", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"])
     p.add_argument("--bandwidth", type=float, default=H200_BANDWIDTH, help="HBM bytes/s for the roofline")
     p.add_argument("--allreduce", action="store_true", help="time the per-step all-reduces alone")
+    p.add_argument("--message", action="store_true", help="time the per-step message alone (CPU too)")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/tp.py needs CUDA GPUs")
+    if not args.message and not torch.cuda.is_available():
+        raise SystemExit("bench/tp.py needs CUDA GPUs (except --message)")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = allreduce_rows(args) if args.allreduce else decode_rows(args, args.out)
-    (args.out / f"tp-{args.model}{'-allreduce' if args.allreduce else ''}.json").write_text(
-        json.dumps(rows, indent=1))
+    mode = "message" if args.message else "allreduce" if args.allreduce else "decode"
+    rows = {"message": message_rows, "allreduce": allreduce_rows}[mode](args) if mode != "decode" \
+        else decode_rows(args, args.out)
+    (args.out / f"tp-{mode}-{args.model}.json").write_text(json.dumps(rows, indent=1))
     keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
