@@ -7,7 +7,8 @@ replays them, the LM head), with dummy weights; the per-rank weight-read rooflin
 bytes / --bandwidth) and the ratio to it. `--allreduce` instead times the collectives alone: the two
 [batch, hidden] all-reduces per layer of one decode step, over NCCL between `--sizes` processes.
 `--message` (CPU too) times the step message alone: rank 0's `TensorParallel.send` of one decode step
-(pickle + two gloo broadcasts) to one other local process, and that process's receive + unpickle.
+(pickle + two gloo broadcasts) to one other local process, and that process's receive + unpickle; the
+first message carries whole page tables, the steady state only their changes (none here).
 A combination that does not fit (the KV pool holds too few pages, or the weights exceed one GPU) is
 skipped with a note. Keep NCCL_NVLS_ENABLE=0 (NVLink multicast off) on shared machines.
 
@@ -158,7 +159,7 @@ def _message_rank(rank: int, port: int, batch: int, ctx: int, reps: int, queue) 
         ranks.send(Step(None))
     else:
         ranks.receive()
-    queue.put((rank, sorted(times)[len(times) // 2] * 1e3))
+    queue.put((rank, times[0] * 1e3, sorted(times[1:])[len(times) // 2 - 1] * 1e3))
     torch.distributed.destroy_process_group()
 
 
@@ -173,9 +174,10 @@ def message_rows(args: argparse.Namespace) -> list[dict]:
             queue = mp.get_context("spawn").SimpleQueue()
             mp.start_processes(_message_rank, nprocs=2, start_method="spawn", join=True,
                                args=(free_port(), batch, ctx, 50, queue))
-            ms = dict(queue.get() for _ in range(2))
-            rows.append({"batch": batch, "context": ctx, "send_ms": round(ms[0], 3),
-                         "receive_ms": round(ms[1], 3)})
+            ms = {rank: (first, steady) for rank, first, steady in (queue.get() for _ in range(2))}
+            rows.append({"batch": batch, "context": ctx, "first_send_ms": round(ms[0][0], 3),
+                         "first_receive_ms": round(ms[1][0], 3), "send_ms": round(ms[0][1], 3),
+                         "receive_ms": round(ms[1][1], 3)})
             print(rows[-1], flush=True)
     return rows
 

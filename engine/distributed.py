@@ -3,10 +3,11 @@ sends them each step once, and every rank joins the all-reduces after its row-pa
 
 Rank 0 alone schedules and samples, so the other ranks need per step only what the model and the
 attention backend read: the token ids, the attention metadata's per-sequence lists (page tables are
-rank 0's, identical on every rank: each rank's pool holds the same pages for its own KV heads), and the
-changes of per-sequence attention state since the last step (releases, speculation rollbacks), which
-the other ranks apply in rank 0's order. A lost rank is fatal: `RankLost`, raised by `check_alive` or
-by any failure of a distributed step (the ranks are then out of lockstep), stops the engine.
+rank 0's, identical on every rank: each rank's pool holds the same pages for its own KV heads; only
+their changes travel, `PageTables`), and the changes of per-sequence attention state since the last
+step (releases, speculation rollbacks), which the other ranks apply in rank 0's order. A lost rank is
+fatal: `RankLost`, raised by `check_alive` or by any failure of a distributed step (the ranks are then
+out of lockstep), stops the engine.
 
 Two process groups: the all-reduces' (NCCL on CUDA, gloo on the CPU; a failure surfaces within
 COLLECTIVE_TIMEOUT, at once when a peer's socket closes) and a gloo group for the step messages, whose
@@ -16,6 +17,7 @@ timeout is long because the other ranks wait on it while the server idles.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import pickle
 import signal
@@ -60,6 +62,44 @@ class RankAddress:
     rank: int
     size: int
     port: int
+
+
+class PageTables:
+    """Each sequence's page table as the other ranks last received it, so that a step carries only what
+    changed since: usually nothing, or one appended page (a table only grows, shrinks at its end after a
+    speculation rollback, or starts over after a release)."""
+
+    def __init__(self):
+        self.known: dict[int, list[int]] = {}
+
+    def encode(self, seq_ids: list[int], tables: list[list[int]]) -> list[tuple[int, list[int]]]:
+        """Rank 0: per sequence, (how many leading pages the other ranks already have, the pages after)."""
+        updates = []
+        for seq_id, table in zip(seq_ids, tables, strict=True):
+            old = self.known.get(seq_id, [])
+            if table[:len(old)] == old:
+                keep = len(old)
+            elif old[:len(table)] == table:
+                keep = len(table)
+            else:
+                keep = 0
+            updates.append((keep, table[keep:]))
+            self.known[seq_id] = list(table)
+        return updates
+
+    def decode(self, seq_ids: list[int], updates: list[tuple[int, list[int]]]) -> list[list[int]]:
+        """The other ranks: the full tables back from rank 0's updates."""
+        tables = []
+        for seq_id, (keep, tail) in zip(seq_ids, updates, strict=True):
+            self.known[seq_id] = self.known.get(seq_id, [])[:keep] + tail
+            tables.append(self.known[seq_id])
+        return tables
+
+    def forget_released(self, events: list[tuple]) -> None:
+        """A released sequence's table is gone (both sides drop it at the same point of the event order)."""
+        for kind, seq_id, *_ in events:
+            if kind == "release":
+                self.known.pop(seq_id, None)
 
 
 def refusal(args: EngineArgs, device_type: str) -> str | None:
@@ -108,6 +148,7 @@ class TensorParallel:
                                 device_id=device if device.type == "cuda" else None)
         self.steps = dist.new_group(list(range(self.size)), timeout=STEP_TIMEOUT, backend="gloo")
         self.events: list[tuple] = []  # rank 0: the attention-state changes since the last step sent
+        self.page_tables = PageTables()
 
     @classmethod
     def launch(cls, args: EngineArgs, device: torch.device) -> TensorParallel:
@@ -152,6 +193,10 @@ class TensorParallel:
     def send(self, step: Step) -> None:
         """Rank 0: the step to every other rank, with the events queued since the last one."""
         step.events, self.events = self.events, []
+        self.page_tables.forget_released(step.events)
+        if step.input_ids is not None:
+            updates = self.page_tables.encode(step.metadata["seq_ids"], step.metadata["page_tables"])
+            step = dataclasses.replace(step, metadata={**step.metadata, "page_tables": updates})
         payload = pickle.dumps(step)
         dist.broadcast(torch.tensor([len(payload)], dtype=torch.int64), src=0, group=self.steps)
         dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0, group=self.steps)
@@ -161,7 +206,12 @@ class TensorParallel:
         dist.broadcast(size, src=0, group=self.steps)
         payload = torch.empty(int(size.item()), dtype=torch.uint8)
         dist.broadcast(payload, src=0, group=self.steps)
-        return pickle.loads(payload.numpy().tobytes())
+        step: Step = pickle.loads(payload.numpy().tobytes())
+        self.page_tables.forget_released(step.events)
+        if step.input_ids is not None:
+            meta = step.metadata
+            meta["page_tables"] = self.page_tables.decode(meta["seq_ids"], meta["page_tables"])
+        return step
 
     # -- liveness ---------------------------------------------------------------------------------
 
