@@ -59,6 +59,14 @@ class HeadProfile:
     def with_streaming_ratio(self, ratio: float) -> HeadProfile:
         return HeadProfile.from_scores(self.model, self.scores, ratio, self.identity, self.local_layers)
 
+    def shard(self, rank: int, size: int) -> HeadProfile:
+        """The KV heads tensor-parallel rank `rank` of `size` holds (its contiguous 1/size of each layer's),
+        numbered from 0 as that rank's attention sees them."""
+        n = self.num_kv_heads // size
+        heads = slice(rank * n, (rank + 1) * n)
+        return HeadProfile(self.model, [row[heads] for row in self.scores],
+                           [row[heads] for row in self.streaming], self.identity, self.local_layers)
+
     @property
     def streaming_ratio(self) -> float:
         flags = [f for layer, row in enumerate(self.streaming) if layer not in self.local_layers for f in row]

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from needle.engine.config import EngineArgs
+from needle.engine.distributed import RankLost
 from needle.engine.llm_engine import LLMEngine
 from needle.engine.outputs import RequestOutput
 from needle.engine.stats import StepStats
@@ -46,6 +47,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.on_lost: Callable[[], None] | None = None  # called once when a tensor-parallel rank dies
 
     @property
     def tokenizer(self):
@@ -80,6 +82,7 @@ class AsyncEngine:
         self._commands.put(("wake",))
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self.engine.close()
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str,
                           prompt_text: str | None = None, group: str | None = None,
@@ -138,18 +141,22 @@ class AsyncEngine:
         faults = 0
         while not self._stop.is_set():
             self._drain_commands(block=not self.engine.has_unfinished())
-            if not self.engine.has_unfinished():
-                continue
             try:
+                self.engine.check_ranks()  # the watchdog: a dead tensor-parallel rank, even while idle
+                if not self.engine.has_unfinished():
+                    continue
                 outputs, stats = self.engine.step()
                 faults = 0
+            except RankLost as e:
+                self._lose_rank(e)
+                return
             except Exception as e:  # fail only the requests in flight, keep serving
                 faults += 1
                 log.exception("engine step failed (%d in a row)", faults)
                 for rid in self.engine.fail_running():
                     self._deliver(rid, EngineFault(f"engine step failed: {type(e).__name__}: {e}"))
                 if faults >= MAX_CONSECUTIVE_FAULTS:
-                    self._stop_serving(faults)
+                    self._stop_serving(f"engine stopped after {faults} consecutive faults")
                     return
                 continue
             for out in outputs:
@@ -157,11 +164,21 @@ class AsyncEngine:
             if self.stats_listener is not None:
                 self.stats_listener(stats)
 
-    def _stop_serving(self, faults: int) -> None:
+    def _lose_rank(self, err: RankLost) -> None:
+        """A tensor-parallel rank is gone: nothing can be computed any more. Every request fails as
+        stopped (503), then `on_lost` (the server exits non-zero)."""
+        log.error("tensor parallelism lost a rank: %s", err)
+        for rid in self.engine.fail_running():
+            self._deliver(rid, EngineStopped(str(err)))
+        self._stop_serving(f"engine stopped: {err}")
+        if self.on_lost is not None:
+            self.on_lost()
+
+    def _stop_serving(self, reason: str) -> None:
         """Mark the engine stopped, then fail every request it still holds and every stream still open
         (waiting requests, and adds not yet seen): none is left hanging."""
         self.healthy = False
-        log.error("engine stopped after %d consecutive faults", faults)
+        log.error("%s", reason)
         for rid in list(self.engine.requests):
             self.engine.abort(rid)
         self.engine.requests.clear()

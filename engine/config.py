@@ -138,6 +138,12 @@ class EngineArgs:
                 '"speculative": false.'})
 
     # Execution.
+    tensor_parallel_size: int = field(default=1, metadata={
+        "aliases": ["-tp"],
+        "help": "Split the model over N processes, one per GPU (NCCL; gloo on the CPU), started by needle "
+                "itself: each rank holds 1/N of the attention heads, KV heads (with their KV pages and "
+                "summaries) and MLP; the embedding and LM head are replicated. Heads and KV heads must "
+                "divide by N. Speculation: ngram only; value offload is refused."})
     attention_backend: str = field(default="auto", metadata={
         "help": "Attention kernels: torch (plain torch, the CPU path and the reference), triton (Triton "
                 "kernels, CUDA only) or auto (triton on CUDA when Triton is installed, else torch). "
@@ -166,6 +172,8 @@ class EngineArgs:
                 "holding a generation_config.json."})
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be at least 1, got {self.tensor_parallel_size}")
         if not self.enable_chunked_prefill:
             raise ValueError("needle always prefills in chunks (mixed with decodes, within "
                              "--max-num-batched-tokens); --no-enable-chunked-prefill cannot be honoured")

@@ -16,6 +16,8 @@ from needle.attention.head_profile import resolve_profile
 from needle.engine.config import EngineArgs
 from needle.engine.cuda_graph import CudaGraphRunner
 from needle.engine.detokenizer import TextState
+from needle.engine.distributed import RankAddress, TensorParallel
+from needle.engine.distributed import refusal as tensor_parallel_refusal
 from needle.engine.generation_defaults import generation_defaults
 from needle.engine.loader import ModelLoadError, load_config, load_model, resolve_model
 from needle.engine.models.layers import compile_pointwise
@@ -71,13 +73,24 @@ def load_tokenizer(path: Path, override: str | None = None):
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs):
+    def __init__(self, args: EngineArgs, rank: RankAddress | None = None):
+        """`rank`: this process is that tensor-parallel rank (> 0), started by rank 0's engine."""
         self.args = args
-        self.device = resolve_device(args.device)
-        self.dtype = resolve_dtype(args.dtype, self.device)
+        device = resolve_device(args.device)
+        if (refusal := tensor_parallel_refusal(args, device.type)) is not None:
+            raise ModelLoadError(refusal)
+        self.dtype = resolve_dtype(args.dtype, device)
         path, self.model_name = resolve_model(args.model, args.load_format, args.revision, args.download_dir)
         cfg = load_config(path, self.model_name)
         self.model_config = cfg
+        # This rank's heads and MLP (all of them without tensor parallelism); checked before ranks start.
+        self.shard_config = cfg.shard(0 if rank is None else rank.rank, args.tensor_parallel_size)
+        self.ranks: TensorParallel | None = None
+        if args.tensor_parallel_size > 1:
+            device = TensorParallel.rank_device(device, self.shard_config.tp_rank)
+            self.ranks = TensorParallel.launch(args, device) if rank is None else TensorParallel(rank, device)
+            self.ranks.share_cpu()
+        self.device = device
         if args.max_model_len and args.max_model_len > cfg.max_model_len:
             raise ModelLoadError(f"--max-model-len {args.max_model_len} exceeds the model's context "
                                  f"length {cfg.max_model_len}")
@@ -88,8 +101,10 @@ class LLMEngine:
                                  "use --kv-cache-dtype auto")
         self.tokenizer = load_tokenizer(path, args.tokenizer)
         self.sampling_defaults = generation_defaults(args.generation_config, path)
-        self.model = quantize(load_model(path, cfg, self.dtype, self.device, args.load_format, args.seed),
-                              args.quantization, self.device)
+        self.model = quantize(load_model(path, self.shard_config, self.dtype, self.device, args.load_format,
+                                         args.seed), args.quantization, self.device)
+        if self.ranks is not None:
+            self.ranks.reduce_after_row_parallel_layers(self.model)
         self.spec_config = SpeculativeConfig.parse(args.speculative_config)
         self.sparse_config = args.sparse_config(self.device.type)
         self.tiers = None
@@ -98,6 +113,8 @@ class LLMEngine:
         self.head_profile = None if not self.keeps_summaries else resolve_profile(
             args.head_profile, self.model_name, cfg.identity, cfg.num_layers, cfg.num_kv_heads,
             args.streaming_ratio)  # resolved once: the offload tiers and the backends read it
+        self.rank_profile = self.head_profile if self.head_profile is None else \
+            self.head_profile.shard(self.shard_config.tp_rank, self.shard_config.tp_size)  # this rank's heads
         self.pool = self._build_pool()
         self.kernels = args.kernel_backend(self.device.type)
         self.backend = self._build_backend()
@@ -115,7 +132,7 @@ class LLMEngine:
             verify = 0 if self.spec_config is None else self.spec_config.num_speculative_tokens
             graphs = CudaGraphRunner(self.model, self.backend, self.device, args.max_num_seqs, 1 + verify)
         self.runner = ModelRunner(self.model, self.backend, args.page_size, self.device, args.attention,
-                                  self.sparse_config.token_budget, graphs, self.tiers)
+                                  self.sparse_config.token_budget, graphs, self.tiers, self.ranks)
         self.grammars = Grammars(self.tokenizer, cfg.vocab_size, cfg.eos_token_ids)
         self.sampler = Sampler(cfg.eos_token_ids, self.grammars)
         self.outputs = OutputProcessor(self.tokenizer, cfg.eos_token_ids, self.max_model_len)
@@ -129,10 +146,10 @@ class LLMEngine:
         self.spec: SpecDecoder | None = None
         if self.spec_config is not None:
             self.spec = SpecDecoder(self.spec_config, build_drafter(self.spec_config, self), self.sampler,
-                                    self.pool, self.allocator, self.max_model_len, self.runner)
+                                    self.allocator, self.max_model_len, self.runner)
 
     def _build_pool(self) -> KVPool:
-        cfg, args = self.model_config, self.args
+        cfg, args = self.shard_config, self.args
         spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, args.page_size, dtype=self.dtype,
                            kv_dtype=args.kv_page_dtype)
         sparse = self.keeps_summaries
@@ -140,6 +157,8 @@ class LLMEngine:
         if budget is None and self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = int(free - total * (1 - args.gpu_memory_utilization))
+        if self.ranks is not None:  # the same pages on every rank: as many as the tightest one holds
+            budget = self.ranks.smallest(budget or CPU_KV_DEFAULT)
         if args.cpu_kv_cache_memory is not None:
             pool, self.tiers = build_tiers(spec, args, self.sparse_config, self.head_profile,
                                            cfg.num_heads // cfg.num_kv_heads, self.device,
@@ -148,11 +167,11 @@ class LLMEngine:
         return KVPool.from_budget(spec, budget or CPU_KV_DEFAULT, self.device, with_summaries=sparse)
 
     def _build_backend(self) -> AttentionBackend:
-        cfg = self.model_config
+        cfg = self.shard_config
         # A dense server drafting with self_sparse runs the sparse backend with every sequence in dense
         # mode: the same attention, and the key summaries the draft's page selection reads stay exact.
         mode = "sparse" if self.keeps_summaries else "dense"
-        return build_backend(self.pool, mode, self.kernels, self.sparse_config, self.head_profile,
+        return build_backend(self.pool, mode, self.kernels, self.sparse_config, self.rank_profile,
                              cfg.num_heads, cfg.num_kv_heads, offload=self.tiers is not None)
 
     @property
@@ -162,14 +181,14 @@ class LLMEngine:
 
     def draft_backend(self, budget: int) -> AttentionBackend:
         """A second sparse backend over the same pool, at the draft budget (self_sparse drafting)."""
-        cfg = self.model_config
+        cfg = self.shard_config
         config = dataclasses.replace(self.sparse_config, token_budget=budget, recall_sample=0.0,
                                      min_recall=0.0)  # verification keeps drafts lossless: no guard
-        return build_backend(self.pool, "sparse", self.kernels, config, self.head_profile, cfg.num_heads,
+        return build_backend(self.pool, "sparse", self.kernels, config, self.rank_profile, cfg.num_heads,
                              cfg.num_kv_heads)
 
     def _on_release(self, seq: Sequence) -> None:
-        self.backend.release(seq.seq_id)
+        self.runner.release(seq.seq_id)
         if seq.is_finished:  # a preempted sequence keeps its tokens, so its grammar state stays
             self.grammars.release(seq)
         if self.spec is not None:
@@ -190,7 +209,8 @@ class LLMEngine:
             "model": self.model_name,
             "dtype": str(self.dtype).removeprefix("torch.")
             + ("" if self.args.quantization == "none" else f", {self.args.quantization} weights"),
-            "device": str(self.device),
+            "device": str(self.device) if self.ranks is None else
+            f"{self.device.type} x {self.ranks.size} (tensor parallel)",
             "kv_capacity_tokens": self.pool.capacity_tokens,
             "page_size": self.args.page_size,
             "num_pages": self.pool.num_pages,
@@ -291,6 +311,17 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    def check_ranks(self) -> None:
+        """RankLost when a tensor-parallel rank has died (the server's engine loop asks while idle too)."""
+        if self.ranks is not None:
+            self.ranks.check_alive()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do for one process)."""
+        if self.ranks is not None:
+            self.ranks.close()
+            self.ranks = self.runner.ranks = None
 
     # -- the step ---------------------------------------------------------------------------------
 

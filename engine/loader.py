@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from needle.engine.model_config import ModelConfig, UnsupportedModelError
 from needle.engine.models.gemma3 import Gemma3ForCausalLM
-from needle.engine.models.layers import RMSNorm, Rotary, checkpoint_target
+from needle.engine.models.layers import RMSNorm, Rotary, checkpoint_target, rank_slice
 from needle.engine.models.llama import LlamaForCausalLM
 
 CausalLM = LlamaForCausalLM | Gemma3ForCausalLM
@@ -280,7 +280,7 @@ def _load_safetensors(model: CausalLM, path: Path) -> None:
             with safe_open(file, framework="pt") as f:
                 for key in keys:
                     target, rows = checkpoint_target(model.config, key)
-                    tensor = f.get_tensor(key)
+                    tensor = rank_slice(model.config, key, f.get_tensor(key))
                     params[target].data[rows if rows is not None else slice(None)].copy_(tensor)
                     rows_left[target] -= tensor.shape[0]
                     bar.update(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,9 @@ class ModelConfig:
     attn_scale: float | None = None  # softmax scale when not 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar)
     final_logit_softcapping: float | None = None
     hidden_act: str = "silu"
+    # Tensor parallelism: this process holds shard tp_rank of tp_size (the head and MLP counts are its own).
+    tp_rank: int = 0
+    tp_size: int = 1
 
     @property
     def architecture(self) -> str:
@@ -111,6 +115,23 @@ class ModelConfig:
             final_logit_softcapping=cfg.get("final_logit_softcapping"),
             hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu",
         )
+
+    def shard(self, rank: int, size: int) -> ModelConfig:
+        """The slice of the model tensor-parallel rank `rank` of `size` holds: 1/size of the attention
+        heads, KV heads and MLP width (Megatron's column/row split); one clear error when they do not
+        divide."""
+        if size == 1:
+            return self
+        counts = {"attention heads": self.num_heads, "KV heads": self.num_kv_heads,
+                  "MLP intermediate size": self.intermediate_size}
+        uneven = [f"{n} {what}" for what, n in counts.items() if n % size]
+        if uneven:
+            raise UnsupportedModelError(f"--tensor-parallel-size {size} must divide the model's "
+                                        f"{', '.join(uneven)} (each rank holds whole heads)")
+        return dataclasses.replace(self, num_heads=self.num_heads // size,
+                                   num_kv_heads=self.num_kv_heads // size,
+                                   intermediate_size=self.intermediate_size // size,
+                                   tp_rank=rank, tp_size=size)
 
     @property
     def identity(self) -> dict:

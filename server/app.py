@@ -194,7 +194,10 @@ _PRINTABLE = re.compile(rb"[\x21-\x7e]+")
 
 
 def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: EngineFactory | None = None,
-              on_load_failure: Callable[[], None] | None = None) -> FastAPI:
+              on_load_failure: Callable[[], None] | None = None,
+              on_engine_lost: Callable[[], None] | None = None) -> FastAPI:
+    """`on_load_failure`: the engine did not load; `on_engine_lost`: it lost a tensor-parallel rank (called
+    from the engine thread after every request has failed); the CLI exits non-zero on either."""
     state = ServerState(config=config, engine_args=engine_args)
     factory = engine_factory or default_engine_factory(engine_args)
 
@@ -209,6 +212,7 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
     async def load() -> None:
         try:
             engine = await asyncio.to_thread(factory, on_step)
+            engine.on_lost = on_engine_lost
             info = engine.describe()
             name = (config.served_model_names or (engine.model_name,))[0]
             state.metrics = Metrics(name, config.metrics_compat,

@@ -11,12 +11,14 @@ import json
 import logging
 import os
 import sys
+import threading
 
 from needle.engine.config import EngineArgs, parse_bytes
 from needle.server import needle_version
 from needle.server.metrics import METRICS_COMPAT
 
 _LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
+LOST_RANK_GRACE_S = 2.0  # after a tensor-parallel rank dies: seconds of 503s before the process exits 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,11 +188,15 @@ def serve(ns: argparse.Namespace) -> int:
         failed.append(True)
         server.should_exit = True
 
+    def on_engine_lost() -> None:  # new requests get 503 for a moment, then the process exits 1
+        failed.append(True)
+        threading.Timer(LOST_RANK_GRACE_S, lambda: setattr(server, "should_exit", True)).start()
+
     try:
         engine_args = EngineArgs.from_cli_args(ns)
     except ValueError as err:  # a flag that cannot be honoured: one line, no traceback
         raise SystemExit(f"needle serve: {err}") from None
-    app = build_app(config, engine_args, on_load_failure=on_load_failure)
+    app = build_app(config, engine_args, on_load_failure=on_load_failure, on_engine_lost=on_engine_lost)
     logging.getLogger("needle.server").info("loading the model; /health answers 503 until it is ready")
     server = DrainingServer(uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
                                            timeout_graceful_shutdown=5, root_path=ns.root_path,

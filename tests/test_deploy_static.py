@@ -8,6 +8,7 @@ import fnmatch
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -364,3 +365,31 @@ def test_inference_pool_picks_needle_pods_that_serve_vllm_metric_names():
     group = pool["apiVersion"].split("/")[0]
     assert any(group in r["apiGroups"] and "inferencepools" in r["resources"] for r in rules)
     assert any("" in r["apiGroups"] and "pods" in r["resources"] for r in rules)
+
+
+# ---------------------------------------------------------------- Tensor-parallel overlay
+
+TP = DEPLOY / "kubernetes-tensor-parallel"
+
+
+def tensor_parallel_deployment() -> dict:
+    """The Deployment that `kubectl kustomize` renders from the overlay (the base with its patch)."""
+    kustomization = yaml.safe_load((TP / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../kubernetes"]
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl (for its kustomize) is not installed")
+    rendered = subprocess.run(["kubectl", "kustomize", str(TP)], capture_output=True, text=True, check=True)
+    return next(d for d in yaml.safe_load_all(rendered.stdout) if d and d["kind"] == "Deployment")
+
+
+def test_tensor_parallel_overlay_asks_for_as_many_gpus_as_ranks():
+    deployment = tensor_parallel_deployment()
+    kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    ranks = int(args[args.index("--tensor-parallel-size") + 1])
+    assert ranks > 1
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == ranks
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == ranks
+    assert {"name": "NCCL_NVLS_ENABLE", "value": "0"} in container["env"]
+    assert args[args.index("--metrics-compat") + 1] == "vllm"  # the base's flags are kept

@@ -84,7 +84,7 @@ def make_decoder(num_pages: int = 24, page_size: int = 16):
     alloc = PageAllocator(num_pages, page_size)
     runner = ModelRunner(None, DenseBackend(pool), page_size, torch.device("cpu"), "dense", 0)  # no forward
     dec = SpecDecoder(SpeculativeConfig(num_speculative_tokens=4, dynamic=False), NgramDrafter(1, 3),
-                      Sampler(()), pool, alloc, max_model_len=10_000, runner=runner)
+                      Sampler(()), alloc, max_model_len=10_000, runner=runner)
     return dec, pool, alloc
 
 

@@ -101,6 +101,11 @@ def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
+def unreduced(x: torch.Tensor) -> torch.Tensor:
+    """One process holds the whole layer: its output is already the sum (see engine/distributed.py)."""
+    return x
+
+
 def gated_activation(gate_up: torch.Tensor, size: int, tanh_gelu: bool) -> torch.Tensor:
     gate, up = gate_up.split(size, dim=-1)
     return (F.gelu(gate, approximate="tanh") if tanh_gelu else F.silu(gate)) * up
@@ -130,6 +135,7 @@ class Attention(nn.Module):
         q_scale = cfg.attn_scale * math.sqrt(cfg.head_dim) if cfg.attn_scale else 1.0
         self.q_scale = None if q_scale == 1.0 else q_scale
         self.rotate = rotate_qk  # fused by `compile_pointwise`
+        self.reduce = unreduced  # tensor parallelism: the all-reduce of the ranks' partial o_proj outputs
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -144,7 +150,7 @@ class Attention(nn.Module):
             q = q * self.q_scale
         out = backend.forward(self.layer, q, k, v.view(t, self.num_kv_heads, self.head_dim), meta,
                               window=self.window)
-        return self.o_proj(out.reshape(t, self.q_size))
+        return self.reduce(self.o_proj(out.reshape(t, self.q_size)))
 
 
 class GatedMLP(nn.Module):
@@ -159,9 +165,11 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.activation = gated_activation  # fused by `compile_pointwise`
+        self.reduce = unreduced  # tensor parallelism: the all-reduce of the ranks' partial down_proj outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.activation(self.gate_up_proj(x), self.intermediate_size, self.tanh_gelu))
+        gated = self.activation(self.gate_up_proj(x), self.intermediate_size, self.tanh_gelu)
+        return self.reduce(self.down_proj(gated))
 
 
 def compile_pointwise(model: nn.Module) -> None:
@@ -195,6 +203,25 @@ def lm_head(cfg: ModelConfig, embedding: nn.Embedding) -> nn.Linear:
     if cfg.tie_word_embeddings:
         head.weight = embedding.weight
     return head
+
+
+_COLUMN_PARALLEL = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}  # output rows split over ranks
+_ROW_PARALLEL = {"o_proj", "down_proj"}  # input columns split over ranks
+
+
+def rank_slice(cfg: ModelConfig, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a checkpoint tensor this tensor-parallel rank holds (cfg.tp_rank of cfg.tp_size):
+    its heads' rows of q/k/v (weights and biases) and its rows of gate/up; the matching input columns
+    of o_proj and down_proj; everything else (embedding, norms, LM head) whole."""
+    parts = name.split(".")
+    proj = parts[-2] if len(parts) >= 2 else ""
+    if cfg.tp_size == 1:
+        return tensor
+    if proj in _COLUMN_PARALLEL:
+        return tensor.chunk(cfg.tp_size, dim=0)[cfg.tp_rank]
+    if proj in _ROW_PARALLEL and parts[-1] == "weight":
+        return tensor.chunk(cfg.tp_size, dim=1)[cfg.tp_rank]
+    return tensor
 
 
 def checkpoint_target(cfg: ModelConfig, name: str) -> tuple[str, slice | None]:

@@ -33,8 +33,6 @@ from needle.engine.spec_decode.controller import GoodputController, StepShape
 from needle.engine.spec_decode.drafter import Drafter
 from needle.engine.spec_decode.verify import verify
 from needle.kvcache.page_allocator import PageAllocator
-from needle.kvcache.pool import KVPool
-from needle.kvcache.summaries import update_summaries
 from needle.scheduler.scheduler import Batch
 from needle.scheduler.sequence import Sequence, Status
 
@@ -56,10 +54,10 @@ class SpecStats:
 
 
 class SpecDecoder:
-    def __init__(self, config: SpeculativeConfig, drafter: Drafter, sampler: Sampler, pool: KVPool,
+    def __init__(self, config: SpeculativeConfig, drafter: Drafter, sampler: Sampler,
                  allocator: PageAllocator, max_model_len: int, runner: ModelRunner):
         self.config, self.drafter, self.sampler, self.runner = config, drafter, sampler, runner
-        self.pool, self.allocator, self.max_model_len = pool, allocator, max_model_len
+        self.allocator, self.max_model_len = allocator, max_model_len
         self.controller = GoodputController(config.num_speculative_tokens, config.dynamic,
                                             model_drafts=drafter.name != "ngram")
         self.acceptance: dict[int, float] = {}  # seq_id -> EMA of kept / proposed
@@ -154,16 +152,11 @@ class SpecDecoder:
         seq.draft_ids = []
         if seq.status is not Status.RUNNING:
             return  # finished inside the run: its pages are already released
-        self.runner.backend.rollback(seq.seq_id, rejected)
         seq.num_computed += kept
         self.allocator.commit_full_pages(seq.pages, seq.token_ids, seq.num_computed)
         self.allocator.truncate(seq.pages, len(seq))
-        if rejected and self.pool.kmin is not None:
-            last = seq.num_computed - 1
-            ps = self.allocator.page_size
-            slot = torch.tensor([seq.pages.page_table[last // ps] * ps + last % ps], device=self.pool.device)
-            for layer in range(self.pool.spec.num_layers):
-                update_summaries(self.pool, layer, slot)
+        last, ps = seq.num_computed - 1, self.allocator.page_size
+        self.runner.rollback(seq.seq_id, rejected, seq.pages.page_table[last // ps] * ps + last % ps)
 
     def finish(self, batch: Batch, seconds: float, shape: StepShape | None) -> SpecStats:
         """After the step: pages reserved for drafts that never came back, the model's training sample."""
