@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 from support import run_engine
-from test_sparse_backend import HKV, HQ, LAYERS, D, Batch, _backend
+from test_sparse_backend import HKV, HQ, LAYERS, Batch, D, _backend
 
 from needle.attention.policies.base import top_p_cut
 from needle.attention.sparse import SparseBackend
