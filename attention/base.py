@@ -179,6 +179,7 @@ class AttentionStats:
     tokens_read: list[int] = field(default_factory=list)  # per decoding sequence and step
     dense_fallbacks: int = 0  # sequences in sparse mode that ran dense
     guard_widenings: int = 0  # budgets the fidelity guard widened (recall under --sparse-min-recall)
+    drift_reselections: int = 0  # reselections per layer and sequence a query's drift caused (--sparse-drift)
 
 
 class AttentionBackend:

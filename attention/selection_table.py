@@ -4,6 +4,7 @@ One preallocated tensor per layer, a row per sequence (its slot, held from its f
 until it leaves the batch), so the torch path and the Triton path inside CUDA graphs read and write the
 same state: a sequence keeps its selection, and its reselection schedule, whichever path runs its step.
 The last row is scratch: padded rows of a CUDA-graph batch point there.
+With drift reselection on, each selection also keeps its anchor: the query it was made with.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ class SelectionTable:
         self.slots: dict[int, int] = {}  # seq_id -> row
         self.free: list[int] = []
         self.units: list[torch.Tensor] = []  # per layer [rows + 1, heads, width] int32, -1 = none
+        self.anchors: list[torch.Tensor] = []  # per layer [rows + 1, heads, anchor_dim] float32 (drift)
+        self.anchor_dim = 0
         self.rows = self.width = 0
         self.version = 0  # bumped whenever the tensors are reallocated (captured graphs read them)
 
@@ -35,7 +38,23 @@ class SelectionTable:
                                  device=self.device) for _ in range(self.num_layers)]
         for new, kept in zip(self.units, old, strict=False):
             new[:old_rows, :, :kept.shape[2]] = kept[:old_rows]
+        self._resize_anchors(old_rows)
         self.version += 1
+
+    def keep_anchors(self, dim: int) -> None:
+        """Keep a query of `dim` floats per selection (0: none), for drift reselection."""
+        if dim != self.anchor_dim:
+            self.anchor_dim, self.anchors = dim, []
+            self._resize_anchors(0)
+
+    def _resize_anchors(self, kept_rows: int) -> None:
+        if not self.anchor_dim:
+            return
+        old = self.anchors
+        self.anchors = [torch.zeros(self.rows + 1, self.heads, self.anchor_dim, device=self.device)
+                        for _ in range(self.num_layers)]
+        for new, kept in zip(self.anchors, old, strict=False):
+            new[:kept_rows] = kept[:kept_rows]
 
     def slot(self, seq_id: int) -> int:
         """The sequence's row, handed out on first use (the table doubles when full)."""

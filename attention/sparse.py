@@ -31,7 +31,7 @@ from needle.attention.base import AttentionBackend, AttentionMetadata, Attention
 from needle.attention.dense import DenseBackend
 from needle.attention.head_profile import HeadProfile
 from needle.attention.policies import POLICIES, SelectionRequest, SparsePolicy
-from needle.attention.policies.base import gather_heads, token_slots, top_units
+from needle.attention.policies.base import gather_heads, token_slots, top_p_cut, top_units
 from needle.attention.selection_table import SelectionTable
 from needle.kvcache.pool import KVPool
 from needle.kvcache.summaries import update_summaries
@@ -55,6 +55,9 @@ class SparseConfig:
     recall_sample: float = 0.01
     observation_window: int = 32  # seed the first selection from the prompt's last N queries (0: off)
     min_recall: float = 0.0  # fidelity guard: widen a sequence's budget when its recall falls below
+    top_p: float = 0.0  # adaptive budget: stop choosing units once they hold this estimated mass (0: off)
+    top_p_floor: int = 256  # tokens of chosen units kept under top_p, however concentrated the mass
+    drift: float = 0.0  # also reselect when a query's cosine to its selection's query falls below (0: off)
     seed: int = 0
 
 
@@ -84,6 +87,7 @@ class _Decode:
     allowed: torch.Tensor  # [B, U] units a policy may choose
     k: torch.Tensor  # [B] chosen units per selector head (from each sequence's budget)
     reselect: list[bool]  # recompute the selection this step (else reuse the kept one)
+    drifts: torch.Tensor  # [B] bool: the kept selection may be replaced on query drift (not a seed)
     slots: torch.Tensor  # [B] int64 rows of the selection table
     value_tables: torch.Tensor  # [B, P] where values sit (page_tables unless they are offloaded)
 
@@ -128,6 +132,8 @@ class SparseBackend(AttentionBackend):
         heads = num_q_heads if config.per_query_head else num_kv_heads
         self.table = SelectionTable(profile.num_layers, heads, pool.device)  # the kept selections
         self._age: dict[int, tuple[int, int]] = {}  # seq_id -> (positions since selection, its budget)
+        self._seeded: set[int] = set()  # sequences reading their prompt-aware seed (no drift reselection)
+        self.set_adaptive(config.top_p, config.top_p_floor, config.drift)
         self.set_policy(config.policy, config.page_score, config.retrieval_local_tokens)
         self._rng = random.Random(config.seed)
         dev = pool.device
@@ -141,13 +147,27 @@ class SparseBackend(AttentionBackend):
     def set_policy(self, name: str, page_score: str, retrieval_local_tokens: int) -> None:
         """Switch the page-selection policy and the retrieval heads' local window (kept selections are
         dropped); the quality harness compares policies over one prefilled cache this way."""
-        self.policy: SparsePolicy = POLICIES[name](self.config.unit_tokens, self.pool.spec.summary_tokens,
-                                                   page_score)
+        policy = POLICIES[name](self.config.unit_tokens, self.pool.spec.summary_tokens, page_score)
+        if self.top_p > 0 and not policy.scores_units:
+            raise ValueError(f"--sparse-top-p needs a policy that scores every unit (hierarchical, quest), "
+                             f"not {name}")
+        self.policy: SparsePolicy = policy
         self.unit = self.policy.unit_tokens
         self.num_sink_units = -(-self.sink_tokens // self.unit)
         self.num_recent_units = 1 + -(-retrieval_local_tokens // self.unit)  # + the newest partial
         self.table.clear()
         self._age.clear()
+        self._seeded.clear()
+
+    def set_adaptive(self, top_p: float, top_p_floor: int, drift: float) -> None:
+        """The top-p budget and drift reselection (0: off), checked as the flags are; the quality
+        harness switches them in place (set top_p before a policy that cannot estimate mass)."""
+        if not 0.0 <= top_p <= 1.0 or top_p_floor < 0 or not 0.0 <= drift < 1.0:
+            raise ValueError(f"top_p in [0, 1], top_p_floor >= 0, drift in [0, 1); got {top_p}, "
+                             f"{top_p_floor}, {drift}")
+        self.top_p, self.top_p_floor, self.drift = top_p, top_p_floor, drift
+        selector_dim = self.head_dim * (1 if self.per_query_head else self.group)  # a selector head's query
+        self.table.keep_anchors(selector_dim if drift > 0 else 0)
 
     def set_selection(self, per_query_head: bool) -> None:
         """Select per query head or per KV group (torch path; the quality harness compares both over
@@ -156,6 +176,7 @@ class SparseBackend(AttentionBackend):
         heads = self.num_q_heads if per_query_head else self.num_kv_heads
         self.table = SelectionTable(self.profile.num_layers, heads, self.pool.device)
         self._age.clear()
+        self.set_adaptive(self.top_p, self.top_p_floor, self.drift)  # the new table keeps anchors too
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -164,6 +185,7 @@ class SparseBackend(AttentionBackend):
         self._age.pop(seq_id, None)
         self._widened.pop(seq_id, None)
         self._checked.discard(seq_id)
+        self._seeded.discard(seq_id)
 
     def rollback(self, seq_id: int, rejected: int) -> None:
         if seq_id in self._age and rejected:
@@ -262,7 +284,9 @@ class SparseBackend(AttentionBackend):
             stream_valid=stream_valid, sink_units=torch.arange(self.num_sink_units, device=dev),
             recent_units=recent.clamp(min=0),
             recent_valid=(recent >= self.num_sink_units), allowed=allowed, k=k,
-            reselect=[fresh[i] and j == 0 for i, j in entries], slots=slots,
+            reselect=[fresh[i] and j == 0 for i, j in entries],
+            drifts=torch.tensor([meta.seq_ids[i] not in self._seeded for i, _ in entries], device=dev),
+            slots=slots,
             value_tables=page_tables if meta.value_tables is None else meta.value_tables[rows_of_entries])
 
     def due(self, seq_ids: list[int], budgets: list[int], rows: list[int]) -> list[bool]:
@@ -274,6 +298,8 @@ class SparseBackend(AttentionBackend):
             age, kept_budget = self._age.get(seq_id, (self.selector_interval, budget))
             fresh.append(age >= self.selector_interval or kept_budget != budget)
             self._age[seq_id] = (n if fresh[-1] else age + n, budget)
+            if fresh[-1]:
+                self._seeded.discard(seq_id)
         return fresh
 
     # ---- forward ---------------------------------------------------------------------------------
@@ -376,14 +402,45 @@ class SparseBackend(AttentionBackend):
         if self.per_query_head:
             rows = kv_heads * self.group + torch.arange(kv_heads.numel(), device=q.device) % self.group
         due = [j for j, fresh in enumerate(plan.reselect) if fresh]
+        heads_due = None  # [B, H] with drift reselection: which selector heads reselect
+        if self.drift > 0:
+            interval_due = torch.tensor(plan.reselect, device=q.device)[:, None]
+            heads_due = self._drifted(layer, q, rows, plan) | interval_due
+            self._stats.drift_reselections += int(heads_due.any(dim=1).sum()) - len(due)
+            due = heads_due.any(dim=1).nonzero().flatten().tolist()
         if due:
             idx = torch.tensor(due, dtype=torch.long, device=q.device)
             req = SelectionRequest(self.pool, layer, q[idx], kv_heads, plan.page_tables[idx], plan.ctx[idx],
                                    plan.allowed[idx], k)
-            units = self.policy.select(req)
             beyond = torch.arange(k, device=q.device) >= plan.k[idx][:, None, None]  # past each one's k
-            table[plan.slots[idx][:, None], rows[None, :], :k] = units.masked_fill(beyond, -1).to(table.dtype)
+            units = self._select(req).masked_fill(beyond, -1).to(table.dtype)
+            where = (plan.slots[idx][:, None], rows[None, :])
+            if heads_due is not None:  # the heads that did not drift keep their selection and anchor
+                keep = ~heads_due[idx][..., None]
+                units = torch.where(keep, table[where][..., :k], units)
+                anchors = self.table.anchors[layer]
+                anchors[where] = torch.where(keep, anchors[where], q[idx].flatten(2).float())
+            table[where[0], where[1], :k] = units
         return table[plan.slots[:, None], rows[None, :], :k].long()
+
+    def _select(self, req: SelectionRequest) -> torch.Tensor:
+        """The policy's k best units, cut to the top-p share of their estimated mass when top_p is on."""
+        if self.top_p <= 0:
+            return self.policy.select(req)
+        scores = self.policy.unit_scores(req)
+        return top_p_cut(top_units(scores, req.allowed, req.k), scores * self.scale, req.allowed, self.top_p,
+                         self._floor_units)
+
+    @property
+    def _floor_units(self) -> int:
+        return -(-self.top_p_floor // self.unit)
+
+    def _drifted(self, layer: int, q: torch.Tensor, rows: torch.Tensor, plan: _Decode) -> torch.Tensor:
+        """[B, H] selector heads whose query q [B, H, G, D] turned away from the one their selection was
+        made with (cosine below `drift`); a seeded selection never drifts."""
+        anchors = self.table.anchors[layer][plan.slots[:, None], rows[None, :]]  # [B, H, G * D]
+        similarity = F.cosine_similarity(q.flatten(2).float(), anchors, dim=-1)
+        return (similarity < self.drift) & plan.drifts[:, None]
 
     def _retrieval_values(self, layer: int, pos: torch.Tensor, valid: torch.Tensor,
                           plan: _Decode) -> torch.Tensor:
@@ -470,7 +527,10 @@ class SparseBackend(AttentionBackend):
         # The first decode step sees one more token: its context decides the eligible units.
         allowed = allowed_units(torch.tensor([ctx + 1], device=q.device), mass.shape[-1], self.unit,
                                 self.num_sink_units, self.num_recent_units)
-        units = top_units(mass[None], allowed, k)[0]
+        units = top_units(mass[None], allowed, k)
+        if self.top_p > 0:
+            units = top_p_cut(units, mass[None].log(), allowed, self.top_p, self._floor_units)
+        units = units[0]
         retrieval = self._retrieval[layer]
         rows = retrieval
         if self.per_query_head:
@@ -480,6 +540,7 @@ class SparseBackend(AttentionBackend):
         self.table.units[layer][slot, rows] = -1
         self.table.units[layer][slot, rows, :k] = units.to(torch.int32)
         self._age[seq_id] = (0, budget)  # due() keeps the seed for selector_interval steps
+        self._seeded.add(seq_id)
 
     def _rows(self, cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """All KV heads of the tokens in `slots` of one layer's cache -> [*slots.shape, Hkv, D]."""

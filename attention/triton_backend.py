@@ -148,6 +148,14 @@ class TritonSparseBackend(SparseBackend):
         super().set_policy(name, page_score, retrieval_local_tokens)
         self._synced = None  # the kept selections are void
 
+    def set_adaptive(self, top_p: float, top_p_floor: int, drift: float) -> None:
+        """The selection kernel fills a fixed k on one schedule per sequence: no top-p, no drift."""
+        if top_p > 0 or drift > 0:
+            raise ValueError("--sparse-top-p and --sparse-drift run on the torch attention backend only "
+                             "(--attention-backend torch); the Triton selection kernel keeps a fixed k "
+                             "and one reselection schedule per sequence")
+        super().set_adaptive(top_p, top_p_floor, drift)
+
     def _fast_plan(self, meta: AttentionMetadata) -> tuple[str, int] | None:
         """The Triton decode path takes steps of decodes and verifies only, one budget, every context past
         it; it reselects on the torch path's schedule (SparseBackend.due) into the same selection table,

@@ -21,6 +21,7 @@ nor on budgets within the streaming heads' prefill window), so they differ only 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -33,12 +34,13 @@ import torch
 from bench.quality_tasks import TASKS, Question, haystack, is_right, max_answer_tokens, pieces
 from bench.texts import stdlib_modules
 from needle.attention.base import AttentionMetadata
-from needle.engine.llm import LLM
+from needle.engine.llm import LLM, merge
 from needle.scheduler.sampling_params import AttentionOverride, SamplingParams
 
 PPL_MODULES = ("collections/__init__", "functools", "subprocess", "tarfile", "logging/__init__")
 DEPTH_BUCKETS = 5
-ROW_OPTIONS = ("obs", "min_recall", "interval", "heads")
+ROW_OPTIONS = ("obs", "min_recall", "interval", "heads", "top_p", "top_p_floor", "drift")
+_request_ids = itertools.count()
 
 
 def page_aligned(prefix: list[int], question: list[int], newline: list[int], page: int) -> list[int]:
@@ -50,13 +52,31 @@ def page_aligned(prefix: list[int], question: list[int], newline: list[int], pag
 
 
 def answers_right(llm: LLM, prompts: list[list[int]], overrides: list[AttentionOverride],
-                  expected: list[str], distinct: int, max_tokens: int) -> list[bool]:
+                  expected: list[str], distinct: int, max_tokens: int, telemetry: Counter) -> list[bool]:
     """Greedy answers. The first prompt runs alone, then the rest of the first `distinct`, so that the
     shared prefix and then every question are in the prefix cache before their repeats run."""
     params = [SamplingParams(temperature=0.0, max_tokens=max_tokens, attention=o) for o in overrides]
-    outs = [out for lo, hi in ((0, 1), (1, distinct), (distinct, len(prompts)))
-            for out in llm.generate(prompts[lo:hi], params[lo:hi])]
-    return [is_right(out.outputs[0].text, answer) for out, answer in zip(outs, expected, strict=True)]
+    texts = [text for lo, hi in ((0, 1), (1, distinct), (distinct, len(prompts)))
+             for text in generate(llm, prompts[lo:hi], params[lo:hi], telemetry)]
+    return [is_right(text, answer) for text, answer in zip(texts, expected, strict=True)]
+
+
+def generate(llm: LLM, prompts: list[list[int]], params: list[SamplingParams],
+             telemetry: Counter) -> list[str]:
+    """LLM.generate's loop, also summing each step's attention telemetry into `telemetry`: keys read
+    (per layer and query head) and sparse decode steps, for the mean keys a step reads, and the
+    reselections that query drift caused."""
+    engine, results = llm.engine, {}
+    order = [f"q{next(_request_ids)}" for _ in prompts]
+    for rid, prompt, p in zip(order, prompts, params, strict=True):
+        engine.add_request(rid, prompt, p)
+    while engine.has_unfinished():
+        outputs, stats = engine.step()
+        for out in outputs:
+            merge(results, out)
+        telemetry.update(keys_read=sum(stats.attention.tokens_read), steps=len(stats.attention.tokens_read),
+                         drift=stats.attention.drift_reselections)
+    return [results[rid].outputs[0].text for rid in order]
 
 
 def rows(args) -> list[tuple[str, int | None]]:
@@ -87,14 +107,17 @@ def retrieval(llm: LLM, args, name: str, length: int, results: dict, save: Calla
         expected, n = [q.answer for q in questions], len(questions)
         tokens = max_answer_tokens(llm.tokenizer, questions)
 
-        def store(row: str, budget: int | None, right: list[bool], asked: list[Question] = questions) -> None:
+        def store(row: str, budget: int | None, right: list[bool], telemetry: Counter,
+                  asked: list[Question] = questions) -> None:
             cell = results.setdefault(f"{name}/{length}/{row}/{budget}", {"right": [], "depth": []})
             cell["right"] += [int(r) for r in right]
             cell["depth"] += [q.depth for q in asked]
+            for key in ("keys_read", "steps", "drift"):
+                cell[key] = cell.get(key, 0) + telemetry[key]
 
         if ("dense", None) in todo:
             store("dense", None, answers_right(llm, prompts, [AttentionOverride(mode="dense")] * n, expected,
-                                               n, tokens))
+                                               n, tokens, Counter()), Counter())
         for policy in args.policies:
             budgets = [b for r, b in todo if r == policy]
             if not budgets:
@@ -102,9 +125,11 @@ def retrieval(llm: LLM, args, name: str, length: int, results: dict, save: Calla
             _set_policy(llm, policy)
             overrides = [AttentionOverride(mode="sparse", token_budget=b)
                          for b in budgets for _ in range(n)]  # budget-major, like the prompts
-            right = answers_right(llm, prompts * len(budgets), overrides, expected * len(budgets), n, tokens)
-            for j, b in enumerate(budgets):
-                store(policy, b, right[j * n:(j + 1) * n])
+            telemetry: Counter = Counter()
+            right = answers_right(llm, prompts * len(budgets), overrides, expected * len(budgets), n, tokens,
+                                  telemetry)
+            for j, b in enumerate(budgets):  # budgets batched together share one telemetry: kept for none
+                store(policy, b, right[j * n:(j + 1) * n], telemetry if len(budgets) == 1 else Counter())
         save()
 
 
@@ -198,8 +223,8 @@ def report(results: dict, args) -> str:
             out += [f"### {length} tokens: accuracy (%)", "", *head, *filter(None, lines), ""]
     depth_head = ["| task | length | configuration | budget | n | "
                   + " | ".join(f"{100 * b // DEPTH_BUCKETS}-{100 * (b + 1) // DEPTH_BUCKETS}%"
-                               for b in range(DEPTH_BUCKETS)) + " |", "|---|---|---|---|---|"
-                  + "---|" * DEPTH_BUCKETS]
+                               for b in range(DEPTH_BUCKETS)) + " | keys read / step | drift reselections |",
+                  "|---|---|---|---|---|" + "---|" * (DEPTH_BUCKETS + 2)]
     depth_lines = []
     for task in args.tasks:
         for length in sorted(args.lengths):
@@ -207,8 +232,11 @@ def report(results: dict, args) -> str:
                 cell = results.get(f"{task}/{length}/{row}/{budget}")
                 if isinstance(cell, dict) and cell["right"]:
                     cells = " | ".join("-" if c is None else f"{c:.0f}" for c in by_depth(cell))
+                    steps = cell.get("steps", 0)
+                    read = f"{cell['keys_read'] / steps:.0f}" if steps else "-"
+                    drift = f"{cell['drift']:.0f}" if steps else "-"
                     depth_lines.append(f"| {task} | {length} | {row} | {budget or '-'} "
-                                       f"| {len(cell['right'])} | {cells} |")
+                                       f"| {len(cell['right'])} | {cells} | {read} | {drift} |")
     if depth_lines:
         out += ["### Accuracy (%) by depth of the answer in the document", "", *depth_head, *depth_lines, ""]
     dense = results.get("ppl/dense/None")
@@ -240,8 +268,9 @@ def _set_policy(llm: LLM, row: str) -> None:
     its own score, "hierarchical:mean:256" its score and window (retrieval_local_tokens). Options after
     "@" switch the levers in place (ROW_OPTIONS; absent, the engine's): "hierarchical@obs=32"
     (prompt-aware selection over the last 32 prompt queries), "@min_recall=0.9" (the recall guard),
-    "@interval=16" (decode steps a selection is kept), "@heads=query" (per query head, not per KV group).
-    Options combine: "hierarchical@obs=32,interval=16"."""
+    "@interval=16" (decode steps a selection is kept), "@heads=query" (per query head, not per KV group),
+    "@top_p=0.9" (Twilight's adaptive budget; "top_p_floor=128" its floor in tokens), "@drift=0.9"
+    (reselect on query drift). Options combine: "hierarchical@obs=32,interval=16"."""
     spec, _, options = row.partition("@")
     name, score, local = (spec.split(":") + ["", ""])[:3]
     opts = dict(o.split("=") for o in options.split(",") if o)
@@ -253,6 +282,8 @@ def _set_policy(llm: LLM, row: str) -> None:
     heads = opts.get("heads", "query" if config.per_query_head else "kv")
     if (heads == "query") != backend.per_query_head:
         backend.set_selection(heads == "query")
+    top_p, drift = float(opts.get("top_p", config.top_p)), float(opts.get("drift", config.drift))
+    backend.set_adaptive(top_p, int(opts.get("top_p_floor", config.top_p_floor)), drift)
     backend.set_policy(name, score or args.sparse_page_score, int(local or args.retrieval_local_tokens))
     backend.observation_window = int(opts.get("obs", config.observation_window))
     backend.min_recall = float(opts.get("min_recall", config.min_recall))
@@ -275,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", nargs="+", type=int, default=[256, 512, 1024, 2048])
     parser.add_argument("--policies", nargs="*", default=["hierarchical", "quest", "hip", "recent"],
                         help="sparse rows; POLICY:SCORE[:LOCAL][@OPTION=VALUE,...] picks the page score, the "
-                             "retrieval heads' local window and the levers obs, min_recall, interval, heads "
+                             "retrieval heads' local window and the levers obs, min_recall, interval, heads, "
+                             "top_p, top_p_floor, drift "
                              "(e.g. quest:bound, hierarchical:mean:256, hierarchical@obs=32,interval=16)")
     parser.add_argument("--samples", type=int, default=50, help="questions per task and length")
     parser.add_argument("--needles", type=int, default=None,

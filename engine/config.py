@@ -129,6 +129,21 @@ class EngineArgs:
         "help": "Fidelity guard: a sequence whose sampled recall (attention mass its selection holds) is "
                 "below this doubles its budget for the rest of its decode, up to dense; its first sparse "
                 "decode step is always sampled (0: off)."})
+    sparse_top_p: float = field(default=0.0, metadata={
+        "help": "Adaptive budget (Twilight's top-p): each retrieval head's chosen units stop once they hold "
+                "this share of the estimated attention mass over the eligible units (softmax of the unit "
+                "scores; for the prompt-aware seed, the window's exact mass), within the token budget as "
+                "the cap and --sparse-top-p-floor as the floor. hierarchical and quest only; torch "
+                "attention backend only (0: off, a fixed k fills the budget)."})
+    sparse_top_p_floor: int = field(default=256, metadata={
+        "help": "With --sparse-top-p: the fewest tokens of chosen units a retrieval head keeps, however "
+                "concentrated the estimated mass."})
+    sparse_drift: float = field(default=0.0, metadata={
+        "help": "Reselect on query drift: a retrieval head also reselects between the --selector-interval "
+                "reselections (which stay the maximum spacing) when the cosine similarity of its query to "
+                "the query that made its selection falls below this (0: off). A seeded selection is kept "
+                "for the interval. Torch attention backend only; refused with speculative decoding, "
+                "whose drafts cannot know where plain decoding would reselect."})
 
     speculative_config: str | None = field(default=None, metadata={
         "help": 'Speculative decoding, as JSON (vLLM\'s): {"method": "ngram" | "self_sparse" | '
@@ -177,6 +192,17 @@ class EngineArgs:
         if not self.enable_chunked_prefill:
             raise ValueError("needle always prefills in chunks (mixed with decodes, within "
                              "--max-num-batched-tokens); --no-enable-chunked-prefill cannot be honoured")
+        if not 0.0 <= self.sparse_top_p <= 1.0:
+            raise ValueError(f"--sparse-top-p must be in [0, 1] (0: off), got {self.sparse_top_p}")
+        if self.sparse_top_p_floor < 0:
+            raise ValueError(f"--sparse-top-p-floor must be >= 0 tokens, got {self.sparse_top_p_floor}")
+        if not 0.0 <= self.sparse_drift < 1.0:
+            raise ValueError(f"--sparse-drift must be in [0, 1) (a cosine similarity; 0: off), got "
+                             f"{self.sparse_drift}")
+        if self.sparse_drift > 0 and self.speculative_config:
+            raise ValueError("--sparse-drift cannot be combined with --speculative-config: a drift "
+                             "reselection depends on each position's query, which a draft cannot know, "
+                             "so sparse speculation would no longer give plain sparse decoding's tokens")
 
     def sparse_config(self, device_type: str) -> SparseConfig:
         """The sparse backend's settings; the budget default is 1/8 of an 8K context on CPU, 2048 on CUDA."""
@@ -190,6 +216,7 @@ class EngineArgs:
             prefill_local_tokens=self.prefill_local_tokens,
             recall_sample=self.sparse_recall_sample,
             observation_window=max(0, self.sparse_observation_window), min_recall=self.sparse_min_recall,
+            top_p=self.sparse_top_p, top_p_floor=self.sparse_top_p_floor, drift=self.sparse_drift,
             seed=self.seed)
 
     def kernel_backend(self, device_type: str) -> str:

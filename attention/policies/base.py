@@ -8,7 +8,7 @@ recent units) and turns units into KV slots; a policy only ranks.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +45,7 @@ class SparsePolicy(ABC):
     name: str
     coarse_units = False
     query_aware = True  # ranks by the query (the prompt-aware seed applies); the recent baseline does not
+    scores_units = False  # unit_scores estimates each unit's attention logit (the top-p budget needs it)
 
     def __init__(self, unit_tokens: int, summary_tokens: int, page_score: str = "bound"):
         if page_score not in PAGE_SCORES:
@@ -54,9 +55,14 @@ class SparsePolicy(ABC):
         self.unit_tokens = unit_tokens if self.coarse_units else summary_tokens
         self.page_score = page_score
 
-    @abstractmethod
     def select(self, req: SelectionRequest) -> torch.Tensor:
         """-> [B, H, k] int64 unit indices, best first; -1 where fewer than k units are allowed."""
+        return top_units(self.unit_scores(req), req.allowed, req.k)
+
+    def unit_scores(self, req: SelectionRequest) -> torch.Tensor:
+        """-> [B, H, U] each unit's estimated q.k (unscaled; ranks the units, and softmaxed it
+        estimates their attention mass). Policies that rank otherwise override `select` instead."""
+        raise NotImplementedError(f"the {self.name} policy ranks units without scoring each one")
 
 
 def token_slots(page_tables: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -100,6 +106,18 @@ def _summary(req: SelectionRequest, summary: torch.Tensor | None) -> torch.Tenso
     hkv, d = req.pool.spec.num_kv_heads, req.pool.spec.head_dim
     rows = summary[req.layer][req.page_tables.long()].view(b, -1, hkv, d)
     return rows[:, :, req.kv_heads].permute(0, 2, 3, 1)
+
+
+def top_p_cut(units: torch.Tensor, logits: torch.Tensor, allowed: torch.Tensor, p: float,
+              floor: int) -> torch.Tensor:
+    """Twilight's top-p budget: of units [B, H, k] (best first, -1 = none) keep the shortest prefix
+    that holds a share p of the estimated attention mass (softmax of logits [B, H, U] over the allowed
+    units [B, U]), and at least `floor` units; the rest become -1."""
+    mass = logits.float().masked_fill(~allowed[:, None, :], float("-inf")).softmax(dim=-1)
+    ranked = mass.gather(-1, units.clamp(min=0)).masked_fill(units < 0, 0.0)
+    held_before = ranked.cumsum(dim=-1) - ranked  # the mass of the better units
+    keep = (held_before < p) | (torch.arange(units.shape[-1], device=units.device) < floor)
+    return units.masked_fill(~keep, -1)
 
 
 def top_units(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from needle.attention.policies.base import SelectionRequest, SparsePolicy, summary_scores, top_units
+from needle.attention.policies.base import SelectionRequest, SparsePolicy, summary_scores
 
 
 class HierarchicalPolicy(SparsePolicy):
@@ -15,12 +15,12 @@ class HierarchicalPolicy(SparsePolicy):
 
     name = "hierarchical"
     coarse_units = True
+    scores_units = True
 
-    def select(self, req: SelectionRequest) -> torch.Tensor:
+    def unit_scores(self, req: SelectionRequest) -> torch.Tensor:
         pages_per_unit = self.unit_tokens // req.pool.spec.summary_tokens
         scores = summary_scores(req, self.page_score)
         num_units = req.allowed.shape[1]
         width = num_units * pages_per_unit
         scores = F.pad(scores, (0, max(0, width - scores.shape[-1])), value=float("-inf"))[..., :width]
-        unit_scores = scores.view(*scores.shape[:2], num_units, pages_per_unit).amax(dim=-1)
-        return top_units(unit_scores, req.allowed, req.k)
+        return scores.view(*scores.shape[:2], num_units, pages_per_unit).amax(dim=-1)

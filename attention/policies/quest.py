@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from needle.attention.policies.base import SelectionRequest, SparsePolicy, summary_scores, top_units
+from needle.attention.policies.base import SelectionRequest, SparsePolicy, summary_scores
 
 
 class QuestPolicy(SparsePolicy):
     """Unit = one summary; fine-grained, but k is large so the top-k and the gather are wider."""
 
     name = "quest"
+    scores_units = True
 
-    def select(self, req: SelectionRequest) -> torch.Tensor:
-        scores = summary_scores(req, self.page_score)
-        return top_units(scores[..., : req.allowed.shape[1]], req.allowed, req.k)
+    def unit_scores(self, req: SelectionRequest) -> torch.Tensor:
+        return summary_scores(req, self.page_score)[..., : req.allowed.shape[1]]
