@@ -296,7 +296,7 @@ class ValueTiers:
         i = layer - self.first_layer
         self._sync_mirror(i)
         self._calls += 1
-        patched = torch.where(tables < 0, self.cached_slot[i][page_tables.long()], tables)
+        patched = self._through_cache(i, tables, page_tables)
         read = patched.gather(1, logical)
         on_host = needed & (tables.gather(1, logical) < 0)
         self.last_read[i][read[on_host & (read >= 0)].long()] = self._calls
@@ -311,6 +311,10 @@ class ValueTiers:
         pages = page_tables.reshape(-1)[torch.unique((rows * width + logical)[missing])].tolist()
         keep = frozenset(torch.nonzero(self.last_read[i] == self._calls).flatten().tolist())
         self.fetch(layer, list(dict.fromkeys(pages)), keep)
+        return self._through_cache(i, tables, page_tables)
+
+    def _through_cache(self, i: int, tables: torch.Tensor, page_tables: torch.Tensor) -> torch.Tensor:
+        """tables with each host page (-1) replaced by its cache slot in layer column i, where cached."""
         return torch.where(tables < 0, self.cached_slot[i][page_tables.long()], tables)
 
     def drain_stats(self) -> TierStats:
