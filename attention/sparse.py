@@ -12,7 +12,8 @@ schedule counts positions, so a verify of n rows advances it by n (rejected rows
 row would reselect, or cross from dense to sparse, where plain decoding would: then speculation in
 sparse mode gives plain sparse decoding's tokens exactly.
 Prefill (also chunked): streaming heads attend to sinks + the last `prefill_local_tokens` before each
-query (a Lambda-shaped mask); retrieval heads attend densely, as in LServe.
+query (a Lambda-shaped mask); retrieval heads attend densely, as in LServe, or with `prefill_density`
+block-sparsely: each 128-token query block reads that share of its key blocks (kernels/block_prefill.py).
 Dense, exactly as the dense backend computes it: the first `dense_layers` layers, sequences in "dense"
 mode, sequences whose context fits their budget, and prefill chunks whose context the streaming heads'
 window covers anyway (so sparse prefill is the same for every budget within that window).
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from needle.attention.base import AttentionBackend, AttentionMetadata, AttentionStats
 from needle.attention.dense import DenseBackend
 from needle.attention.head_profile import HeadProfile
+from needle.attention.kernels.block_prefill import block_sparse_prefill_torch, prefill_blocks, skips_blocks
 from needle.attention.policies import POLICIES, SelectionRequest, SparsePolicy
 from needle.attention.policies.base import gather_heads, token_slots, top_p_cut, top_units
 from needle.attention.selection_table import SelectionTable
@@ -52,6 +54,7 @@ class SparseConfig:
     local_tokens: int = 256
     retrieval_local_tokens: int = 64
     prefill_local_tokens: int = 2048
+    prefill_density: float = 0.0  # retrieval heads' prefill: share of key blocks read (0: dense)
     recall_sample: float = 0.01
     observation_window: int = 32  # seed the first selection from the prompt's last N queries (0: off)
     min_recall: float = 0.0  # fidelity guard: widen a sequence's budget when its recall falls below
@@ -124,6 +127,7 @@ class SparseBackend(AttentionBackend):
         self.dense_layers = config.dense_layers
         self.sink_tokens, self.local_tokens = config.sink_tokens, config.local_tokens
         self.prefill_local_tokens = config.prefill_local_tokens
+        self.prefill_density = config.prefill_density
         self.selector_interval = config.selector_interval
         self.recall_sample = config.recall_sample
         self.observation_window, self.min_recall = config.observation_window, config.min_recall
@@ -500,11 +504,15 @@ class SparseBackend(AttentionBackend):
             value_slots = token_slots(value_table, kpos[None], ps)[0] if offloaded else slots
             keys = self._rows(self.pool.k[layer], slots, q.dtype)[:, heads]
             values = self._rows(self.pool.v[layer], value_slots, q.dtype)[:, heads]
+            if window is None:
+                self.seed_selection(layer, qg[:, heads], keys, meta, i)
+                if skips_blocks(ctx, self.prefill_density):
+                    blocks = prefill_blocks(qg[:, heads], keys, self.scale, self.prefill_density)
+                    out[:, heads] = block_sparse_prefill_torch(qg[:, heads], keys, values, self.scale, blocks)
+                    continue
             mask = kpos[None, :] <= qpos[:, None]
             if window is not None:
                 mask &= (kpos[None, :] < self.sink_tokens) | (kpos[None, :] > qpos[:, None] - window)
-            else:
-                self.seed_selection(layer, qg[:, heads], keys, meta, i)
             out[:, heads] = _masked_sdpa(qg[:, heads], keys, values, mask)
         return out.view(n, self.num_q_heads, self.head_dim)
 

@@ -27,6 +27,7 @@ import torch
 from needle.attention.base import AttentionMetadata
 from needle.attention.dense import DenseBackend
 from needle.attention.head_profile import HeadProfile
+from needle.attention.kernels.block_prefill import block_sparse_prefill, prefill_blocks, skips_blocks
 from needle.attention.kernels.kv_append import kv_append
 from needle.attention.kernels.page_select import select_units
 from needle.attention.kernels.paged_decode import paged_decode, sparse_decode
@@ -259,8 +260,12 @@ class TritonSparseBackend(SparseBackend):
                 o = prefill_streaming(qh, kh, vh, self.scale, sink=self.sink_tokens,
                                       local=self.prefill_local_tokens)
             else:
-                o = prefill_dense(qh, kh, vh, self.scale)
                 self.seed_selection(layer, qg[:, heads], kh, meta, i)
+                if skips_blocks(ctx, self.prefill_density):
+                    blocks = prefill_blocks(qg[:, heads], kh, self.scale, self.prefill_density)
+                    o = block_sparse_prefill(qh, kh, vh, self.scale, blocks)
+                else:
+                    o = prefill_dense(qh, kh, vh, self.scale)
             out[:, heads] = o.view(n, heads.numel(), self.group, self.head_dim)
         return out.view(n, self.num_q_heads, self.head_dim)
 

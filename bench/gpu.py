@@ -4,6 +4,8 @@
     paged decode dense vs sparse (4K budget, 50% streaming heads), page selection (per step) and the
     prompt-aware seed (--sparse-observation-window: once per request and layer), KV append, SDPA over
     contiguous KV as a sanity baseline, prefill attention per layer; bytes moved / measured copy bandwidth.
+--block-prefill: retrieval heads' prefill attention at 32K/128K, dense (cuDNN) vs block-sparse
+    (attention/kernels/block_prefill.py) at several densities, kernel alone and time to first token.
 --e2e: the engine with dummy weights (`--load-format dummy`), dense vs sparse decode ms/step and tok/s at
     8K/32K/128K x batch 1/8/16, time to first token at 32K/128K, `transformers` as the outside baseline,
     and the roofline per row (weights + KV + summaries read / bandwidth).
@@ -507,6 +509,75 @@ def side_by_side(out: Path, name: str, key: str, values: tuple, rows: tuple) -> 
     return result
 
 
+PREFILL_DENSITIES = (1.0, 0.5, 0.25, 0.125, 0.0625)
+
+
+def block_prefill(out: Path) -> dict:
+    """Retrieval heads' prefill (half the heads, as the e2e profile), one layer: the last 8192-token chunk
+    of a 32K / 128K prompt and a whole 32K prompt, dense vs block selection + block-sparse attention;
+    then time to first token at 128K with each density (sparse attention, one engine)."""
+    import gc
+
+    from needle.attention.kernels.block_prefill import block_sparse_prefill, prefill_blocks
+    from needle.attention.kernels.prefill import prefill_dense
+
+    scale = D ** -0.5
+    result = {"device": torch.cuda.get_device_name(), "kernel": [], "ttft": [],
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    hq, hkv = HQ // 2, HKV // 2
+    for ctx, n in ((32768, 8192), (32768, 32768), (131072, 8192)):
+        q = torch.randn(n, hq, D, dtype=DT, device="cuda")
+        k = torch.randn(ctx, hkv, D, dtype=DT, device="cuda")
+        v = torch.randn_like(k)
+        qg = q.view(n, hkv, -1, D)
+        row = {"ctx": ctx, "chunk": n, "dense_ms": timed(5, prefill_dense, q, k, v, scale)}
+        for density in PREFILL_DENSITIES:
+            blocks = prefill_blocks(qg, k, scale, density)
+            row[f"select_ms@{density}"] = timed(5, prefill_blocks, qg, k, scale, density)
+            row[f"attend_ms@{density}"] = timed(5, block_sparse_prefill, q, k, v, scale, blocks)
+            row[f"blocks_read@{density}"] = int((blocks >= 0).sum()) / hkv
+        full = prefill_blocks(qg, k, scale, 1.0)
+        got = block_sparse_prefill(q, k, v, scale, full).float()
+        want = prefill_dense(q, k, v, scale).float()
+        row["rel_err_vs_dense@1.0"] = ((got - want).norm() / want.norm()).item()
+        result["kernel"].append(row)
+        print(json.dumps(row), flush=True)
+        q = k = v = qg = blocks = full = got = want = None
+        torch.cuda.empty_cache()
+    (out / "block_prefill.json").write_text(json.dumps(result, indent=1))
+    model = model_config_path(out)
+    for mode, densities in (("dense", (0.0,)), ("sparse", (0.0, *PREFILL_DENSITIES[1:]))):
+        engine = make_engine(model, mode, 40)
+        ttft_seconds(engine, 9000)
+        for density in densities:
+            if mode == "sparse":
+                engine.backend.prefill_density = density
+                ttft_seconds(engine, 20000)  # this density's kernels compiled outside the timing
+            row = {"mode": mode, "density": density, "prompt": 131072 - 64,
+                   "ttft_s": ttft_seconds(engine, 131072 - 64)}
+            result["ttft"].append(row)
+            print(json.dumps(row), flush=True)
+        engine = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    (out / "block_prefill.json").write_text(json.dumps(result, indent=1))
+    print(f"\n### Block-sparse prefill, retrieval heads ({hq} q / {hkv} KV heads), one layer, "
+          f"{result['date']}\n")
+    print("| context | chunk | dense ms | " + " | ".join(f"density {d}: select + attend ms (speed-up)"
+                                                  for d in PREFILL_DENSITIES) + " |")
+    print("|---|---|---|" + "---|" * len(PREFILL_DENSITIES))
+    for x in result["kernel"]:
+        cells = []
+        for d in PREFILL_DENSITIES:
+            t = x[f"select_ms@{d}"] + x[f"attend_ms@{d}"]
+            cells.append(f"{x[f'select_ms@{d}']:.2f} + {x[f'attend_ms@{d}']:.2f} ({x['dense_ms'] / t:.2f}x)")
+        print(f"| {x['ctx']} | {x['chunk']} | {x['dense_ms']:.2f} | " + " | ".join(cells) + " |")
+    print("\n| attention | prefill density | TTFT s at 128K |\n|---|---|---|")
+    for x in result["ttft"]:
+        print(f"| {x['mode']} | {x['density'] or 'dense retrieval heads'} | {x['ttft_s']:.2f} |")
+    return result
+
+
 FAMILY_ROWS = (("qwen3-8b", 32768, (1, 4)), ("gemma-3-12b", 32768, (1, 2)))
 
 
@@ -641,6 +712,8 @@ def main() -> None:
     ap.add_argument("--ttft-only", action="store_true", help="with --e2e: skip the decode table")
     ap.add_argument("--fusion", action="store_true", help="decode with the elementwise ops compiled or not")
     ap.add_argument("--fp8", action="store_true", help="decode over model-dtype (auto) vs fp8 KV pages")
+    ap.add_argument("--block-prefill", action="store_true",
+                    help="retrieval heads' prefill, dense vs block-sparse")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     out = Path(args.out)
@@ -656,6 +729,9 @@ def main() -> None:
         return
     if args.fusion:
         side_by_side(out, "fusion", "compilation_level", (0, 1), FUSION_ROWS)
+        return
+    if args.block_prefill:
+        block_prefill(out)
         return
     if args.fp8:
         side_by_side(out, "fp8", "kv_cache_dtype", ("auto", "fp8"), FP8_ROWS)
