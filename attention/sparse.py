@@ -31,7 +31,11 @@ import torch.nn.functional as F
 from needle.attention.base import AttentionBackend, AttentionMetadata, AttentionStats
 from needle.attention.dense import DenseBackend
 from needle.attention.head_profile import HeadProfile
-from needle.attention.kernels.block_prefill import block_sparse_prefill_torch, prefill_blocks, skips_blocks
+from needle.attention.kernels.block_prefill import (
+    block_sparse_prefill_torch,
+    prefill_block_sparse,
+    skips_blocks,
+)
 from needle.attention.policies import POLICIES, SelectionRequest, SparsePolicy
 from needle.attention.policies.base import gather_heads, token_slots, top_p_cut, top_units
 from needle.attention.selection_table import SelectionTable
@@ -507,8 +511,8 @@ class SparseBackend(AttentionBackend):
             if window is None:
                 self.seed_selection(layer, qg[:, heads], keys, meta, i)
                 if skips_blocks(ctx, self.prefill_density):
-                    blocks = prefill_blocks(qg[:, heads], keys, self.scale, self.prefill_density)
-                    out[:, heads] = block_sparse_prefill_torch(qg[:, heads], keys, values, self.scale, blocks)
+                    out[:, heads] = prefill_block_sparse(qg[:, heads], keys, values, self.scale,
+                                                         self.prefill_density, block_sparse_prefill_torch)
                     continue
             mask = kpos[None, :] <= qpos[:, None]
             if window is not None:

@@ -27,7 +27,7 @@ import torch
 from needle.attention.base import AttentionMetadata
 from needle.attention.dense import DenseBackend
 from needle.attention.head_profile import HeadProfile
-from needle.attention.kernels.block_prefill import block_sparse_prefill, prefill_blocks, skips_blocks
+from needle.attention.kernels.block_prefill import block_sparse_prefill, prefill_block_sparse, skips_blocks
 from needle.attention.kernels.kv_append import kv_append
 from needle.attention.kernels.page_select import select_units
 from needle.attention.kernels.paged_decode import paged_decode, sparse_decode
@@ -43,6 +43,17 @@ def append(pool: KVPool, layer: int, k: torch.Tensor, v: torch.Tensor, meta: Att
     value_slots = meta.values_of(layer)[1]
     kv_append(pool.k[layer], pool.v[layer], summaries, k, v, meta.slot_mapping, pool.spec.summary_tokens,
               None if value_slots is meta.slot_mapping else value_slots)
+
+
+def _block_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  blocks: torch.Tensor) -> torch.Tensor:
+    """prefill_block_sparse's attend on the Triton kernel (q [n, Hkv, G, D])."""
+    return block_sparse_prefill(q.flatten(1, 2), k, v, scale, blocks).view(q.shape)
+
+
+def _dense_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """prefill_block_sparse's dense rows on flash / cuDNN (q [n, Hkv, G, D])."""
+    return prefill_dense(q.flatten(1, 2), k, v, scale).view(q.shape)
 
 
 def value_tables_of(meta: AttentionMetadata, layer: int) -> torch.Tensor | None:
@@ -262,8 +273,8 @@ class TritonSparseBackend(SparseBackend):
             else:
                 self.seed_selection(layer, qg[:, heads], kh, meta, i)
                 if skips_blocks(ctx, self.prefill_density):
-                    blocks = prefill_blocks(qg[:, heads], kh, self.scale, self.prefill_density)
-                    o = block_sparse_prefill(qh, kh, vh, self.scale, blocks)
+                    o = prefill_block_sparse(qh.view(n, heads.numel(), self.group, self.head_dim), kh, vh,
+                                             self.scale, self.prefill_density, _block_kernel, _dense_kernel)
                 else:
                     o = prefill_dense(qh, kh, vh, self.scale)
             out[:, heads] = o.view(n, heads.numel(), self.group, self.head_dim)

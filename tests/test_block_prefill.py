@@ -11,6 +11,7 @@ import torch
 from needle.attention.kernels.block_prefill import (
     BLOCK,
     block_sparse_prefill_torch,
+    prefill_block_sparse,
     prefill_blocks,
     skips_blocks,
 )
@@ -63,22 +64,30 @@ def test_each_query_block_reads_its_share_and_the_always_read_blocks():
     q = torch.randn(n, 1, 1, 16, generator=gen)
     k = torch.randn(ctx, 1, 16, generator=gen)
     blocks = prefill_blocks(q, k, 0.25, 0.25)[0]  # [QB, K]
-    last = blocks.shape[0] - 1
     for qb in range(blocks.shape[0]):
         chosen = blocks[qb][blocks[qb] >= 0].tolist()
         assert chosen == sorted(set(chosen)) and all(c <= qb for c in chosen)
-        share = qb + 1 if qb == last else max(math.ceil(0.25 * (qb + 1)), 3)  # the question's block: all
-        assert len(chosen) == min(qb + 1, share)
+        assert len(chosen) == min(qb + 1, max(math.ceil(0.25 * (qb + 1)), 3))
         assert {0, qb, max(qb - 1, 0)} <= set(chosen)
 
 
-def test_the_last_positions_of_a_chunk_read_everything_even_across_a_block_boundary():
-    gen = torch.Generator().manual_seed(4)
-    n, ctx = 100, 4096 + 40  # the chunk's last 128 positions span two blocks
-    q = torch.randn(n, 1, 1, 16, generator=gen)
-    k = torch.randn(ctx, 1, 16, generator=gen)
-    blocks = prefill_blocks(q, k, 0.25, 0.25)[0]
-    assert blocks.shape[0] == 2 and (blocks >= 0).sum(-1).tolist() == [32, 33]
+@pytest.mark.parametrize("n,ctx", [(1000, 3000), (100, 3000)])
+def test_a_chunk_attends_block_sparsely_but_its_last_block_of_rows_densely(n, ctx):
+    gen = torch.Generator().manual_seed(n)
+    hkv, g, d = 2, 2, 16
+    q = torch.randn(n, hkv, g, d, generator=gen)
+    k, v = torch.randn(ctx, hkv, d, generator=gen), torch.randn(ctx, hkv, d, generator=gen)
+    got = prefill_block_sparse(q, k, v, 0.25, 0.25, block_sparse_prefill_torch).double()
+    tail = min(n, BLOCK)
+    dense = prefill_ref(q[n - tail:].reshape(tail, hkv * g, d), k, v, 0.25, q_offset=ctx - tail)
+    assert torch.allclose(got[n - tail:], dense.view(tail, hkv, g, d), atol=1e-5)
+    if n > tail:
+        head, seen = q[: n - tail], ctx - tail
+        blocks = prefill_blocks(head, k[:seen], 0.25, 0.25)
+        want = masked_reference(head, k[:seen], v[:seen], 0.25, blocks)
+        assert torch.allclose(got[: n - tail], want, atol=1e-5)
+        assert not torch.allclose(got[: n - tail], prefill_ref(head.reshape(n - tail, hkv * g, d), k[:seen],
+                                  v[:seen], 0.25, q_offset=seen - n + tail).view(-1, hkv, g, d), atol=1e-3)
 
 
 def test_the_block_the_queries_point_at_is_chosen():
@@ -103,17 +112,17 @@ def test_skips_blocks_only_where_a_block_is_left_out():
 def test_engine_prefills_retrieval_heads_block_sparsely(sparse_llm, monkeypatch):
     """Through the real model: a long prompt's prefill runs the block path and decodes (the tokens may
     differ from the dense-retrieval prefill; QUALITY.md measures by how much it matters)."""
-    import needle.attention.sparse as sparse_module
+    import needle.attention.kernels.block_prefill as block_prefill
     from needle import SamplingParams
 
     calls = []
-    chooser = sparse_module.prefill_blocks
+    chooser = block_prefill.prefill_blocks
 
     def counting(*args, **kwargs):
         calls.append(1)
         return chooser(*args, **kwargs)
 
-    monkeypatch.setattr(sparse_module, "prefill_blocks", counting)
+    monkeypatch.setattr(block_prefill, "prefill_blocks", counting)
     monkeypatch.setattr(sparse_llm.engine.backend, "prefill_density", 0.5)
     greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     out = sparse_llm.generate([list(range(100, 2600))], greedy)[0]

@@ -9,19 +9,22 @@ blocks. For each KV head and query block:
     heads summed) turns those into shares, pooled per block;
   * always read block 0 (the attention sinks), the diagonal block and the one before it; add the best
     other blocks until the query block reads `density` of its causal blocks;
-  * the query blocks holding the chunk's last `block` positions read every causal block: at a prompt's
-    end sits the question, whose reading of the far context the answer depends on (on Gemma-3-270M,
-    needle at 8K, density 0.25 without this lost 20-30 points, QUALITY.md).
+  * the chunk's last `block` queries attend densely (`prefill_block_sparse`): at a prompt's end sits the
+    question, whose reading of the far context the answer depends on (on Gemma-3-270M, needle at 8K,
+    density 0.25 lost 20-30 points without this, QUALITY.md). They run apart from the block kernel,
+    where one query block reading its whole context would make every other program wait for it.
 The attention itself runs over the chosen blocks only, exact within them (causal inside the diagonal).
 With density 1 every causal block is chosen and the result is dense attention.
 
 `prefill_blocks` picks the blocks (torch, any device); `block_sparse_prefill_torch` attends over them
-(the CPU path and the reference); `block_sparse_prefill` is the Triton kernel for CUDA.
+(the CPU path and the reference); `block_sparse_prefill` is the Triton kernel for CUDA;
+`prefill_block_sparse` puts a chunk together from either.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -90,15 +93,35 @@ def prefill_blocks(q: torch.Tensor, k: torch.Tensor, scale: float, density: floa
     shares = shares.masked_fill(always, float("inf")).masked_fill(~causal, float("-inf"))
     count = (qb[:, 0] + 1).float()
     keep = torch.maximum(torch.ceil(density * count), always.sum(1).float()).clamp(max=count).long()
-    # the chunk's last `block` queries (a prompt's question) read all of their context
-    last = (qb[:, 0] + 1) * block > ctx - block
-    keep = torch.where(last, count.long(), keep)
     k_max = int(keep.max())
     top = shares.topk(k_max, dim=-1).indices  # [Hkv, QB, K] best first
     rank = torch.arange(k_max, device=q.device)
     chosen = torch.where(rank[None, None, :] < keep[None, :, None], top, shares.shape[-1])
     chosen = chosen.sort(-1).values
     return torch.where(chosen == shares.shape[-1], -1, chosen).to(torch.int32)
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor], torch.Tensor]
+Dense = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def prefill_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, density: float,
+                         attend: Attend, dense: Dense | None = None, block: int = BLOCK) -> torch.Tensor:
+    """A chunk's retrieval-head attention: q [n, Hkv, G, D] are the last n positions of k, v [ctx, Hkv, D].
+    All but the last `block` rows read their chosen blocks through attend(q, k, v, scale, blocks); the
+    last rows attend densely, through dense(q, k, v, scale) (a faster dense kernel) or else attend over
+    every causal block -> [n, Hkv, G, D]."""
+    n, ctx = q.shape[0], k.shape[0]
+    tail = min(n, block)
+    out = torch.empty_like(q)
+    if n > tail:
+        head_q, seen = q[: n - tail], ctx - tail
+        out[: n - tail] = attend(head_q, k[:seen], v[:seen], scale,
+                                 prefill_blocks(head_q, k[:seen], scale, density, block))
+    tail_q = q[n - tail:]
+    out[n - tail:] = dense(tail_q, k, v, scale) if dense else attend(
+        tail_q, k, v, scale, prefill_blocks(tail_q, k, scale, 1.0, block))
+    return out
 
 
 def block_sparse_prefill_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
