@@ -77,6 +77,12 @@ def runs(model_path, prompts) -> dict[tuple[str, str], list[list[int]]]:
         for name in ("torch", "triton"):
             out[(attention, name + "-fp8")] = greedy(model_path, prompts, attention, name + "-fp8",
                                                      kv_cache_dtype="fp8", **VARIANTS[name])
+    # A 256-token prefill window: the prompts' chunks then prefill sparsely, not within the window.
+    for density in (0.0, 0.3):
+        for name in ("torch", "triton"):
+            key = f"{name}-block-prefill-{density}"
+            out[("sparse", key)] = greedy(model_path, prompts, "sparse", key, sparse_prefill_density=density,
+                                          prefill_local_tokens=256, **VARIANTS[name])
     return out
 
 
@@ -93,6 +99,14 @@ def test_triton_equals_torch_position_by_position(runs, attention, variant):
     for i, (a, b) in enumerate(zip(want, got, strict=True)):
         same = next((j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
         assert same == len(a), f"prompt {i} ({PROMPT_LENS[i]} tokens) diverges at new token {same}"
+
+
+def test_triton_prefills_block_sparsely_as_torch_does(runs):
+    for density in (0.0, 0.3):
+        want = runs[("sparse", f"torch-block-prefill-{density}")]
+        assert runs[("sparse", f"triton-block-prefill-{density}")] == want
+    # the block-sparse prefill changed what the model saw
+    assert runs[("sparse", "torch-block-prefill-0.3")] != runs[("sparse", "torch-block-prefill-0.0")]
 
 
 @pytest.mark.parametrize("attention", ["dense", "sparse"])
