@@ -1,9 +1,10 @@
 """Accuracy vs sparse token budget, one line per policy and context length, dense as a dashed level:
 the picture of a `bench/quality.py --out` results file.
 
-    python bench/plot_quality.py RESULTS.json --task needle --out bench/plots/NAME.png [--title TEXT]
+    python -m bench.plot_quality RESULTS.json --task needle --out bench/plots/NAME.png [--title TEXT]
 
-Reads the harness's keys (task/length/policy/budget -> accuracy %); needs matplotlib (`.[plots]`).
+Reads the harness's keys (task/length/policy/budget -> a cell of answers, or an older file's accuracy %);
+needs matplotlib (`.[plots]`).
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from bench.quality import accuracy
+
 
 def curves(results: dict, task: str) -> tuple[dict, dict]:
     """-> ({(length, policy): [(budget, accuracy)]}, {length: dense accuracy}) for one task."""
     lines: dict[tuple[int, str], list[tuple[int, float]]] = defaultdict(list)
     dense: dict[int, float] = {}
-    for key, value in results.items():
+    for key, cell in results.items():
         parts = key.split("/")
-        if len(parts) != 4 or parts[0] != task or not isinstance(value, (int, float)):
+        value = accuracy(cell)
+        if len(parts) != 4 or parts[0] != task or value is None:
             continue
         _, length, policy, budget = parts
         if policy == "dense":
