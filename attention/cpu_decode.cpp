@@ -112,17 +112,39 @@ void attend_chunk(const Args& a, int64_t r, int64_t h, int64_t begin, int64_t en
   out.l.assign(G, 0.f);
   out.acc.assign(G * D, 0.f);
   alignas(32) float p[G][kBlock];
-  int64_t key_at[kBlock], value_at[kBlock];
-  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+  int64_t at[2][2][kBlock];  // [this block, the next][keys, values]: element offsets of each position read
+  const int64_t row_bytes = D * (DT == kF32 ? 4 : 2);
+  auto locate = [&](int64_t b0, int64_t (*into)[kBlock]) {
     int n = 0;
     for (int64_t i = b0; i < end && i < b0 + kBlock; ++i) {
       if (ok && !ok[i]) continue;
       int64_t pos = pos_list ? pos_list[i] : i;
       int64_t row = pos % ps;
-      key_at[n] = ((page_of(ktab, pos, ps, a.key_pages) * ps + row) * a.Hkv + kh) * D;
-      value_at[n] = ((page_of(vtab, pos, ps, a.value_pages) * ps + row) * a.Hkv + kh) * D;
+      into[0][n] = ((page_of(ktab, pos, ps, a.key_pages) * ps + row) * a.Hkv + kh) * D;
+      into[1][n] = ((page_of(vtab, pos, ps, a.value_pages) * ps + row) * a.Hkv + kh) * D;
       ++n;
     }
+    return n;
+  };
+  // The rows of one head are scattered (a page's rows are Hkv heads apart, its pages anywhere): fetch
+  // the next block's while this one computes.
+  auto prefetch = [&](const void* base, const int64_t* offsets, int n) {
+    const char* bytes = static_cast<const char*>(base);
+    for (int t = 0; t < n; ++t)
+      for (int64_t b = 0; b < row_bytes; b += 64)
+        _mm_prefetch(bytes + offsets[t] * (row_bytes / D) + b, _MM_HINT_T0);
+  };
+  int next_n = locate(begin, at[1]);
+  prefetch(a.k, at[1][0], next_n);
+  prefetch(a.v, at[1][1], next_n);
+  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+    int n = next_n;
+    std::copy(&at[1][0][0], &at[1][0][0] + 2 * kBlock, &at[0][0][0]);
+    next_n = locate(b0 + kBlock, at[1]);
+    prefetch(a.k, at[1][0], next_n);
+    prefetch(a.v, at[1][1], next_n);
+    int64_t* key_at = at[0][0];
+    const int64_t* value_at = at[0][1];
     if (n == 0) continue;
     for (int t = n; t < kBlock; ++t) key_at[t] = key_at[0];  // scored, then masked out
     for (int half = 0; half < kBlock; half += 8) {
