@@ -152,16 +152,18 @@ void attend_chunk(const Args& a, int64_t r, int64_t h, int64_t begin, int64_t en
         for (int g = 0; g < G; ++g) _mm256_store_ps(p[g] + half, _mm256_set1_ps(-INFINITY));
         continue;
       }
-      for (int g = 0; g < G; ++g) {
-        __m256 dots[8];
-        for (int t = 0; t < 8; ++t) {
-          __m256 dot = _mm256_setzero_ps();
-          for (int64_t d = 0; d < D; d += 8)
-            dot = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), load8<DT>(a.k, key_at[half + t] + d), dot);
-          dots[t] = dot;
+      __m256 dots[G][8];
+      for (int t = 0; t < 8; ++t) {  // each key row is loaded (and converted) once for the G queries
+        __m256 dot[G];
+        for (int g = 0; g < G; ++g) dot[g] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+          __m256 key = load8<DT>(a.k, key_at[half + t] + d);
+          for (int g = 0; g < G; ++g) dot[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), key, dot[g]);
         }
-        _mm256_store_ps(p[g] + half, _mm256_mul_ps(sum8(dots), _mm256_set1_ps(a.scale)));
+        for (int g = 0; g < G; ++g) dots[g][t] = dot[g];
       }
+      for (int g = 0; g < G; ++g)
+        _mm256_store_ps(p[g] + half, _mm256_mul_ps(sum8(dots[g]), _mm256_set1_ps(a.scale)));
     }
     const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256 live0 = _mm256_cmp_ps(lane, _mm256_set1_ps(static_cast<float>(n)), _CMP_LT_OQ);
