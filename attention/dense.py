@@ -69,17 +69,25 @@ class DenseBackend(AttentionBackend):
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,
                window: int | None = None) -> torch.Tensor:
-        """Attention over the cache, whose K/V for this step are already written."""
-        if meta.decodes_only and self.reads_in_place(q.shape[1] // self.pool.spec.num_kv_heads):
+        """Attention over the cache, whose K/V for this step are already written. With the in-place
+        kernel, decode and verify rows read the pages where they lie, also beside prefill chunks."""
+        in_place = self.reads_in_place(q.shape[1] // self.pool.spec.num_kv_heads)
+        if in_place and meta.decodes_only:
             return self.decode_in_place(layer, q, meta, window)
         if meta.is_decode:
             if window is None:
                 return self.decode(layer, q, meta)
             return self.decode_window(layer, q, meta, window)
         out = torch.empty_like(q)
+        decoding = [i for i in range(meta.num_seqs) if meta.decodes(i)] if in_place else []
+        if decoding:
+            rows = meta.rows_of(decoding)
+            out[rows] = self.decode_in_place(layer, q[rows], meta.subset(decoding), window)
         starts = meta.query_start_loc.tolist()
         value_tables = meta.values_of(layer)[0]
         for i, ctx in enumerate(meta.context_lens):
+            if i in decoding:
+                continue
             rows = slice(starts[i], starts[i + 1])
             out[rows] = self.prefill_one(layer, q[rows], meta.page_tables[i], ctx, window, value_tables[i])
         return out

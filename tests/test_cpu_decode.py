@@ -31,8 +31,9 @@ def random_pool(hkv: int, d: int, pages: int, dtype: torch.dtype = torch.float32
 
 
 def step(contexts: list[int], query_lens: list[int], pages: int, value_pages: int | None = None,
-         seed: int = 0) -> AttentionMetadata:
-    """Sequences at `contexts` tokens with scattered page tables (and value tables into value_pages)."""
+         seed: int = 0, drafts: list[int] | None = None) -> AttentionMetadata:
+    """Sequences at `contexts` tokens with scattered page tables (and value tables into value_pages);
+    a sequence of several rows verifies drafts unless `drafts` says 0 (a prefill chunk)."""
     gen = torch.Generator().manual_seed(seed)
     needed = [-(-c // PAGE) for c in contexts]
     order = torch.randperm(pages, generator=gen).tolist()
@@ -47,7 +48,7 @@ def step(contexts: list[int], query_lens: list[int], pages: int, value_pages: in
         for n in needed:
             values.append(slots[at:at + n])
             at += n
-    drafts = [n - 1 for n in query_lens]
+    drafts = [n - 1 for n in query_lens] if drafts is None else drafts
     return AttentionMetadata.build(list(range(len(contexts))), query_lens, contexts, tables, PAGE, "cpu",
                                    modes=["dense"] * len(contexts), num_draft_tokens=drafts,
                                    value_tables=values, value_layers_from=1)
@@ -81,6 +82,15 @@ def test_verify_rows_and_windows_match_torch_path():
         torch.testing.assert_close(new, old, atol=2e-5, rtol=1e-4)
     plain = step([600, 1300], [1, 1], 200, seed=2)
     new, old = both_paths(pool, 0, torch.randn(2, 6, 32), plain, 100)
+    torch.testing.assert_close(new, old, atol=2e-5, rtol=1e-4)
+
+
+def test_decode_rows_beside_a_prefill_chunk_match_torch_path():
+    torch.manual_seed(5)
+    pool = random_pool(3, 64, 200)
+    meta = step([40, 700, 900, 300], [6, 3, 1, 40], 200, seed=4, drafts=[0, 2, 0, 0])
+    assert not meta.decodes_only
+    new, old = both_paths(pool, 0, torch.randn(50, 9, 64), meta)
     torch.testing.assert_close(new, old, atol=2e-5, rtol=1e-4)
 
 
