@@ -88,6 +88,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     if g > MAX_GROUP or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError(f"paged_decode reads contiguous caches with at most {MAX_GROUP} query heads per "
                          f"KV head, got {g}")
+    if key_tables.shape[0] != r or value_tables.shape != key_tables.shape:
+        raise ValueError(f"paged_decode needs one key and one value table per query row ({r})")
     pages, page_size, hkv, _ = k_cache.shape
     qf = q.float().contiguous()
     out = torch.empty_like(qf)
@@ -96,10 +98,11 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     if positions is None:
         lengths = lengths.long().contiguous()
         starts = torch.zeros_like(lengths) if starts is None else starts.long().contiguous()
-        n, threads = int(lengths.max()) if r else 0, torch.get_num_threads()
+        n = int(lengths.max()) if r else 0
     else:
         positions, valid = positions.long().contiguous(), valid.contiguous()
-        n, threads = positions.shape[-1], torch.get_num_threads()
+        n = positions.shape[-1]
+    threads = torch.get_num_threads()
     chunks = max(1, min(n // MIN_CHUNK, -(-8 * threads // max(r * h, 1))))
     key_tables, value_tables = key_tables.int().contiguous(), value_tables.int().contiguous()
 
