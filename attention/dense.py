@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from needle.attention.base import AttentionBackend, AttentionMetadata
+from needle.attention.cpu_decode import MAX_GROUP, in_place_decode, paged_decode
 from needle.kvcache.pool import KVPool
 
 
@@ -53,6 +56,11 @@ class DenseBackend(AttentionBackend):
 
     def __init__(self, pool: KVPool):
         self.pool = pool
+        self.in_place = in_place_decode(pool.k)  # decode reads the pages where they lie (cpu_decode.py)
+
+    def reads_in_place(self, group: int) -> bool:
+        """Decode rows of `group` query heads per KV head go through the in-place CPU kernel."""
+        return self.in_place and group <= MAX_GROUP
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata, window: int | None = None) -> torch.Tensor:
@@ -61,15 +69,25 @@ class DenseBackend(AttentionBackend):
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,
                window: int | None = None) -> torch.Tensor:
-        """Attention over the cache, whose K/V for this step are already written."""
+        """Attention over the cache, whose K/V for this step are already written. With the in-place
+        kernel, decode and verify rows read the pages where they lie, also beside prefill chunks."""
+        in_place = self.reads_in_place(q.shape[1] // self.pool.spec.num_kv_heads)
+        if in_place and meta.decodes_only:
+            return self.decode_in_place(layer, q, meta, window)
         if meta.is_decode:
             if window is None:
                 return self.decode(layer, q, meta)
             return self.decode_window(layer, q, meta, window)
         out = torch.empty_like(q)
+        decoding = [i for i in range(meta.num_seqs) if meta.decodes(i)] if in_place else []
+        if decoding:
+            rows = meta.rows_of(decoding)
+            out[rows] = self.decode_in_place(layer, q[rows], meta.subset(decoding), window)
         starts = meta.query_start_loc.tolist()
         value_tables = meta.values_of(layer)[0]
         for i, ctx in enumerate(meta.context_lens):
+            if i in decoding:
+                continue
             rows = slice(starts[i], starts[i + 1])
             out[rows] = self.prefill_one(layer, q[rows], meta.page_tables[i], ctx, window, value_tables[i])
         return out
@@ -87,6 +105,26 @@ class DenseBackend(AttentionBackend):
             return attend(q, k.to(q.dtype), v.to(q.dtype), causal=True)
         mask = causal_chunk_mask(num_q, ctx, q.device, window, first_key)
         return attend(q, k.to(q.dtype), v.to(q.dtype), mask=mask)
+
+    def decode_in_place(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,
+                        window: int | None = None) -> torch.Tensor:
+        """A decode or verify step without copying the context: each query row (a verify's too) reads
+        the positions up to its own straight from the pages (the last `window` of them, windowed)."""
+        if meta.is_decode:
+            tables, lengths = meta.page_tables, meta.context_lens_t.long()
+            value_tables = meta.values_of(layer)[0]
+        else:
+            seq = [i for i, n in enumerate(meta.query_lens) for _ in range(n)]
+            index = torch.tensor(seq, device=q.device)
+            lengths = torch.tensor([meta.context_lens[i] - n + 1 + j for i, n in enumerate(meta.query_lens)
+                                    for j in range(n)], device=q.device)
+            tables, value_tables = meta.page_tables[index], meta.values_of(layer)[0][index]
+        starts = None if window is None else (lengths - window).clamp(min=0)
+        spec = self.pool.spec
+        rows = q.view(q.shape[0], spec.num_kv_heads, -1, spec.head_dim)
+        out, _ = paged_decode(rows, self.pool.k[layer], self.pool.v[layer], tables, value_tables,
+                              1.0 / math.sqrt(spec.head_dim), starts=starts, lengths=lengths)
+        return out.view_as(q)
 
     def decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """All sequences at once: gather their pages into a padded [B, L] batch and mask the tail."""

@@ -177,12 +177,13 @@ class EngineArgs:
                 "gated activation, RoPE) with torch.compile on CUDA when CUDA graphs are on (a one-time "
                 "compile on the first steps); 0 never compiles. Ignored on the CPU."})
     kv_cache_dtype: str = field(default="auto", metadata={
-        "help": "KV cache dtype. auto: the model dtype; fp8 (= fp8_e4m3) or fp8_e5m2: K/V pages in one "
-                "byte per value (half of bf16: twice the tokens in the same memory), saturating at the "
-                "format's largest value, unscaled (vLLM's default scale of 1.0); the kernels read them and "
-                "compute in the model dtype, key summaries stay in the model dtype. Not with "
-                "--cpu-kv-cache-memory.",
-        "choices": ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]})
+        "help": "KV cache dtype. auto: the model dtype; float16 or bfloat16: K/V pages in two bytes per "
+                "value (half of an fp32 model's: on the CPU, half the bytes each decode step reads); fp8 "
+                "(= fp8_e4m3) or fp8_e5m2: one byte per value (half of bf16: twice the tokens in the same "
+                "memory), saturating at the format's largest value, unscaled (vLLM's default scale of 1.0). "
+                "The kernels read the pages and compute in the model dtype, key summaries stay in the model "
+                "dtype. Not with --cpu-kv-cache-memory.",
+        "choices": ["auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"]})
     tokenizer: str | None = field(default=None, metadata={
         "help": "Tokenizer: a Hugging Face tokenizer directory or Hub repo (default: the model's own)."})
     generation_config: str = field(default="auto", metadata={
@@ -250,7 +251,8 @@ class EngineArgs:
     @property
     def kv_page_dtype(self) -> torch.dtype | None:
         """The K/V pages' dtype where --kv-cache-dtype sets one (None: the model's)."""
-        return {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+        return {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
                 "fp8_e5m2": torch.float8_e5m2}[self.kv_cache_dtype]
 
     @property

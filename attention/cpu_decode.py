@@ -1,0 +1,116 @@
+"""Decode attention on the CPU that reads K/V pages in place (cpu_decode.cpp), instead of copying each
+sequence's context into a contiguous batch first: at long context that copy costs as much as the read.
+
+The C++ source is compiled once per source, flags and compiler into ~/.cache/needle and called through
+ctypes (seconds to build: no torch headers). Without a compiler, on a CPU without AVX2/FMA/F16C, or with
+NEEDLE_CPU_DECODE=0 in the environment, `in_place_decode` says False and the callers keep their torch
+path (which stays the reference the tests compare against).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+# Named ISAs, not -march=native: the build must run on any AVX2 machine, and AVX-512 traps on some hosts.
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+CACHE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MAX_GROUP = 8  # query heads per KV head the kernel is built for
+MIN_CHUNK = 256  # positions: a (row, head) splits into chunks of at least this many for the threads
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "needle"
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use; None (logged once) where it cannot be."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        log.warning("no C++ compiler found: CPU decode attention copies the context (torch path)")
+        return None
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), *FLAGS, version]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_decode-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True,
+                                 text=True)
+            if run.returncode != 0:
+                log.warning("building %s failed, CPU decode attention copies the context:\n%s", SOURCE,
+                            run.stderr[-2000:])
+                return None
+            os.replace(built, target)  # atomic: concurrent builders each install a whole file
+    lib = ctypes.CDLL(str(target))
+    lib.paged_decode.restype = None
+    lib.paged_decode.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 7
+                                 + [ctypes.c_int64] * 10 + [ctypes.c_float, ctypes.c_int64, ctypes.c_int]
+                                 + [ctypes.c_void_p] * 2)
+    return lib
+
+
+def in_place_decode(cache: torch.Tensor) -> bool:
+    """The kernel serves this cache: on the CPU, in a dtype it reads, head_dim a multiple of 8, built
+    (calls with more than MAX_GROUP query heads per KV head keep the torch path)."""
+    return (cache.device.type == "cpu" and cache.dtype in CACHE_DTYPES and cache.shape[-1] % 8 == 0
+            and os.environ.get("NEEDLE_CPU_DECODE", "1") != "0" and _library() is not None)
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_tables: torch.Tensor,
+                 value_tables: torch.Tensor, scale: float, *, starts: torch.Tensor | None = None,
+                 lengths: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                 valid: torch.Tensor | None = None,
+                 kv_heads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [R, H, G, D] over one layer's caches [pages, page_size, Hkv, D] through key/value tables [R, P]
+    -> (output like q, log-sum-exp of the scores [R, H, G] float32).
+
+    Row r reads positions starts[r] .. lengths[r] - 1 of its tables (dense), or the valid ones of
+    positions [R, H, N] (sparse). Query group h reads cache head kv_heads[h] (default h)."""
+    lib = _library()
+    r, h, g, d = q.shape
+    if g > MAX_GROUP or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError(f"paged_decode reads contiguous caches with at most {MAX_GROUP} query heads per "
+                         f"KV head, got {g}")
+    if key_tables.shape[0] != r or value_tables.shape != key_tables.shape:
+        raise ValueError(f"paged_decode needs one key and one value table per query row ({r})")
+    pages, page_size, hkv, _ = k_cache.shape
+    qf = q.float().contiguous()
+    out = torch.empty_like(qf)
+    lse = torch.empty(r, h, g)
+    heads = (torch.arange(h) if kv_heads is None else kv_heads).long().contiguous()
+    if positions is None:
+        lengths = lengths.long().contiguous()
+        starts = torch.zeros_like(lengths) if starts is None else starts.long().contiguous()
+        n = int(lengths.max()) if r else 0
+    else:
+        positions, valid = positions.long().contiguous(), valid.contiguous()
+        n = positions.shape[-1]
+    threads = torch.get_num_threads()
+    chunks = max(1, min(n // MIN_CHUNK, -(-8 * threads // max(r * h, 1))))
+    key_tables, value_tables = key_tables.int().contiguous(), value_tables.int().contiguous()
+
+    def ptr(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    lib.paged_decode(ptr(qf), ptr(k_cache), ptr(v_cache), CACHE_DTYPES[k_cache.dtype], ptr(key_tables),
+                     ptr(value_tables), ptr(starts), ptr(lengths), ptr(positions), ptr(valid), ptr(heads),
+                     r, h, g, d, hkv, key_tables.shape[1], n, page_size, pages, v_cache.shape[0], scale,
+                     chunks, threads, ptr(out), ptr(lse))
+    return out.to(q.dtype), lse

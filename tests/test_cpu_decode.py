@@ -1,0 +1,137 @@
+"""The in-place CPU decode kernel (attention/cpu_decode.py) against the torch path it replaces, on fresh
+random caches: ragged contexts, grouped-query heads, verify rows, sliding windows, value tables, and
+16-bit pages; and sparse decode's position lists against the plain-torch reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from needle.attention.base import AttentionMetadata
+from needle.attention.cpu_decode import in_place_decode, paged_decode
+from needle.attention.dense import DenseBackend
+from needle.kvcache.pool import KVCacheSpec, KVPool
+
+PAGE = 16
+
+pytestmark = pytest.mark.skipif(not in_place_decode(torch.zeros(1, 1, 1, 8)),
+                                reason="the in-place kernel is not built here (no compiler or no AVX2)")
+
+
+def random_pool(hkv: int, d: int, pages: int, dtype: torch.dtype = torch.float32,
+                value_slots: list[int] | None = None) -> KVPool:
+    spec = KVCacheSpec(2, hkv, d, PAGE, kv_dtype=None if dtype == torch.float32 else dtype)
+    pool = KVPool(spec, pages, torch.device("cpu"), False, value_slots, offloaded_from=1)
+    pool.k.copy_(torch.randn(pool.k.shape))
+    for v in pool.v:
+        v.copy_(torch.randn(v.shape))
+    return pool
+
+
+def step(contexts: list[int], query_lens: list[int], pages: int, value_pages: int | None = None,
+         seed: int = 0, drafts: list[int] | None = None) -> AttentionMetadata:
+    """Sequences at `contexts` tokens with scattered page tables (and value tables into value_pages);
+    a sequence of several rows verifies drafts unless `drafts` says 0 (a prefill chunk)."""
+    gen = torch.Generator().manual_seed(seed)
+    needed = [-(-c // PAGE) for c in contexts]
+    order = torch.randperm(pages, generator=gen).tolist()
+    tables, at = [], 0
+    for n in needed:
+        tables.append(order[at:at + n])
+        at += n
+    values = None
+    if value_pages is not None:
+        slots = torch.randperm(value_pages, generator=gen).tolist()
+        values, at = [], 0
+        for n in needed:
+            values.append(slots[at:at + n])
+            at += n
+    drafts = [n - 1 for n in query_lens] if drafts is None else drafts
+    return AttentionMetadata.build(list(range(len(contexts))), query_lens, contexts, tables, PAGE, "cpu",
+                                   modes=["dense"] * len(contexts), num_draft_tokens=drafts,
+                                   value_tables=values, value_layers_from=1)
+
+
+def both_paths(pool: KVPool, layer: int, q: torch.Tensor, meta: AttentionMetadata,
+               window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    backend = DenseBackend(pool)
+    assert backend.in_place
+    new = backend.attend(layer, q, meta, window)
+    backend.in_place = False
+    return new, backend.attend(layer, q, meta, window)
+
+
+@pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 1), (2, 2)])
+def test_decode_matches_torch_path(hq, hkv):
+    torch.manual_seed(hq)
+    pool = random_pool(hkv, 64, 300)
+    meta = step([1, 15, 16, 17, 700, 2049], [1] * 6, 300)
+    new, old = both_paths(pool, 0, torch.randn(6, hq, 64), meta)
+    torch.testing.assert_close(new, old, atol=2e-5, rtol=1e-4)
+
+
+def test_verify_rows_and_windows_match_torch_path():
+    torch.manual_seed(1)
+    pool = random_pool(2, 32, 200)
+    meta = step([5, 600, 1300], [3, 4, 2], 200, seed=1)
+    q = torch.randn(9, 6, 32)
+    for window in (None, 64, 300):
+        new, old = both_paths(pool, 0, q, meta, window)
+        torch.testing.assert_close(new, old, atol=2e-5, rtol=1e-4)
+    plain = step([600, 1300], [1, 1], 200, seed=2)
+    new, old = both_paths(pool, 0, torch.randn(2, 6, 32), plain, 100)
+    torch.testing.assert_close(new, old, atol=2e-5, rtol=1e-4)
+
+
+def test_decode_rows_beside_a_prefill_chunk_match_torch_path():
+    torch.manual_seed(5)
+    pool = random_pool(3, 64, 200)
+    meta = step([40, 700, 900, 300], [6, 3, 1, 40], 200, seed=4, drafts=[0, 2, 0, 0])
+    assert not meta.decodes_only
+    new, old = both_paths(pool, 0, torch.randn(50, 9, 64), meta)
+    torch.testing.assert_close(new, old, atol=2e-5, rtol=1e-4)
+
+
+def test_values_read_through_value_tables():
+    torch.manual_seed(2)
+    pool = random_pool(3, 64, 120, value_slots=[150])
+    for query_lens in ([1, 1], [2, 3]):
+        meta = step([400, 1000], query_lens, 120, value_pages=150, seed=3)
+        q = torch.randn(sum(query_lens), 9, 64)
+        new, old = both_paths(pool, 1, q, meta)  # layer 1 reads values through the value tables
+        torch.testing.assert_close(new, old, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sixteen_bit_pages(dtype):
+    torch.manual_seed(3)
+    pool = random_pool(3, 64, 100, dtype)
+    meta = step([33, 900], [1, 1], 100)
+    new, old = both_paths(pool, 0, torch.randn(2, 9, 64), meta)
+    torch.testing.assert_close(new, old, atol=2e-5, rtol=1e-4)
+
+
+def test_position_lists_match_reference():
+    """Sparse decode's form: each (row, head) reads its own valid positions, with log-sum-exp."""
+    torch.manual_seed(4)
+    pool = random_pool(4, 64, 80)
+    meta = step([300, 900], [1, 1], 80)
+    heads = torch.tensor([3, 1])  # the query groups read KV heads 3 and 1
+    q = torch.randn(2, 2, 2, 64)
+    pos = torch.randint(0, 300, (2, 2, 70))
+    valid = torch.rand(2, 2, 70) < 0.7
+    out, lse = paged_decode(q, pool.k[0], pool.v[0], meta.page_tables, meta.page_tables, 0.125,
+                            positions=pos, valid=valid, kv_heads=heads)
+    for b in range(2):
+        for h in range(2):
+            p = pos[b, h][valid[b, h]]
+            slots = meta.page_tables[b].long()[p // PAGE] * PAGE + p % PAGE
+            keys = pool.k[0].view(-1, 4, 64)[slots, heads[h]].double()
+            values = pool.v[0].view(-1, 4, 64)[slots, heads[h]].double()
+            scores = q[b, h].double() @ keys.T * 0.125
+            torch.testing.assert_close(out[b, h].double(), scores.softmax(-1) @ values, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(lse[b, h].double(), scores.logsumexp(-1), atol=1e-5, rtol=1e-5)
+    assert math.isinf(paged_decode(q, pool.k[0], pool.v[0], meta.page_tables, meta.page_tables, 0.125,
+                                   positions=pos, valid=torch.zeros_like(valid), kv_heads=heads)[1][0, 0, 0])
