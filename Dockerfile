@@ -18,9 +18,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH
 
 # Python comes from the distribution; packages are not version-pinned so that security updates apply.
+# g++ builds the CPU decode kernel (attention/cpu_decode.cpp) on first use when the image serves on the
+# CPU (deploy/ compose); without it that path falls back to torch with a warning.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates g++ \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
