@@ -48,6 +48,25 @@ def _query_blocks(n: int, ctx: int, block: int) -> tuple[int, int]:
     return first, (ctx - 1) // block - first + 1
 
 
+def _pad_queries(q: torch.Tensor, ctx: int, block: int) -> tuple[torch.Tensor, int, int]:
+    """q [n, ...] (the last n positions of ctx) laid into whole query blocks, zeros around ->
+    (padded [QB * block, ...], the first block's index, the chunk's first row inside it)."""
+    n = q.shape[0]
+    first, nqb = _query_blocks(n, ctx, block)
+    start = ctx - n - first * block
+    q_pad = q.new_zeros(nqb * block, *q.shape[1:])
+    q_pad[start: start + n] = q
+    return q_pad, first, start
+
+
+def causal_blocks(n: int, ctx: int, hkv: int, block: int, device: torch.device) -> torch.Tensor:
+    """Every key block each query block may see -> [Hkv, QB, K] int32, ascending, -1 padded (dense)."""
+    first, nqb = _query_blocks(n, ctx, block)
+    qb = first + torch.arange(nqb, device=device)[:, None]
+    kb = torch.arange(first + nqb, device=device)[None, :]
+    return torch.where(kb <= qb, kb, -1).to(torch.int32).expand(hkv, -1, -1)
+
+
 def block_shares(q: torch.Tensor, k: torch.Tensor, scale: float, block: int = BLOCK,
                  stride: int = STRIDE) -> torch.Tensor:
     """Estimated attention share of every key block for every query block, per KV head.
@@ -55,10 +74,9 @@ def block_shares(q: torch.Tensor, k: torch.Tensor, scale: float, block: int = BL
     q [n, Hkv, G, D] are the last n positions of k [ctx, Hkv, D] -> [Hkv, QB, KB] (rows sum to <= G)."""
     n, hkv, g, d = q.shape
     ctx = k.shape[0]
-    first, nqb = _query_blocks(n, ctx, block)
+    q_pad, first, _ = _pad_queries(q, ctx, block)
+    nqb = q_pad.shape[0] // block
     kb = (ctx + block - 1) // block
-    q_pad = q.new_zeros(nqb * block, hkv, g, d)
-    q_pad[ctx - n - first * block: ctx - first * block] = q
     k_pad = k.new_zeros(kb * block, hkv, d)
     k_pad[:ctx] = k
     # the softmax scale (and 1/stride: a mean logit) folded into q; logits in q's dtype, softmax in fp32
@@ -84,6 +102,8 @@ def prefill_blocks(q: torch.Tensor, k: torch.Tensor, scale: float, density: floa
     q [n, Hkv, G, D] are the last n positions of k [ctx, Hkv, D]; a query block whose context holds c
     blocks reads max(ceil(density * c), its always-read blocks) of them."""
     n, ctx = q.shape[0], k.shape[0]
+    if density >= 1.0:  # every causal block: no estimate needed
+        return causal_blocks(n, ctx, k.shape[1], block, q.device).contiguous()
     first, nqb = _query_blocks(n, ctx, block)
     shares = block_shares(q, k, scale, block, stride)
     qb = first + torch.arange(nqb, device=q.device)[:, None]  # absolute query block
@@ -110,7 +130,7 @@ def prefill_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     """A chunk's retrieval-head attention: q [n, Hkv, G, D] are the last n positions of k, v [ctx, Hkv, D].
     All but the last `block` rows read their chosen blocks through attend(q, k, v, scale, blocks); the
     last rows attend densely, through dense(q, k, v, scale) (a faster dense kernel) or else attend over
-    every causal block -> [n, Hkv, G, D]."""
+    every causal block (density 1) -> [n, Hkv, G, D]."""
     n, ctx = q.shape[0], k.shape[0]
     tail = min(n, block)
     out = torch.empty_like(q)
@@ -131,10 +151,8 @@ def block_sparse_prefill_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     `blocks` [Hkv, QB, K] -> [n, Hkv, G, D]; `group_blocks` query blocks at a time bound the memory."""
     n, hkv, g, d = q.shape
     ctx = k.shape[0]
-    first, nqb = _query_blocks(n, ctx, block)
-    start = ctx - n - first * block  # the chunk's first row inside its first block
-    q_pad = q.new_zeros(nqb * block, hkv, g, d)
-    q_pad[start: start + n] = q
+    q_pad, first, start = _pad_queries(q, ctx, block)
+    nqb = q_pad.shape[0] // block
     out = torch.empty_like(q_pad)
     offs = torch.arange(block, device=q.device)
     heads = torch.arange(hkv, device=q.device)[:, None, None]
