@@ -257,3 +257,36 @@ extern "C" void paged_decode(const float* q, const void* k, const void* v, int d
   else if (dtype == kBF16) dispatch<kBF16>(a, chunks, threads, out, lse);
   else dispatch<kF32>(a, chunks, threads, out, lse);
 }
+
+// Recompute the key summaries (per-channel min, max and mean over rows 0 .. last row written) of every
+// summary of `summary_tokens` rows that slots[0 .. n) write to: kvcache/summaries.py's rule, without
+// its dozen torch calls per layer. k [slots, Hkv, D] and the summaries [summaries, Hkv, D] are float32;
+// the mean adds rows in order, as torch's sum over them does.
+extern "C" void summarise_slots(const float* k, float* kmin, float* kmax, float* kmean, const int64_t* slots,
+                                int64_t n, int64_t Hkv, int64_t D, int64_t summary_tokens) {
+  std::vector<std::pair<int64_t, int64_t>> touched(n);  // (summary, row written)
+  for (int64_t i = 0; i < n; ++i) touched[i] = {slots[i] / summary_tokens, slots[i] % summary_tokens};
+  std::sort(touched.begin(), touched.end());
+  const int64_t width = Hkv * D;
+  std::vector<float> total(width);
+  for (size_t i = 0; i < touched.size(); ++i) {
+    if (i + 1 < touched.size() && touched[i + 1].first == touched[i].first) continue;  // its last row
+    const int64_t s = touched[i].first, last = touched[i].second;
+    const float* rows = k + s * summary_tokens * width;
+    float* lo = kmin + s * width;
+    float* hi = kmax + s * width;
+    std::copy(rows, rows + width, lo);
+    std::copy(rows, rows + width, hi);
+    std::copy(rows, rows + width, total.begin());
+    for (int64_t r = 1; r <= last; ++r) {
+      const float* row = rows + r * width;
+      for (int64_t c = 0; c < width; ++c) {
+        lo[c] = std::min(lo[c], row[c]);
+        hi[c] = std::max(hi[c], row[c]);
+        total[c] += row[c];
+      }
+    }
+    const float count = static_cast<float>(last + 1);
+    for (int64_t c = 0; c < width; ++c) kmean[s * width + c] = total[c] / count;
+  }
+}

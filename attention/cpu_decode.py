@@ -63,6 +63,8 @@ def _library() -> ctypes.CDLL | None:
     lib.paged_decode.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 7
                                  + [ctypes.c_int64] * 10 + [ctypes.c_float, ctypes.c_int64, ctypes.c_int]
                                  + [ctypes.c_void_p] * 2)
+    lib.summarise_slots.restype = None
+    lib.summarise_slots.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
     return lib
 
 
@@ -114,3 +116,21 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                      r, h, g, d, hkv, key_tables.shape[1], n, page_size, pages, v_cache.shape[0], scale,
                      chunks, threads, ptr(out), ptr(lse))
     return out.to(q.dtype), lse
+
+
+def summarises_in_place(k_cache: torch.Tensor, kmin: torch.Tensor) -> bool:
+    """summarise_slots serves this layer: float32 keys and summaries on the CPU, the kernel built."""
+    return k_cache.dtype == kmin.dtype == torch.float32 and in_place_decode(k_cache)
+
+
+def summarise_slots(k_cache: torch.Tensor, summaries: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                    slot_mapping: torch.Tensor, summary_tokens: int) -> None:
+    """kvcache.summaries.summarise_pages in one call (same values): one layer's k_cache [pages,
+    page_size, Hkv, D] and (kmin, kmax, kmean) [pages, page_size // summary_tokens, Hkv, D], contiguous."""
+    if slot_mapping.numel() == 0:
+        return
+    hkv, d = k_cache.shape[-2], k_cache.shape[-1]
+    slots = slot_mapping.long().contiguous()
+    kmin, kmax, kmean = summaries
+    _library().summarise_slots(k_cache.data_ptr(), kmin.data_ptr(), kmax.data_ptr(), kmean.data_ptr(),
+                               slots.data_ptr(), slots.numel(), hkv, d, summary_tokens)

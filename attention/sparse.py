@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from needle.attention.base import AttentionBackend, AttentionMetadata, AttentionStats
-from needle.attention.cpu_decode import paged_decode
+from needle.attention.cpu_decode import paged_decode, summarise_slots, summarises_in_place
 from needle.attention.dense import DenseBackend
 from needle.attention.head_profile import HeadProfile
 from needle.attention.kernels.block_prefill import (
@@ -321,12 +321,12 @@ class SparseBackend(AttentionBackend):
         if window is not None or layer < self.dense_layers or len(step.dense) == meta.num_seqs:
             # a sliding-window layer is one streaming head over its window (no sinks, no page selection)
             out = self.dense.forward(layer, q, k, v, meta, window)
-            update_summaries(self.pool, layer, meta.slot_mapping)
+            self._summarise(layer, meta.slot_mapping)
             if window is not None:
                 self._count_window_reads(layer, step, window)
             return out
         self.pool.write(layer, k, v, meta.slot_mapping, meta.values_of(layer)[1])
-        update_summaries(self.pool, layer, meta.slot_mapping)
+        self._summarise(layer, meta.slot_mapping)
         out = torch.empty_like(q)
         if step.dense:
             rows = meta.rows_of(step.dense)
@@ -337,6 +337,16 @@ class SparseBackend(AttentionBackend):
         if step.decode is not None:
             out[step.decode.rows] = self._decode(layer, q[step.decode.rows], step.decode, step)
         return out
+
+    def _summarise(self, layer: int, slot_mapping: torch.Tensor) -> None:
+        """Refresh the key summaries the step's writes touched: in one C++ call on the CPU (torch's
+        recomputation costs a dozen small ops per layer, as much as a sparse layer's attention)."""
+        pool = self.pool
+        if summarises_in_place(pool.k[layer], pool.kmin[layer]):
+            summaries = (pool.kmin[layer], pool.kmax[layer], pool.kmean[layer])
+            summarise_slots(pool.k[layer], summaries, slot_mapping, pool.spec.summary_tokens)
+        else:
+            update_summaries(pool, layer, slot_mapping)
 
     def _count_window_reads(self, layer: int, step: _Step, window: int) -> None:
         """Keys read by a windowed layer at decode, for sparse_tokens_read (which otherwise counts a
