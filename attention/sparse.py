@@ -89,15 +89,28 @@ class _Decode:
     page_tables: torch.Tensor  # [B, P]
     stream_pos: torch.Tensor  # [B, Ns] positions read by streaming heads (clamped inside the context)
     stream_valid: torch.Tensor  # [B, Ns]
-    sink_units: torch.Tensor  # [S] unit indices always read by retrieval heads
-    recent_units: torch.Tensor  # [B, R] newest units (clamped), always read
-    recent_valid: torch.Tensor  # [B, R]
     allowed: torch.Tensor  # [B, U] units a policy may choose
     k: torch.Tensor  # [B] chosen units per selector head (from each sequence's budget)
     reselect: list[bool]  # recompute the selection this step (else reuse the kept one)
     drifts: torch.Tensor  # [B] bool: the kept selection may be replaced on query drift (not a seed)
     slots: torch.Tensor  # [B] int64 rows of the selection table
     value_tables: torch.Tensor  # [B, P] where values sit (page_tables unless they are offloaded)
+    k_max: int = 0  # plan.k.max(), read once per step rather than synced per layer
+    streaming: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # see stream_of
+    read: torch.Tensor | None = None  # [B] keys read by the sparse layers so far, summed over heads
+    within_k: torch.Tensor | None = None  # [B, k_max] bool: chosen index below the entry's k
+    offsets: torch.Tensor | None = None  # [unit] positions inside a unit
+    sink_reads: tuple[torch.Tensor, torch.Tensor] | None = None  # sink units' [B, S * unit] positions, read
+    recent_reads: tuple[torch.Tensor, torch.Tensor] | None = None  # newest units' [B, R * unit] (clamped)
+
+    def stream_of(self, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The streaming heads' positions and valid flags [B, heads, Ns] (contiguous, as the CPU
+        kernel reads them), built once per step for each streaming-head count."""
+        if heads not in self.streaming:
+            b = self.stream_pos.shape[0]
+            self.streaming[heads] = (self.stream_pos[:, None, :].expand(b, heads, -1).contiguous(),
+                                     self.stream_valid[:, None, :].expand(b, heads, -1).contiguous())
+        return self.streaming[heads]
 
 
 @dataclass
@@ -285,18 +298,30 @@ class SparseBackend(AttentionBackend):
         fresh = dict(zip(index, self.due(seq_ids, budgets, [meta.query_lens[i] for i in index]), strict=True))
         rows_of_entries = [i for i, _ in entries]
         page_tables = meta.page_tables[rows_of_entries]
+        offsets = torch.arange(self.unit, device=dev)
+
+        def unit_reads(units: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Positions of units [B, n] (clamped into the context) and which are read [B, n * unit]."""
+            pos = (units[..., None] * self.unit + offsets).flatten(1)
+            read = ok[..., None].expand(-1, -1, self.unit).flatten(1) & (pos < ctx[:, None])
+            return pos.minimum(ctx[:, None] - 1), read
+
+        sink_units = torch.arange(self.num_sink_units, device=dev).expand(len(entries), -1)
+        k_max = max(budget_of[i] // self.unit - fixed for i, _ in entries)
         return _Decode(
             index=index, seq_ids=[meta.seq_ids[i] for i, _ in entries],
             rows=torch.tensor([starts[i] + j for i, j in entries], dtype=torch.long, device=dev), ctx=ctx,
             page_tables=page_tables,
             stream_pos=stream_pos.clamp(min=0).minimum(ctx[:, None] - 1),
-            stream_valid=stream_valid, sink_units=torch.arange(self.num_sink_units, device=dev),
-            recent_units=recent.clamp(min=0),
-            recent_valid=(recent >= self.num_sink_units), allowed=allowed, k=k,
+            stream_valid=stream_valid, allowed=allowed, k=k,
             reselect=[fresh[i] and j == 0 for i, j in entries],
             drifts=torch.tensor([meta.seq_ids[i] not in self._seeded for i, _ in entries], device=dev),
             slots=slots,
-            value_tables=page_tables if meta.value_tables is None else meta.value_tables[rows_of_entries])
+            value_tables=page_tables if meta.value_tables is None else meta.value_tables[rows_of_entries],
+            k_max=k_max, read=torch.zeros(len(entries), dtype=torch.long, device=dev),
+            within_k=torch.arange(k_max, device=dev) < k[:, None], offsets=offsets,
+            sink_reads=unit_reads(sink_units, torch.ones_like(sink_units, dtype=torch.bool)),
+            recent_reads=unit_reads(recent.clamp(min=0), recent >= self.num_sink_units))
 
     def due(self, seq_ids: list[int], budgets: list[int], rows: list[int]) -> list[bool]:
         """Which sequences reselect this decode step: every `selector_interval` positions of their own,
@@ -364,12 +389,10 @@ class SparseBackend(AttentionBackend):
         qg = q.view(b, self.num_kv_heads, self.group, self.head_dim)
         out = torch.empty_like(qg)
         lse = torch.empty(b, self.num_kv_heads, self.group, dtype=q.dtype, device=q.device)
-        read = torch.zeros(b, dtype=torch.long, device=q.device)
+        read = plan.read
         streaming, retrieval = self._streaming[layer], self._retrieval[layer]
         if streaming.numel():
-            hs = streaming.numel()
-            pos = plan.stream_pos[:, None, :].expand(b, hs, -1)
-            valid = plan.stream_valid[:, None, :].expand(b, hs, -1)
+            pos, valid = plan.stream_of(streaming.numel())
             o, s = self._attend(layer, qg[:, streaming], pos, valid, streaming, plan.page_tables,
                                 plan.value_tables)
             out[:, streaming], lse[:, streaming] = o, s
@@ -383,8 +406,6 @@ class SparseBackend(AttentionBackend):
             out[:, retrieval] = o.view(b, retrieval.numel(), self.group, self.head_dim)
             lse[:, retrieval] = s.view(b, retrieval.numel(), self.group)
             read += valid.sum(dim=(1, 2)) * (qr.shape[2])
-        for sid, n in zip(plan.seq_ids, read.tolist(), strict=True):
-            step.tokens_read[sid] = step.tokens_read.get(sid, 0.0) + n
         if step.sample_recall:
             full = self._full_lse(layer, qg, plan)
             for sid, r in zip(plan.seq_ids, torch.exp(lse - full).mean(dim=(1, 2)).tolist(), strict=True):
@@ -400,20 +421,21 @@ class SparseBackend(AttentionBackend):
         inside = chosen.clamp(0, width - 1)
         chosen_ok = ((chosen >= 0) & (chosen < width)
                      & plan.allowed.gather(1, inside.view(b, -1)).view_as(chosen))
-        chosen_ok &= torch.arange(chosen.shape[-1], device=q.device) < plan.k[:, None, None]
-        units = torch.cat([plan.sink_units.expand(b, h, -1), chosen.clamp(min=0),
-                           plan.recent_units[:, None, :].expand(b, h, -1)], dim=-1)
-        unit_ok = torch.cat([torch.ones(b, h, plan.sink_units.numel(), dtype=torch.bool, device=q.device),
-                             chosen_ok, plan.recent_valid[:, None, :].expand(b, h, -1)], dim=-1)
-        offsets = torch.arange(self.unit, device=q.device)
-        pos = (units[..., None] * self.unit + offsets).flatten(2)
-        valid = unit_ok[..., None].expand(-1, -1, -1, self.unit).flatten(2) & (pos < plan.ctx[:, None, None])
-        return pos.minimum(plan.ctx[:, None, None] - 1), valid
+        chosen_ok &= plan.within_k[:, None, :]
+        ctx = plan.ctx[:, None, None]
+        pos = (chosen.clamp(min=0)[..., None] * self.unit + plan.offsets).flatten(2)
+        valid = chosen_ok[..., None].expand(-1, -1, -1, self.unit).flatten(2) & (pos < ctx)
+        (sink_pos, sink_ok), (recent_pos, recent_ok) = plan.sink_reads, plan.recent_reads
+
+        def around(sink: torch.Tensor, chosen: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
+            return torch.cat([sink[:, None].expand(b, h, -1), chosen, recent[:, None].expand(b, h, -1)], -1)
+
+        return around(sink_pos, pos.minimum(ctx - 1), recent_pos), around(sink_ok, valid, recent_ok)
 
     def _chosen_units(self, layer: int, q: torch.Tensor, kv_heads: torch.Tensor,
                       plan: _Decode) -> torch.Tensor:
         """[B, H, max k] policy-chosen units: recomputed for sequences due, reused for the others."""
-        k = int(plan.k.max())
+        k = plan.k_max
         if k == 0:  # the budget holds only the sink and recent units
             return torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.long, device=q.device)
         table = self.table.units[layer]
@@ -580,6 +602,8 @@ class SparseBackend(AttentionBackend):
         if step is None or step.decode is None:
             return
         per_layer = (self.dense_layers * self.num_q_heads, self.num_layers_sparse * self.num_q_heads)
+        for sid, n in zip(step.decode.seq_ids, step.decode.read.tolist(), strict=True):
+            step.tokens_read[sid] = step.tokens_read.get(sid, 0.0) + n
         for sid, ctx in zip(step.decode.seq_ids, step.decode.ctx.tolist(), strict=True):
             total = ctx * per_layer[0] + step.tokens_read.get(sid, 0.0)
             self._stats.tokens_read.append(round(total / (per_layer[0] + per_layer[1])))
