@@ -68,19 +68,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="hierarchical")
     parser.add_argument("--budget", type=int, default=None, help="sparse token budget (default: engine's)")
     parser.add_argument("--model", default=None, help="model (default: the bundled SmolLM2)")
+    parser.add_argument("--quantization", default="none", help="weights: none (fp32) or int4 (CPU)")
     args = parser.parse_args(argv)
     pages = args.seqs * -(-(args.context + args.steps + 1) // 16)
     path, name = resolve_model(args.model, "auto")
     cfg = load_config(path, name)
     spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16)
     llm = LLM(args.model, attention="sparse", sparse_policy=args.policy, sparse_token_budget=args.budget,
-              sparse_recall_sample=0.0, kv_cache_memory=str(int(pages * 1.05 * spec.bytes_per_page(True))))
+              sparse_recall_sample=0.0, quantization=args.quantization,
+              kv_cache_memory=str(int(pages * 1.05 * spec.bytes_per_page(True))))
     fill_pool(llm.engine.pool, pages * 16)
     sparse = llm.engine.backend
     tps = tokens_per_second(llm, {"dense": DenseBackend(llm.engine.pool), "sparse": sparse}, args)
     rows = [("dense", tps["dense"]), (f"sparse ({args.policy}, budget {sparse.token_budget})", tps["sparse"])]
-    print(f"{name}: decode, {args.seqs} sequences x {args.context} tokens context, "
-          f"{torch.get_num_threads()} threads")
+    print(f"{name} ({args.quantization} weights): decode, {args.seqs} sequences x {args.context} tokens "
+          f"context, {torch.get_num_threads()} threads")
     print("| attention | tokens/s | speed-up |\n|---|---|---|")
     for name, tps in rows:
         print(f"| {name} | {tps:.2f} | {tps / rows[0][1]:.2f}x |")
