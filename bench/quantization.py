@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| weights | decode ms/token (median) | tok/s | vs fp32 |  (context {args.context}, "
           f"{torch.get_num_threads()} threads)")
     print("|---|---|---|---|")
-    for q, label in (("none", "fp32"), ("int4", "int4 (LM head fp32)")):
+    for q, label in (("none", "fp32"), ("int4", "int4 (LM head int8)")):
         print(f"| {label} | {ms[q]:.1f} | {1e3 / ms[q]:.1f} | {ms['none'] / ms[q]:.2f}x |")
     print(f"\nint4 vs fp32 over {len(prompt)} positions: top-1 agreement {agree:.3f}, |logprob of fp32's "
           f"top-1| difference mean {delta.mean():.4f}, max {delta.max():.4f}")

@@ -7,8 +7,8 @@ import torch
 
 from bench.quantization import prompt_logprobs
 from bench.texts import long_prompt
-from needle.engine import LLM, SamplingParams
-from needle.engine.quantization import Int4Linear, quantize
+from needle.engine import LLM, SamplingParams, quantization
+from needle.engine.quantization import Int4Linear, Int8Linear, quantize
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_int4_serves_through_llm(int4_llm: LLM):
     out = int4_llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4))[0]
     assert "Paris" in out.outputs[0].text
     assert isinstance(int4_llm.engine.model.model.layers[0].mlp.down_proj, Int4Linear)
-    assert not isinstance(int4_llm.engine.model.lm_head, Int4Linear)  # tied to the 8-bit embedding
+    assert isinstance(int4_llm.engine.model.lm_head, Int8Linear)  # tied to the 8-bit embedding
 
 
 def test_int4_weights_reconstruct_a_q4_1_block_grid():
@@ -43,6 +43,22 @@ def test_int4_weights_reconstruct_a_q4_1_block_grid():
     deq = Int4Linear(linear)(torch.eye(128)).T
     bf16_step = linear.weight.abs().max().item() / 128  # scale, minimum and output are bf16
     torch.testing.assert_close(deq, linear.weight.data, rtol=0, atol=bf16_step)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+def test_int8_kernel_matches_its_dequantised_weight(rows: int):
+    """The Q8_0 kernel (activations rounded to int8 per 32 inputs) against x @ W.T of the weight its
+    blocks stand for, on fresh random inputs; rows cover the 4-row tiles and the tail."""
+    assert quantization._library() is not None  # this machine builds the kernel
+    linear = torch.nn.Linear(96, 200, bias=False)
+    head = Int8Linear(linear)
+    x = torch.randn(rows, 96)
+    ref = x @ head.dequantized().T
+    got = head(x)
+    assert got.shape == (rows, 200)
+    assert ((got - ref).norm() / ref.norm()) < 0.01  # int8 activations: ~0.5% relative error
+    torch.testing.assert_close(head.dequantized(), linear.weight.data, rtol=0,
+                               atol=linear.weight.abs().max().item() / 127)
 
 
 def test_int4_is_refused_off_the_cpu():
