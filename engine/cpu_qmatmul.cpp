@@ -1,10 +1,14 @@
-// The int8 LM head's matmul on the CPU (engine/quantization.py builds and calls it), in GGUF's Q8_0
-// format: per 32 inputs an fp16 scale, w = scale * q with |q| <= 127. Each activation row is quantised
-// to int8 per 32 inputs first, so a block's dot product is integer multiply-adds (maddubs), as llama.cpp
-// does. Built with -mavx2 -mfma -mf16c.
+// Quantised weights on the CPU (engine/quantization.py builds and calls these), in GGUF's formats.
+// q8_matmul: the int8 LM head, Q8_0 (per 32 inputs an fp16 scale, w = scale * q, |q| <= 127); each
+// activation row is quantised to int8 per 32 inputs first, so a block's dot product is integer
+// multiply-adds (maddubs), as llama.cpp does. q4_dequantize: Q4_1 blocks (per 32 inputs an fp16 scale
+// and minimum, w = scale * q + min) back to fp32, for prefill chunks, whose many rows multiply faster
+// in fp32 than through any int4 kernel. Built with -mavx2 -mfma -mf16c.
 //
 // Shapes (C order): x [M, K] float32, out [M, N] float32, weights [N, K] int8, scales [N, K / 32]
-// fp16. K is a multiple of 32.
+// fp16; Q4_1: packed [N, K / 2] uint8 (byte j of a block holds input j in its low nibble and input
+// j + 16 in its high one), scales and mins [N, K / 32] fp16, weight [N, K] float32. K is a multiple
+// of 32.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -105,6 +109,28 @@ void run(int64_t m, int64_t n, int threads, Tile tile) {
 }
 
 }  // namespace
+
+extern "C" void q4_dequantize(const uint8_t* packed, const uint16_t* scales, const uint16_t* mins,
+                              int64_t n, int64_t k, float* weight, int threads) {
+  const int64_t groups = k / kGroup;
+  const __m128i low = _mm_set1_epi8(0x0F);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (j * groups + g) * 16));
+      const __m128i halves[2] = {_mm_and_si128(bytes, low), _mm_and_si128(_mm_srli_epi16(bytes, 4), low)};
+      const __m256 s = _mm256_set1_ps(half(scales[j * groups + g]));
+      const __m256 mn = _mm256_set1_ps(half(mins[j * groups + g]));
+      float* dst = weight + j * k + g * kGroup;
+      for (int h = 0; h < 2; ++h) {
+        for (int e = 0; e < 2; ++e) {
+          const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(halves[h], 8 * e)));
+          _mm256_storeu_ps(dst + 16 * h + 8 * e, _mm256_fmadd_ps(q, s, mn));
+        }
+      }
+    }
+  }
+}
 
 extern "C" void q8_matmul(const float* x, int64_t m, int64_t k, const int8_t* w, const uint16_t* scales,
                           int64_t n, float* out, int threads) {

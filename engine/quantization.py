@@ -3,13 +3,15 @@
 A CPU decode step is bound by reading the weights: SmolLM2-135M reads 540 MB of fp32 per token where
 llama.cpp reads its ~80 MB of blocks. Here every linear layer keeps its weight as asymmetric int4 in
 groups of 32 input channels, GGUF Q4_1's layout (w = scale * q + min), packed for torch's own CPU kernel
-(`_weight_int4pack_mm_for_cpu`, bf16 activations and bf16 scales). The LM head, which the GGUF ties to
-its 8-bit embedding, is Q8_0 (per 32 inputs an fp16 scale, w = scale * q): cpu_qmatmul.cpp multiplies
-it with each activation row quantised to int8 per 32 inputs, as llama.cpp does, at a quarter of the
-fp32 head's bytes (without a compiler it dequantises instead). The bundled GGUF is Q4_1 / Q8_0, so
-requantising its dequantised blocks finds the same levels again; what changes against fp32 is the
-rounding of activations and of each group's scale (tests/test_quantization.py bounds the logprob
-difference and the top-1 agreement).
+(`_weight_int4pack_mm_for_cpu`, bf16 activations and bf16 scales), for steps of a few rows (decode,
+verify); a prefill chunk's many rows run faster in fp32, so those layers also keep the Q4_1 blocks
+themselves (fp16 scale and minimum), which cpu_qmatmul.cpp dequantises once per call. The LM head,
+which the GGUF ties to its 8-bit embedding, is Q8_0 (per 32 inputs an fp16 scale, w = scale * q):
+cpu_qmatmul.cpp multiplies it with each activation row quantised to int8 per 32 inputs, as llama.cpp
+does, at a quarter of the fp32 head's bytes (without a compiler it dequantises instead, and prefill
+takes the int4 kernel). The bundled GGUF is Q4_1 / Q8_0, so requantising its dequantised blocks finds
+the same levels again; what changes against fp32 is the rounding of activations and of each group's
+scale (tests/test_quantization.py bounds the logprob difference and the top-1 agreement).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from needle.attention import native
 GROUP = 32
 METHODS = ("none", "int4")
 SOURCE = Path(__file__).with_name("cpu_qmatmul.cpp")
+# Calls with more rows than this dequantise and multiply in fp32. Per SmolLM2 layer shape on 2 cores,
+# torch's int4 kernel against dequantise + fp32 matmul: 8 rows 0.1-0.5x the time, 32 rows ~1x, 64 rows
+# 1.3-1.6x, 512 rows 1.7-2.7x (prefill: bench/quantization.py's prefill column).
+INT4_KERNEL_ROWS = 32
 
 
 @functools.cache
@@ -34,7 +40,8 @@ def _library() -> ctypes.CDLL | None:
     if lib is not None:
         p, i = ctypes.c_void_p, ctypes.c_int64
         lib.q8_matmul.argtypes = [p, i, i, p, p, i, p, ctypes.c_int]
-        lib.q8_matmul.restype = None
+        lib.q4_dequantize.argtypes = [p, p, p, i, i, p, ctypes.c_int]
+        lib.q8_matmul.restype = lib.q4_dequantize.restype = None
     return lib
 
 
@@ -46,6 +53,19 @@ def _blocks(linear: nn.Linear, group: int) -> torch.Tensor:
     return w.view(n, k // group, group)
 
 
+@functools.cache
+def _scratch() -> dict[str, torch.Tensor]:
+    """One fp32 buffer that every layer's dequantised weight reuses (the model runs one layer at a time)."""
+    return {"weight": torch.empty(0)}
+
+
+def _scratch_weight(n: int, k: int) -> torch.Tensor:
+    buf = _scratch()
+    if buf["weight"].numel() < n * k:
+        buf["weight"] = torch.empty(n * k)
+    return buf["weight"][:n * k].view(n, k)
+
+
 class Int4Linear(nn.Module):
     def __init__(self, linear: nn.Linear, group: int = GROUP):
         super().__init__()
@@ -55,6 +75,12 @@ class Int4Linear(nn.Module):
         scale = ((high - low) / 15).clamp(min=1e-8)
         q = torch.round((blocks - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(n, -1), 1))
+        half = group // 2  # the Q4_1 blocks for prefill: byte j holds inputs j and j + 16 of its block
+        nibbles = q.to(torch.uint8)
+        self.register_buffer("blocks", (nibbles[..., :half] | (nibbles[..., half:] << 4)).flatten(1)
+                             .contiguous())
+        self.register_buffer("block_scales", scale.half().contiguous())
+        self.register_buffer("block_mins", low.half().contiguous())
         # The kernel computes (q - 8) * scale + zero: zero is the group's middle level.
         zeros = low + 8 * scale
         self.register_buffer("scales_and_zeros", torch.stack([scale.T, zeros.T], -1).to(torch.bfloat16)
@@ -64,10 +90,23 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16),
-                                                        self.packed, self.group, self.scales_and_zeros)
+        rows = x.reshape(-1, shape[-1])
+        lib = _library() if rows.shape[0] > INT4_KERNEL_ROWS else None
+        if lib is None:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), self.packed, self.group,
+                                                            self.scales_and_zeros)
+        else:
+            y = rows.float() @ self.dequantized(lib).T
         y = y.to(x.dtype).view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def dequantized(self, lib: ctypes.CDLL) -> torch.Tensor:
+        """The fp32 weight the Q4_1 blocks stand for, in the shared scratch buffer."""
+        n, k = self.out_features, self.blocks.shape[1] * 2
+        weight = _scratch_weight(n, k)
+        lib.q4_dequantize(self.blocks.data_ptr(), self.block_scales.data_ptr(), self.block_mins.data_ptr(),
+                          n, k, weight.data_ptr(), torch.get_num_threads())
+        return weight
 
 
 class Int8Linear(nn.Module):

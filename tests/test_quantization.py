@@ -16,7 +16,12 @@ def int4_llm() -> LLM:
     return LLM(attention="dense", quantization="int4", kv_cache_memory="128MiB")
 
 
-def test_int4_keeps_the_answers_of_fp32(dense_llm: LLM, int4_llm: LLM):
+@pytest.mark.parametrize("path", ["prefill dequantises", "int4 kernel"])
+def test_int4_keeps_the_answers_of_fp32(dense_llm: LLM, int4_llm: LLM, path: str, monkeypatch):
+    """Both int4 paths over a 400-token prompt: the prefill's (Q4_1 blocks dequantised, fp32 matmul) and
+    the decode steps' (torch's int4 kernel, forced here for every row)."""
+    if path == "int4 kernel":
+        monkeypatch.setattr(quantization, "INT4_KERNEL_ROWS", 10**9)
     ids = long_prompt(dense_llm.tokenizer, 400, offset=7_000)
     ref, got = prompt_logprobs(dense_llm, ids), prompt_logprobs(int4_llm, ids)
     top = ref.argmax(-1, keepdim=True)
@@ -32,15 +37,18 @@ def test_int4_serves_through_llm(int4_llm: LLM):
     assert isinstance(int4_llm.engine.model.lm_head, Int8Linear)  # tied to the 8-bit embedding
 
 
-def test_int4_weights_reconstruct_a_q4_1_block_grid():
-    """Weights on a Q4_1 grid (scale * q + min, q in 0..15 per 32 inputs) come back within bf16 rounding."""
+@pytest.mark.parametrize("rows", [128, 8])
+def test_int4_weights_reconstruct_a_q4_1_block_grid(rows: int):
+    """Weights on a Q4_1 grid (scale * q + min, q in 0..15 per 32 inputs) come back within bf16 rounding,
+    through the prefill's dequantised blocks (128 rows) and the int4 kernel (8 rows)."""
     gen = torch.Generator().manual_seed(0)
     scale, low = torch.rand(64, 4, 1, generator=gen) + 0.1, torch.randn(64, 4, 1, generator=gen)
     q = torch.randint(0, 16, (64, 4, 32), generator=gen)
     q[..., 0], q[..., 1] = 0, 15  # every block spans its whole grid, as a quantiser leaves it
     linear = torch.nn.Linear(128, 64, bias=False)
     linear.weight.data = (scale * q + low).view(64, 128)
-    deq = Int4Linear(linear)(torch.eye(128)).T
+    layer = Int4Linear(linear)
+    deq = torch.cat([layer(eye) for eye in torch.eye(128).split(rows)]).T
     bf16_step = linear.weight.abs().max().item() / 128  # scale, minimum and output are bf16
     torch.testing.assert_close(deq, linear.weight.data, rtol=0, atol=bf16_step)
 
