@@ -1,64 +1,35 @@
 """Decode attention on the CPU that reads K/V pages in place (cpu_decode.cpp), instead of copying each
 sequence's context into a contiguous batch first: at long context that copy costs as much as the read.
 
-The C++ source is compiled once per source, flags and compiler into ~/.cache/needle and called through
-ctypes (seconds to build: no torch headers). Without a compiler, on a CPU without AVX2/FMA/F16C, or with
-NEEDLE_CPU_DECODE=0 in the environment, `in_place_decode` says False and the callers keep their torch
-path (which stays the reference the tests compare against).
+The C++ source is compiled on first use (attention/native.py) and called through ctypes. Without a
+compiler, on a CPU without AVX2/FMA/F16C, or with NEEDLE_CPU_DECODE=0 in the environment,
+`in_place_decode` says False and the callers keep their torch path (which stays the reference the tests
+compare against).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from needle.attention import native
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
-# Named ISAs, not -march=native: the build must run on any AVX2 machine, and AVX-512 traps on some hosts.
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
 CACHE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MAX_GROUP = 8  # query heads per KV head the kernel is built for
 MIN_CHUNK = 256  # positions: a (row, head) splits into chunks of at least this many for the threads
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "needle"
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled kernel, built on first use; None (logged once) where it cannot be."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    lib = native.load(SOURCE, "CPU decode attention copies the context (torch path)")
+    if lib is None:
         return None
-    compiler = shutil.which(os.environ.get("CXX", "c++"))
-    if compiler is None:
-        log.warning("no C++ compiler found: CPU decode attention copies the context (torch path)")
-        return None
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), *FLAGS, version]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"cpu_decode-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True,
-                                 text=True)
-            if run.returncode != 0:
-                log.warning("building %s failed, CPU decode attention copies the context:\n%s", SOURCE,
-                            run.stderr[-2000:])
-                return None
-            os.replace(built, target)  # atomic: concurrent builders each install a whole file
-    lib = ctypes.CDLL(str(target))
     lib.paged_decode.restype = None
     lib.paged_decode.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 7
                                  + [ctypes.c_int64] * 10 + [ctypes.c_float, ctypes.c_int64, ctypes.c_int]

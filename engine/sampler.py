@@ -71,7 +71,9 @@ class Sampler:
         sequence, or None for a sequence that faulted (its `error` says why)."""
         if all(plain_greedy(s) for s in seqs):
             tokens = logits.argmax(-1).tolist()
-            finite = torch.isfinite(logits).all(-1).tolist()
+            # a row's sum is finite exactly when all of it is (NaN and +-inf carry through a sum; logits
+            # are far too small to overflow one): one reduction instead of an elementwise check
+            finite = torch.isfinite(logits.sum(-1)).tolist()
             if all(finite):
                 return tokens
         logits = logits.cpu()  # per-sequence generators live on the CPU

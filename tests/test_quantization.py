@@ -7,8 +7,8 @@ import torch
 
 from bench.quantization import prompt_logprobs
 from bench.texts import long_prompt
-from needle.engine import LLM, SamplingParams
-from needle.engine.quantization import Int4Linear, quantize
+from needle.engine import LLM, SamplingParams, quantization
+from needle.engine.quantization import Int4Linear, Int8Linear, quantize
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,12 @@ def int4_llm() -> LLM:
     return LLM(attention="dense", quantization="int4", kv_cache_memory="128MiB")
 
 
-def test_int4_keeps_the_answers_of_fp32(dense_llm: LLM, int4_llm: LLM):
+@pytest.mark.parametrize("path", ["prefill dequantises", "int4 kernel"])
+def test_int4_keeps_the_answers_of_fp32(dense_llm: LLM, int4_llm: LLM, path: str, monkeypatch):
+    """Both int4 paths over a 400-token prompt: the prefill's (Q4_1 blocks dequantised, fp32 matmul) and
+    the decode steps' (torch's int4 kernel, forced here for every row)."""
+    if path == "int4 kernel":
+        monkeypatch.setattr(quantization, "INT4_KERNEL_ROWS", 10**9)
     ids = long_prompt(dense_llm.tokenizer, 400, offset=7_000)
     ref, got = prompt_logprobs(dense_llm, ids), prompt_logprobs(int4_llm, ids)
     top = ref.argmax(-1, keepdim=True)
@@ -29,20 +34,39 @@ def test_int4_serves_through_llm(int4_llm: LLM):
     out = int4_llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4))[0]
     assert "Paris" in out.outputs[0].text
     assert isinstance(int4_llm.engine.model.model.layers[0].mlp.down_proj, Int4Linear)
-    assert not isinstance(int4_llm.engine.model.lm_head, Int4Linear)  # tied to the 8-bit embedding
+    assert isinstance(int4_llm.engine.model.lm_head, Int8Linear)  # tied to the 8-bit embedding
 
 
-def test_int4_weights_reconstruct_a_q4_1_block_grid():
-    """Weights on a Q4_1 grid (scale * q + min, q in 0..15 per 32 inputs) come back within bf16 rounding."""
+@pytest.mark.parametrize("rows", [128, 8])
+def test_int4_weights_reconstruct_a_q4_1_block_grid(rows: int):
+    """Weights on a Q4_1 grid (scale * q + min, q in 0..15 per 32 inputs) come back within bf16 rounding,
+    through the prefill's dequantised blocks (128 rows) and the int4 kernel (8 rows)."""
     gen = torch.Generator().manual_seed(0)
     scale, low = torch.rand(64, 4, 1, generator=gen) + 0.1, torch.randn(64, 4, 1, generator=gen)
     q = torch.randint(0, 16, (64, 4, 32), generator=gen)
     q[..., 0], q[..., 1] = 0, 15  # every block spans its whole grid, as a quantiser leaves it
     linear = torch.nn.Linear(128, 64, bias=False)
     linear.weight.data = (scale * q + low).view(64, 128)
-    deq = Int4Linear(linear)(torch.eye(128)).T
+    layer = Int4Linear(linear)
+    deq = torch.cat([layer(eye) for eye in torch.eye(128).split(rows)]).T
     bf16_step = linear.weight.abs().max().item() / 128  # scale, minimum and output are bf16
     torch.testing.assert_close(deq, linear.weight.data, rtol=0, atol=bf16_step)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+def test_int8_kernel_matches_its_dequantised_weight(rows: int):
+    """The Q8_0 kernel (activations rounded to int8 per 32 inputs) against x @ W.T of the weight its
+    blocks stand for, on fresh random inputs; rows cover the 4-row tiles and the tail."""
+    assert quantization._library() is not None  # this machine builds the kernel
+    linear = torch.nn.Linear(96, 200, bias=False)
+    head = Int8Linear(linear)
+    x = torch.randn(rows, 96)
+    ref = x @ head.dequantized().T
+    got = head(x)
+    assert got.shape == (rows, 200)
+    assert ((got - ref).norm() / ref.norm()) < 0.01  # int8 activations: ~0.5% relative error
+    torch.testing.assert_close(head.dequantized(), linear.weight.data, rtol=0,
+                               atol=linear.weight.abs().max().item() / 127)
 
 
 def test_int4_is_refused_off_the_cpu():
