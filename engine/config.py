@@ -47,9 +47,10 @@ class EngineArgs:
         "choices": ["auto", "float32", "bfloat16", "float16"]})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]."})
     quantization: str = field(default="none", metadata={
-        "help": "Weight-only quantisation. int4 (CPU only): every linear layer but the LM head as int4 in "
-                "groups of 32 (GGUF Q4_1's layout), bf16 activations inside them; none: the dtype's "
-                "weights.", "choices": ["none", "int4"]})
+        "help": "Weight-only quantisation. int4 (CPU only; `make serve` uses it): every linear layer as "
+                "int4 in groups of 32 (GGUF Q4_1's layout; decode steps through torch's int4 kernel with "
+                "bf16 activations, prefill chunks dequantised to fp32) and the LM head as int8 in groups "
+                "of 32 (Q8_0, int8 activations); none: the dtype's weights.", "choices": ["none", "int4"]})
     seed: int = field(default=0, metadata={"help": "Seed for dummy weights and unseeded sampling."})
     max_model_len: int | None = field(default=None, metadata={
         "help": "Longest prompt + completion in tokens (default: the model's context length)."})
