@@ -5,8 +5,9 @@
 
 llama.cpp runs through `llama-cpp-python` (built from source by --setup into ~/.cache/needle/llamacpp-venv,
 never a dependency of needle) in a child process reading the same GGUF, fed the same token ids. Rows:
-prefill of `--context` tokens (s), decode tok/s at a short context and after the long prefill, and, for
-needle, 8 concurrent sequences' aggregate decode tok/s at short context (llama.cpp serves one stream).
+prefill of `--context` tokens (s), decode tok/s at a short context (best of 3) and after the long
+prefill, and, for needle, 8 concurrent sequences' aggregate decode tok/s at short context (best of 3;
+llama.cpp serves one stream).
 needle runs dense and sparse, fp32 and `--quantization int4`.
 """
 
@@ -39,8 +40,11 @@ def decode(n):
         llm.eval([llm.sample(temp=0.0, top_k=1)])
     return n / (time.perf_counter() - t)
 
-llm.eval(short_ids)
-short = decode(new)
+short = 0.0
+for _ in range(3):  # best of 3: a shared VM's speed drifts from second to second
+    llm.reset()
+    llm.eval(short_ids)
+    short = max(short, decode(new))
 llm.reset()
 t = time.perf_counter()
 llm.eval(long_ids)
@@ -110,9 +114,9 @@ def needle(attention: str, quantization: str, long_ids: list[int], short_ids: li
         return first - t0, tokens / (time.perf_counter() - first)
 
     run([short_ids])  # warm-up
-    _, short = run([short_ids])
+    short = max(run([short_ids])[1] for _ in range(3))  # best of 3, as for llama.cpp
     prefill, long = run([long_ids])
-    _, concurrent = run([[*short_ids[:-1], 1000 + i] for i in range(8)])
+    concurrent = max(run([[*short_ids[:-1], 1000 + i] for i in range(8)])[1] for _ in range(3))
     return {"prefill_s": prefill, "decode_short": short, "decode_long": long, "decode_8": concurrent}
 
 
