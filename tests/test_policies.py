@@ -14,10 +14,11 @@ SPEC = KVCacheSpec(num_layers=1, num_kv_heads=2, head_dim=16, page_size=32)
 CTX = 2048
 
 
-def _request(policy_name: str, needle: range, k: int, heads: int = 2) -> tuple[SelectionRequest, int]:
+def _request(policy_name: str, needle: range, k: int, heads: int = 2,
+             spec: KVCacheSpec = SPEC) -> tuple[SelectionRequest, int]:
     """One sequence of CTX random keys; keys in `needle` align with the query of every head."""
     gen = torch.Generator().manual_seed(0)
-    pool = KVPool(SPEC, CTX // SPEC.page_size, torch.device("cpu"), with_summaries=True)
+    pool = KVPool(spec, CTX // spec.page_size, torch.device("cpu"), with_summaries=True)
     keys = torch.randn(CTX, SPEC.num_kv_heads, SPEC.head_dim, generator=gen) * 0.1
     q = torch.randn(1, heads, 1, SPEC.head_dim, generator=gen)
     keys[list(needle)] = q[0, :, 0] * 3
@@ -34,6 +35,20 @@ def _request(policy_name: str, needle: range, k: int, heads: int = 2) -> tuple[S
 
 
 QUERY_DRIVEN = [("hip", "bound"), *[(n, s) for n in ("quest", "hierarchical") for s in PAGE_SCORES]]
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("name", ["hip", "quest", "hierarchical"])
+def test_policies_select_over_two_and_one_byte_pages(name: str, kv_dtype: torch.dtype):
+    """--kv-cache-dtype float16 / bfloat16 / fp8: pages in another dtype than the fp32 query still find
+    the needle (HiP's probes read keys from the pages; it failed on float16 pages)."""
+    spec = KVCacheSpec(num_layers=1, num_kv_heads=2, head_dim=16, page_size=32, kv_dtype=kv_dtype)
+    req, unit = _request(name, range(1200, 1328), k=12, spec=spec)
+    units = POLICIES[name](64, 16, "bound").select(req)
+    assert units.shape == (1, 2, 12)
+    for head in units[0].tolist():
+        assert len(set(head)) == 12 and all(req.allowed[0, u] for u in head)
+        assert set(range(1200 // unit, 1328 // unit)) & set(head)
 
 
 @pytest.mark.parametrize("name,score", QUERY_DRIVEN)
@@ -72,6 +87,6 @@ def test_fewer_allowed_units_than_k_pads_with_minus_one(name: str):
     req, unit = _request(name, range(0), k=8)
     req.allowed[:] = False
     req.allowed[0, 5:8] = True
-    units = POLICIES[name](64, 16).select(req)
+    units = POLICIES[name](64, 16, "bound").select(req)
     for head in units[0].tolist():
         assert sorted(head[:3]) == [5, 6, 7] and head[3:] == [-1] * 5
