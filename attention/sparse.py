@@ -499,9 +499,9 @@ class SparseBackend(AttentionBackend):
             return out, lse.to(q.dtype)
         ps = self.pool.spec.page_size
         slots = token_slots(tables, pos, ps)
-        keys = gather_heads(self.pool.k[layer], slots, kv_heads).to(q.dtype)
+        keys = gather_heads(self.pool.k[layer], slots, kv_heads, q.dtype)
         value_slots = slots if value_tables is tables else token_slots(value_tables, pos, ps)
-        values = gather_heads(self.pool.v[layer], value_slots, kv_heads).to(q.dtype)
+        values = gather_heads(self.pool.v[layer], value_slots, kv_heads, q.dtype)
         scores = (q @ keys.transpose(-1, -2)) * self.scale
         scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
         lse = scores.logsumexp(dim=-1)

@@ -53,17 +53,14 @@ def _blocks(linear: nn.Linear, group: int) -> torch.Tensor:
     return w.view(n, k // group, group)
 
 
-@functools.cache
-def _scratch() -> dict[str, torch.Tensor]:
-    """One fp32 buffer that every layer's dequantised weight reuses (the model runs one layer at a time)."""
-    return {"weight": torch.empty(0)}
+_scratch = torch.empty(0)  # one fp32 buffer every layer's dequantised weight reuses (one layer at a time)
 
 
 def _scratch_weight(n: int, k: int) -> torch.Tensor:
-    buf = _scratch()
-    if buf["weight"].numel() < n * k:
-        buf["weight"] = torch.empty(n * k)
-    return buf["weight"][:n * k].view(n, k)
+    global _scratch
+    if _scratch.numel() < n * k:
+        _scratch = torch.empty(n * k)
+    return _scratch[:n * k].view(n, k)
 
 
 class Int4Linear(nn.Module):

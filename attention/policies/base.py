@@ -72,12 +72,14 @@ def token_slots(page_tables: torch.Tensor, positions: torch.Tensor, page_size: i
     return pages * page_size + positions % page_size
 
 
-def gather_heads(cache: torch.Tensor, slots: torch.Tensor, kv_heads: torch.Tensor) -> torch.Tensor:
+def gather_heads(cache: torch.Tensor, slots: torch.Tensor, kv_heads: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor:
     """cache [pages, page_size, Hkv, D] of one layer; slots [B, H, N] read from KV head kv_heads[h]
-    -> [B, H, N, D]. Only the named rows are read, which is what makes sparse decode cheap."""
+    -> [B, H, N, D] in `dtype`, the queries' (pages may be stored in fewer bytes: --kv-cache-dtype).
+    Only the named rows are read, which is what makes sparse decode cheap."""
     hkv, d = cache.shape[-2], cache.shape[-1]
     flat = slots * hkv + kv_heads.view(1, -1, 1)
-    return cache.reshape(-1, d)[flat]
+    return cache.reshape(-1, d)[flat].to(dtype)
 
 
 PAGE_SCORES = ("mean", "bound")

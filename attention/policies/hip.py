@@ -56,7 +56,7 @@ class HipPolicy(SparsePolicy):
         mid = (starts * self.unit_tokens + span * self.unit_tokens // 2)
         mid = torch.minimum(mid, req.context_lens.view(-1, 1, 1) - 1)
         slots = token_slots(req.page_tables, mid, req.pool.spec.page_size)
-        keys = gather_heads(req.pool.k[req.layer], slots, req.kv_heads).to(req.q.dtype)  # [B, H, N, D]
+        keys = gather_heads(req.pool.k[req.layer], slots, req.kv_heads, req.q.dtype)  # [B, H, N, D]
         scores = (req.q @ keys.transpose(-1, -2)).amax(dim=2)  # [B, H, N]
         return scores.masked_fill(~has_allowed, float("-inf"))
 
