@@ -22,10 +22,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, backend, meta):
-        attn = self.self_attn(self.input_layernorm(x), rope, backend, meta)
-        x, h = self.post_attention_layernorm.add(x, attn)
-        return x + self.mlp(h)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope, backend,
+                meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (this layer's MLP output, the residual stream before it): the caller adds the two inside
+        the next norm, one fused kernel instead of a separate add (residual None: x is the embedding)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            residual, h = self.input_layernorm.add(x, residual)
+        attn = self.self_attn(h, rope, backend, meta)
+        residual, h = self.post_attention_layernorm.add(attn, residual)
+        return self.mlp(h), residual
 
 
 class LlamaBody(nn.Module):
@@ -49,9 +56,10 @@ class LlamaForCausalLM(nn.Module):
         """-> final hidden states [T, hidden] (norm applied); logits are taken only where needed."""
         x = self.model.embed_tokens(input_ids)
         rope = self.rotary(meta.positions, x.dtype)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, rope, backend, meta)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rope, backend, meta)
+        return self.model.norm.add(x, residual)[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
