@@ -78,8 +78,8 @@ def test_kv_append_matches_reference(page_size, hkv, d, dtype):
         slots = slots_for(bt, starts, ends, page_size).to(DEVICE)
         slots = torch.cat([slots, torch.full((2,), -1, device=DEVICE)])  # padded rows are skipped
         t = slots.numel()
-        k = torch.randn(t, hkv, d, generator=gen).to(dtype).to(DEVICE)
-        v = torch.randn(t, hkv, d, generator=gen).to(dtype).to(DEVICE)
+        qkv = torch.randn(t, 3, hkv, d, generator=gen).to(dtype).to(DEVICE)
+        k, v = qkv[:, 1], qkv[:, 2]  # views into a projection's output, as the models pass them
         ref.kv_append_ref(*cache, k, v, slots, 16)
         kv_append(*mine, k, v, slots, 16)
         for got, want in zip([*mine[:2], *mine[2][:2]], [*cache[:2], *cache[2][:2]], strict=True):
@@ -332,20 +332,25 @@ def test_page_scores_fed_the_mean_as_both_bounds_give_the_mean_logit():
 @needs_kernels
 @pytest.mark.parametrize("nu,k", [(40, 8), (300, 64), (2048, 64), (10, 16)])
 def test_top_units_matches_reference(nu, k):
-    from needle.attention.kernels.page_select import top_units
+    from needle.attention.kernels.page_select import Choosable, top_units
     from needle.attention.sparse import allowed_units
 
     gen = torch.Generator().manual_seed(nu + k)
     b, r = 3, 5
     scores = torch.randn(b, r, nu, generator=gen).to(DEVICE)
-    ctx = torch.tensor([nu * 16, nu * 8, 100], device=DEVICE)
-    allowed = allowed_units(ctx, nu, 16, 2, 4)
-    got = top_units(scores, allowed, k)
-    want = ref.select_units_ref(scores, allowed, k)
-    assert torch.equal(got.cpu(), want.cpu())
-    k_each = torch.tensor([k, max(1, k // 2), 3], dtype=torch.int32, device=DEVICE)
-    got = top_units(scores, allowed, k, k_each)
-    assert torch.equal(got.cpu(), ref.select_units_ref(scores, allowed, k, k_each).cpu())
+    for lens in ([nu * 16, nu * 8, 100], [0, 1, 17 * 16 + 1]):
+        ctx = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+        allowed = allowed_units(ctx, nu, 16, 2, 4)
+        got = top_units(scores, allowed, k)
+        want = ref.select_units_ref(scores, allowed, k)
+        assert torch.equal(got.cpu(), want.cpu())
+        k_each = torch.tensor([k, max(1, k // 2), 3], dtype=torch.int32, device=DEVICE)
+        got = top_units(scores, allowed, k, k_each)
+        assert torch.equal(got.cpu(), ref.select_units_ref(scores, allowed, k, k_each).cpu())
+        # the rule instead of the mask, written into a wider buffer's first k columns (the kept selections)
+        kept = torch.full((b, r, k + 3), 7, dtype=torch.int32, device=DEVICE)
+        got = top_units(scores, Choosable(ctx, 16, 2, 4), k, out=kept[:, :, :k])
+        assert torch.equal(got.cpu(), want.cpu()) and bool((kept[:, :, k:] == 7).all())
 
 
 @needs_kernels

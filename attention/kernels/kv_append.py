@@ -26,7 +26,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _kv_append_kernel(k_ptr, v_ptr, slot_ptr, vslot_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, kmean_ptr,
-                          T,
+                          T, k_stride, v_stride,
                           HKV: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, SB: tl.constexpr,
                           SUMMARIES: tl.constexpr, BOUND: tl.constexpr):
         t = tl.program_id(0)
@@ -36,8 +36,8 @@ if HAS_TRITON:
             d = tl.arange(0, D)[None, :]
             m = h < HKV
             src = h * D + d
-            kt = _as_page(tl.load(k_ptr + t.to(tl.int64) * HKV * D + src, mask=m), kc_ptr, BOUND)
-            vt = _as_page(tl.load(v_ptr + t.to(tl.int64) * HKV * D + src, mask=m), vc_ptr, BOUND)
+            kt = _as_page(tl.load(k_ptr + t.to(tl.int64) * k_stride + src, mask=m), kc_ptr, BOUND)
+            vt = _as_page(tl.load(v_ptr + t.to(tl.int64) * v_stride + src, mask=m), vc_ptr, BOUND)
             tl.store(kc_ptr + slot * HKV * D + src, kt, mask=m)
             vslot = tl.load(vslot_ptr + t).to(tl.int64)  # the value slot (offload), else slot itself
             tl.store(vc_ptr + vslot * HKV * D + src, vt, mask=m)
@@ -54,7 +54,7 @@ if HAS_TRITON:
                     for i in tl.static_range(1, SB):
                         prev = tl.load(slot_ptr + t - i, mask=t - i >= 0, other=-1).to(tl.int64)
                         ok = (i <= r) & (run == i) & (prev == slot - i)
-                        kp = _as_page(tl.load(k_ptr + (t - i).to(tl.int64) * HKV * D + src, mask=m & ok,
+                        kp = _as_page(tl.load(k_ptr + (t - i).to(tl.int64) * k_stride + src, mask=m & ok,
                                               other=0.0), kc_ptr, BOUND).to(tl.float32)
                         lo = tl.where(ok, tl.minimum(lo, kp), lo)
                         hi = tl.where(ok, tl.maximum(hi, kp), hi)
@@ -72,6 +72,12 @@ if HAS_TRITON:
                     tl.store(kmean_ptr + blk * HKV * D + src, mean.to(kmean_ptr.dtype.element_ty), mask=m)
 
 
+def _packed_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [T, Hkv, D] as the kernel reads it: each token's heads packed, tokens at any stride (v is a view
+    into the qkv projection's output; copying it was one more launch per layer)."""
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
+
+
 def kv_append(k_cache: torch.Tensor, v_cache: torch.Tensor, summaries: tuple[torch.Tensor, ...] | None,
               k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, summary_tokens: int,
               value_slot_mapping: torch.Tensor | None = None) -> None:
@@ -82,12 +88,13 @@ def kv_append(k_cache: torch.Tensor, v_cache: torch.Tensor, summaries: tuple[tor
     t, hkv, d = k.shape
     if t == 0:
         return
-    k, v = k.contiguous(), v.contiguous()  # cast into the pages' dtype in the kernel
+    k, v = _packed_rows(k), _packed_rows(v)  # cast into the pages' dtype in the kernel
     fp8 = k_cache.element_size() == 1
     kmin, kmax, kmean = summaries or (k_cache, k_cache, k_cache)
     _kv_append_kernel[(t,)](
         k, v, slot_mapping, slot_mapping if value_slot_mapping is None else value_slot_mapping,
         k_cache, v_cache, kmin, kmax, kmean,
-        t, HKV=hkv, HP=triton.next_power_of_2(hkv), D=d, SB=summary_tokens, SUMMARIES=summaries is not None,
+        t, k.stride(0), v.stride(0), HKV=hkv, HP=triton.next_power_of_2(hkv), D=d, SB=summary_tokens,
+        SUMMARIES=summaries is not None,
         BOUND=torch.finfo(k_cache.dtype).max if fp8 else 0.0,
         num_warps=4 if hkv * d >= 512 else 1)
