@@ -29,10 +29,10 @@ from needle.attention.dense import DenseBackend
 from needle.attention.head_profile import HeadProfile
 from needle.attention.kernels.block_prefill import block_sparse_prefill, prefill_block_sparse, skips_blocks
 from needle.attention.kernels.kv_append import kv_append
-from needle.attention.kernels.page_select import select_units
+from needle.attention.kernels.page_select import Choosable, select_units
 from needle.attention.kernels.paged_decode import paged_decode, sparse_decode
 from needle.attention.kernels.prefill import gather_context, prefill_dense, prefill_streaming
-from needle.attention.sparse import SparseBackend, SparseConfig, _Step, allowed_units
+from needle.attention.sparse import SparseBackend, SparseConfig, _Step
 from needle.kvcache.pool import KVPool, to_page_dtype
 
 
@@ -235,16 +235,15 @@ class TritonSparseBackend(SparseBackend):
                 starts = meta.query_start_loc
                 qs = q[starts[:-1]]
                 ctx = (ctx - (starts[1:] - starts[:-1]) + 1).clamp(min=0).to(ctx.dtype)
-            num_units = meta.page_tables.shape[1] * pool.spec.page_size // self.unit
-            allowed = allowed_units(ctx, num_units, self.unit, self.num_sink_units, self.num_recent_units)
+            allowed = Choosable(ctx, self.unit, self.num_sink_units, self.num_recent_units)
             # q . kmean is the bound kernel fed the mean as both min and max (exact, see page_select)
             mean = self.policy.page_score == "mean"
             lo, hi = (pool.kmean, pool.kmean) if mean else (pool.kmin, pool.kmax)
             new = select_units(qs, lo[layer], hi[layer], meta.page_tables, ctx, allowed, kk,
                                page_size=pool.spec.page_size, unit_tokens=self.unit,
-                               shared=not self.per_query_head)
-            b = meta.num_seqs
-            sel.copy_(new if reselect == "all" else torch.where(self._fresh[:b, None, None], new, sel))
+                               shared=not self.per_query_head, out=sel if reselect == "all" else None)
+            if reselect == "some":
+                sel.copy_(torch.where(self._fresh[:meta.num_seqs, None, None], new, sel))
         return sparse_decode(q, pool.k[layer], pool.v[layer], meta.page_tables, meta.context_lens_t, sel,
                              self._stream_flags[layer], unit_tokens=self.unit,
                              sink=self.num_sink_units * self.unit, recent_units=self.num_recent_units,

@@ -14,6 +14,8 @@ compete; fewer than k allowed leaves -1 padding. References: reference.page_scor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from needle.attention.kernels import HAS_TRITON, dot_precision, tl, triton
@@ -58,15 +60,23 @@ if HAS_TRITON:
                      mask=(g < G)[:, None] & (u < num_units)[None, :])
 
     @triton.jit
-    def _topk_kernel(score_ptr, allowed_ptr, k_ptr, out_ptr, num_units, k_out, R,
-                     NUP: tl.constexpr, KP: tl.constexpr):
+    def _topk_kernel(score_ptr, allowed_ptr, k_ptr, out_ptr, num_units, k_out, R, out_sb, out_sr, sink_u,
+                     recent_u, unit_tokens, NUP: tl.constexpr, KP: tl.constexpr, RULE: tl.constexpr,
+                     K_EACH: tl.constexpr):
         b = tl.program_id(0)
         r = tl.program_id(1)
-        k = tl.minimum(tl.load(k_ptr + b).to(tl.int32), k_out)
+        k = k_out
+        if K_EACH:
+            k = tl.minimum(tl.load(k_ptr + b).to(tl.int32), k_out)
         u = tl.arange(0, NUP)
         inside = u < num_units
         x = tl.load(score_ptr + (b * R + r) * num_units + u, mask=inside, other=float("-inf"))
-        ok = tl.load(allowed_ptr + b * num_units + u, mask=inside, other=0) != 0
+        if RULE:  # allowed_ptr holds the context lengths (see Choosable)
+            ctx = tl.load(allowed_ptr + b).to(tl.int32)
+            newest = tl.where(ctx > 0, (ctx - 1) // unit_tokens - recent_u + 1, 0)
+            ok = (u >= sink_u) & (u < newest)
+        else:
+            ok = tl.load(allowed_ptr + b * num_units + u, mask=inside, other=0) != 0
         valid = ok & (x > float("-inf"))
         bits = x.to(tl.int32, bitcast=True)
         key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # ordered like the floats
@@ -84,11 +94,23 @@ if HAS_TRITON:
         sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= room))
         sel = tl.where(n_valid <= k, valid, sel)
         pos = tl.cumsum(sel.to(tl.int32), 0) - 1
-        base = out_ptr + (b * R + r) * k_out
+        base = out_ptr + b * out_sb + r * out_sr
         tl.store(base + pos, u, mask=sel)
         n_sel = tl.sum(sel.to(tl.int32), 0)
         j = tl.arange(0, KP)
         tl.store(base + j, tl.full([KP], -1, tl.int32), mask=(j >= n_sel) & (j < k_out))
+
+
+@dataclass(frozen=True)
+class Choosable:
+    """The units attention/sparse.py's allowed_units allows, as the rule the top-k kernel applies itself:
+    at or past `sink_units` and older than each context's newest `recent_units` units. The decode fast
+    path passes this rather than building the [B, U] mask, ~8 small launches per layer."""
+
+    context_lens: torch.Tensor  # [B]
+    unit_tokens: int
+    sink_units: int
+    recent_units: int
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_tables: torch.Tensor,
@@ -113,28 +135,35 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_ta
     return out
 
 
-def top_units(scores: torch.Tensor, allowed: torch.Tensor, k: int,
-              k_per_seq: torch.Tensor | None = None) -> torch.Tensor:
-    """scores [B, R, U] float32, allowed [B, U] bool -> [B, R, k] int32 chosen units, ascending, -1 padded;
-    sequence b keeps its best k_per_seq[b] (<= k) when given."""
+def top_units(scores: torch.Tensor, allowed: torch.Tensor | Choosable, k: int,
+              k_per_seq: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """scores [B, R, U] float32, allowed [B, U] bool (or the rule) -> [B, R, k] int32 chosen units,
+    ascending, -1 padded; sequence b keeps its best k_per_seq[b] (<= k) when given. `out`: a [B, R, k]
+    view (last dim contiguous) to write them into, e.g. the kept selections themselves."""
     b, r, nu = scores.shape
-    out = torch.empty(b, r, k, dtype=torch.int32, device=scores.device)
-    nup = triton.next_power_of_2(nu)
-    if k_per_seq is None:
-        k_per_seq = torch.full((b,), k, dtype=torch.int32, device=scores.device)
-    _topk_kernel[(b, r)](scores, allowed.to(torch.int8), k_per_seq, out, nu, k, r, NUP=nup,
-                         KP=triton.next_power_of_2(k), num_warps=min(16, max(4, nup // 512)))
+    if out is None:
+        out = torch.empty(b, r, k, dtype=torch.int32, device=scores.device)
+    rule = isinstance(allowed, Choosable)
+    mask, sink, recent, ut = ((allowed.context_lens, allowed.sink_units, allowed.recent_units,
+                               allowed.unit_tokens) if rule else (allowed.to(torch.int8), 0, 0, 1))
+    nup, kp = triton.next_power_of_2(nu), triton.next_power_of_2(k)
+    _topk_kernel[(b, r)](scores, mask, scores if k_per_seq is None else k_per_seq, out, nu, k, r,
+                         out.stride(0), out.stride(1), sink, recent, ut, NUP=nup, KP=kp, RULE=rule,
+                         K_EACH=k_per_seq is not None, num_warps=min(16, max(4, nup // 512)))
     return out
 
 
 def select_units(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_tables: torch.Tensor,
-                 context_lens: torch.Tensor, allowed: torch.Tensor, k: int, *, page_size: int,
-                 unit_tokens: int, shared: bool, k_per_seq: torch.Tensor | None = None) -> torch.Tensor:
+                 context_lens: torch.Tensor, allowed: torch.Tensor | Choosable, k: int, *, page_size: int,
+                 unit_tokens: int, shared: bool, k_per_seq: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Score and pick: -> [B, R, k] int32 units per selector row (two launches, no host sync). allowed
     [B, U'] may be narrower than the page table's U units (the rest count as not allowed)."""
     scores = page_scores(q, kmin, kmax, page_tables, context_lens, page_size=page_size,
                          unit_tokens=unit_tokens, shared=shared)
     nu = scores.shape[2]
-    if allowed.shape[1] < nu:
-        allowed = torch.nn.functional.pad(allowed, (0, nu - allowed.shape[1]), value=False)
-    return top_units(scores, allowed[:, :nu].contiguous(), k, k_per_seq)
+    if not isinstance(allowed, Choosable):
+        if allowed.shape[1] < nu:
+            allowed = torch.nn.functional.pad(allowed, (0, nu - allowed.shape[1]), value=False)
+        allowed = allowed[:, :nu].contiguous()
+    return top_units(scores, allowed, k, k_per_seq, out)
