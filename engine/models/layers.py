@@ -181,8 +181,9 @@ def compile_pointwise(model: nn.Module) -> None:
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    fused = {fn: torch.compile(fn, dynamic=True)
-             for fn in (rms_norm, add_rms_norm, rotate_qk, gated_activation)}
+    fused = {fn: torch.compile(fn, dynamic=True) for fn in (rms_norm, add_rms_norm, gated_activation)}
+    # q's and k's rotations are two kernels of different sizes; inductor's combo kernels launch them as one
+    fused[rotate_qk] = torch.compile(rotate_qk, dynamic=True, options={"combo_kernels": True})
     for m in model.modules():
         if isinstance(m, RMSNorm):
             m.norm, m.add_norm = fused[rms_norm], fused[add_rms_norm]
