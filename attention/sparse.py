@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from needle.attention.base import AttentionBackend, AttentionMetadata, AttentionStats
-from needle.attention.cpu_decode import paged_decode, summarise_slots, summarises_in_place
+from needle.attention.cpu_decode import PagedRows, paged_decode, summarise_slots, summarises_in_place
 from needle.attention.dense import DenseBackend
 from needle.attention.head_profile import HeadProfile
 from needle.attention.kernels.block_prefill import (
@@ -494,8 +494,8 @@ class SparseBackend(AttentionBackend):
         """q [B, H, G, D] over the keys at pos [B, H, N] (valid [B, H, N]) of kv_heads [H], values read
         through value_tables -> output [B, H, G, D] and the log-sum-exp of the scores [B, H, G]."""
         if self.dense.reads_in_place(q.shape[2]):  # the CPU kernel reads the positions where they lie
-            out, lse = paged_decode(q, self.pool.k[layer], self.pool.v[layer], tables, value_tables,
-                                    self.scale, positions=pos, valid=valid, kv_heads=kv_heads)
+            out, lse = paged_decode(q, self.pool.k[layer], self.pool.v[layer],
+                                    PagedRows.sparse(tables, value_tables, pos, valid), self.scale, kv_heads)
             return out, lse.to(q.dtype)
         ps = self.pool.spec.page_size
         slots = token_slots(tables, pos, ps)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from needle.attention.base import AttentionMetadata
-from needle.attention.cpu_decode import in_place_decode, paged_decode, summarise_slots
+from needle.attention.cpu_decode import PagedRows, in_place_decode, paged_decode, summarise_slots
 from needle.attention.dense import DenseBackend
 from needle.kvcache.pool import KVCacheSpec, KVPool
 from needle.kvcache.summaries import summarise_pages
@@ -123,8 +123,8 @@ def test_position_lists_match_reference():
     q = torch.randn(2, 2, 2, 64)
     pos = torch.randint(0, 300, (2, 2, 70))
     valid = torch.rand(2, 2, 70) < 0.7
-    out, lse = paged_decode(q, pool.k[0], pool.v[0], meta.page_tables, meta.page_tables, 0.125,
-                            positions=pos, valid=valid, kv_heads=heads)
+    rows = PagedRows.sparse(meta.page_tables, meta.page_tables, pos, valid)
+    out, lse = paged_decode(q, pool.k[0], pool.v[0], rows, 0.125, heads)
     for b in range(2):
         for h in range(2):
             p = pos[b, h][valid[b, h]]
@@ -134,8 +134,8 @@ def test_position_lists_match_reference():
             scores = q[b, h].double() @ keys.T * 0.125
             torch.testing.assert_close(out[b, h].double(), scores.softmax(-1) @ values, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(lse[b, h].double(), scores.logsumexp(-1), atol=1e-5, rtol=1e-5)
-    assert math.isinf(paged_decode(q, pool.k[0], pool.v[0], meta.page_tables, meta.page_tables, 0.125,
-                                   positions=pos, valid=torch.zeros_like(valid), kv_heads=heads)[1][0, 0, 0])
+    none_valid = PagedRows.sparse(meta.page_tables, meta.page_tables, pos, torch.zeros_like(valid))
+    assert math.isinf(paged_decode(q, pool.k[0], pool.v[0], none_valid, 0.125, heads)[1][0, 0, 0])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
