@@ -48,7 +48,7 @@ def test_int4_weights_reconstruct_a_q4_1_block_grid(rows: int):
     linear = torch.nn.Linear(128, 64, bias=False)
     linear.weight.data = (scale * q + low).view(64, 128)
     layer = Int4Linear(linear)
-    deq = torch.cat([layer(eye) for eye in torch.eye(128).split(rows)]).T
+    deq = torch.cat([layer(eye).float() for eye in torch.eye(128).split(rows)]).T
     bf16_step = linear.weight.abs().max().item() / 128  # scale, minimum and output are bf16
     torch.testing.assert_close(deq, linear.weight.data, rtol=0, atol=bf16_step)
 
@@ -72,3 +72,14 @@ def test_int8_kernel_matches_its_dequantised_weight(rows: int):
 def test_int4_is_refused_off_the_cpu():
     with pytest.raises(ValueError, match="CPU"):
         quantize(torch.nn.Linear(32, 8), "int4", torch.device("meta"))
+
+
+def test_norms_feeding_int4_layers_write_bfloat16(int4_llm):
+    """The int4 model's input norms hand its projections bf16 directly; the final norm stays float32."""
+    model = int4_llm.engine.model
+    layer = model.model.layers[0]
+    x = torch.randn(2, model.config.hidden_size)
+    assert isinstance(layer.self_attn.qkv_proj, Int4Linear)
+    assert layer.input_layernorm(x).dtype == torch.bfloat16
+    assert layer.post_attention_layernorm.add(x, x)[1].dtype == torch.bfloat16
+    assert model.model.norm(x).dtype == torch.float32
