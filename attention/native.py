@@ -26,9 +26,11 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17", "-shared"
 
 
 def sources(source: Path) -> list[str]:
-    """The text of `source` and of the headers it includes with quotes (a header edit rebuilds it)."""
+    """The text of `source` and of every file it includes with quotes, recursively (an edit of any of
+    them rebuilds it)."""
     text = source.read_text()
-    return [text] + [(source.parent / name).read_text() for name in re.findall(r'#include "([^"]+)"', text)]
+    return [text] + [part for name in re.findall(r'#include "([^"]+)"', text)
+                     for part in sources(source.parent / name)]
 
 
 def cache_dir() -> Path:
@@ -50,10 +52,11 @@ def load(source: Path, fallback: str, flags: tuple[str, ...] = ()) -> ctypes.CDL
     key = hashlib.sha256("\n".join([*sources(source), *flags, version]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if not target.exists():
+        log.info("building %s into %s (once per source and compiler)", source.name, target.parent)
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            run = subprocess.run([compiler, *flags, str(source), "-o", str(built)], capture_output=True,
+            run = subprocess.run([compiler, str(source), *flags, "-o", str(built)], capture_output=True,
                                  text=True)
             if run.returncode != 0:
                 log.warning("building %s failed, %s:\n%s", source, fallback, run.stderr[-2000:])

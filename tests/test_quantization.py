@@ -83,3 +83,26 @@ def test_norms_feeding_int4_layers_write_bfloat16(int4_llm):
     assert layer.input_layernorm(x).dtype == torch.bfloat16
     assert layer.post_attention_layernorm.add(x, x)[1].dtype == torch.bfloat16
     assert model.model.norm(x).dtype == torch.float32
+
+
+def test_fused_decode_layers_are_the_modules_bit_for_bit(int4_llm: LLM):
+    """engine/cpu_layer.py's C++ decode step against the same layers run module by module: the same
+    tokens and the same logprobs, for one sequence and for a batch (rows of several sequences)."""
+    layers = int4_llm.engine.model.model.layers
+    fused = [layer.fused for layer in layers]
+    assert all(f is not None for f in fused)  # SmolLM2 in int4: every layer qualifies
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
+
+    def run(batch: list[str]) -> list:
+        return [(o.outputs[0].token_ids, [sorted(p.items()) for p in o.outputs[0].logprobs])
+                for o in int4_llm.generate(batch, params)]
+
+    with_fused = run(prompts[:1]), run(prompts)
+    for layer in layers:
+        layer.fused = None
+    try:
+        assert (run(prompts[:1]), run(prompts)) == with_fused
+    finally:
+        for layer, f in zip(layers, fused, strict=True):
+            layer.fused = f

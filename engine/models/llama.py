@@ -23,8 +23,11 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.fused = None  # int4 on the CPU: the whole decode step in C++ (engine/cpu_layer.py)
 
     def forward(self, x, rope, backend, meta):
+        if self.fused is not None and self.fused.serves(x, rope):
+            return self.fused(x, rope, backend, meta)
         attn = self.self_attn(self.input_layernorm(x), rope, backend, meta)
         x, h = self.post_attention_layernorm.add(x, attn)
         return x + self.mlp(h)
