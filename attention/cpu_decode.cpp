@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "simd.h"
@@ -230,12 +231,23 @@ extern "C" void paged_decode(const float* q, const void* k, const void* v, int d
   else dispatch<kF32>(a, chunks, threads, out, lse);
 }
 
-// Recompute the key summaries (per-channel min, max and mean over rows 0 .. last row written) of every
-// summary of `summary_tokens` rows that slots[0 .. n) write to: kvcache/summaries.py's rule, without
-// its dozen torch calls per layer. k [slots, Hkv, D] and the summaries [summaries, Hkv, D] are float32;
-// the mean adds rows in order, as torch's sum over them does.
-extern "C" void summarise_slots(const float* k, float* kmin, float* kmax, float* kmean, const int64_t* slots,
-                                int64_t n, int64_t Hkv, int64_t D, int64_t summary_tokens) {
+namespace {
+
+template <int DT> inline float key_at(const void* k, int64_t i);
+template <> inline float key_at<kF32>(const void* k, int64_t i) { return static_cast<const float*>(k)[i]; }
+template <> inline float key_at<kF16>(const void* k, int64_t i) {
+  return _cvtsh_ss(static_cast<const uint16_t*>(k)[i]);
+}
+template <> inline float key_at<kBF16>(const void* k, int64_t i) {
+  uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(k)[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <int DT>
+void summarise(const void* k, float* kmin, float* kmax, float* kmean, const int64_t* slots, int64_t n,
+               int64_t Hkv, int64_t D, int64_t summary_tokens) {
   std::vector<std::pair<int64_t, int64_t>> touched(n);  // (summary, row written)
   for (int64_t i = 0; i < n; ++i) touched[i] = {slots[i] / summary_tokens, slots[i] % summary_tokens};
   std::sort(touched.begin(), touched.end());
@@ -244,21 +256,32 @@ extern "C" void summarise_slots(const float* k, float* kmin, float* kmax, float*
   for (size_t i = 0; i < touched.size(); ++i) {
     if (i + 1 < touched.size() && touched[i + 1].first == touched[i].first) continue;  // its last row
     const int64_t s = touched[i].first, last = touched[i].second;
-    const float* rows = k + s * summary_tokens * width;
+    const int64_t first = s * summary_tokens * width;
     float* lo = kmin + s * width;
     float* hi = kmax + s * width;
-    std::copy(rows, rows + width, lo);
-    std::copy(rows, rows + width, hi);
-    std::copy(rows, rows + width, total.begin());
+    for (int64_t c = 0; c < width; ++c) lo[c] = hi[c] = total[c] = key_at<DT>(k, first + c);
     for (int64_t r = 1; r <= last; ++r) {
-      const float* row = rows + r * width;
       for (int64_t c = 0; c < width; ++c) {
-        lo[c] = std::min(lo[c], row[c]);
-        hi[c] = std::max(hi[c], row[c]);
-        total[c] += row[c];
+        const float key = key_at<DT>(k, first + r * width + c);
+        lo[c] = std::min(lo[c], key);
+        hi[c] = std::max(hi[c], key);
+        total[c] += key;
       }
     }
     const float count = static_cast<float>(last + 1);
     for (int64_t c = 0; c < width; ++c) kmean[s * width + c] = total[c] / count;
   }
+}
+
+}  // namespace
+
+// Recompute the key summaries (per-channel min, max and mean over rows 0 .. last row written) of every
+// summary of `summary_tokens` rows that slots[0 .. n) write to: kvcache/summaries.py's rule, without
+// its dozen torch calls per layer. k [slots, Hkv, D] is float32, fp16 or bf16 (`dtype`), the summaries
+// [summaries, Hkv, D] float32; the mean adds rows in order, as torch's sum over them does.
+extern "C" void summarise_slots(const void* k, int dtype, float* kmin, float* kmax, float* kmean,
+                                const int64_t* slots, int64_t n, int64_t Hkv, int64_t D, int64_t summary_tokens) {
+  if (dtype == kF16) summarise<kF16>(k, kmin, kmax, kmean, slots, n, Hkv, D, summary_tokens);
+  else if (dtype == kBF16) summarise<kBF16>(k, kmin, kmax, kmean, slots, n, Hkv, D, summary_tokens);
+  else summarise<kF32>(k, kmin, kmax, kmean, slots, n, Hkv, D, summary_tokens);
 }

@@ -36,7 +36,8 @@ def _library() -> ctypes.CDLL | None:
                                  + [ctypes.c_int64] * 10 + [ctypes.c_float, ctypes.c_int64, ctypes.c_int]
                                  + [ctypes.c_void_p] * 2)
     lib.summarise_slots.restype = None
-    lib.summarise_slots.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
+    lib.summarise_slots.argtypes = ([ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4
+                                    + [ctypes.c_int64] * 4)
     return lib
 
 
@@ -118,8 +119,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 
 def summarises_in_place(k_cache: torch.Tensor, kmin: torch.Tensor) -> bool:
-    """summarise_slots serves this layer: float32 keys and summaries on the CPU, the kernel built."""
-    return k_cache.dtype == kmin.dtype == torch.float32 and in_place_decode(k_cache)
+    """summarise_slots serves this layer: float32 summaries of float32 or 16-bit keys on the CPU, the
+    kernel built."""
+    return kmin.dtype == torch.float32 and in_place_decode(k_cache)
 
 
 def summarise_slots(k_cache: torch.Tensor, summaries: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -131,5 +133,6 @@ def summarise_slots(k_cache: torch.Tensor, summaries: tuple[torch.Tensor, torch.
     hkv, d = k_cache.shape[-2], k_cache.shape[-1]
     slots = slot_mapping.long().contiguous()
     kmin, kmax, kmean = summaries
-    _library().summarise_slots(k_cache.data_ptr(), kmin.data_ptr(), kmax.data_ptr(), kmean.data_ptr(),
-                               slots.data_ptr(), slots.numel(), hkv, d, summary_tokens)
+    _library().summarise_slots(k_cache.data_ptr(), CACHE_DTYPES[k_cache.dtype], kmin.data_ptr(),
+                               kmax.data_ptr(), kmean.data_ptr(), slots.data_ptr(), slots.numel(), hkv, d,
+                               summary_tokens)

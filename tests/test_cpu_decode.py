@@ -139,11 +139,13 @@ def test_position_lists_match_reference():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_summaries_in_one_call_equal_the_torch_recomputation(seed):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_summaries_in_one_call_equal_the_torch_recomputation(seed, dtype):
     """Scattered and repeated slots (a prefill chunk, decode rows, a rewrite after rollback) give the
-    very bits summarise_pages gives, so the sparse policies rank the same units either way."""
+    very bits summarise_pages gives, so the sparse policies rank the same units either way; 16-bit key
+    pages are summarised in float32 by both."""
     gen = torch.Generator().manual_seed(seed)
-    k = torch.randn(40, 64, 3, 64, generator=gen)
+    k = torch.randn(40, 64, 3, 64, generator=gen).to(dtype)
     def empty():
         shape = (40, 4, 3, 64)
         return torch.full(shape, math.inf), torch.full(shape, -math.inf), torch.zeros(shape)
