@@ -285,3 +285,35 @@ extern "C" void summarise_slots(const void* k, int dtype, float* kmin, float* km
   else if (dtype == kBF16) summarise<kBF16>(k, kmin, kmax, kmean, slots, n, Hkv, D, summary_tokens);
   else summarise<kF32>(k, kmin, kmax, kmean, slots, n, Hkv, D, summary_tokens);
 }
+
+// Sparse decode's read list: per (row b, head h), the sink units' S positions, the K chosen units'
+// K * unit positions and the recent units' R positions, with which of them are read: a chosen unit is
+// read where it is an allowed unit (chosen[b, h, i] in 0 .. U-1, allowed[b, unit]) among the row's
+// first k (within_k[b, i]), and each of its positions below ctx[b] (positions clamp to ctx[b] - 1).
+// The sink and recent lists are the row's, the same for every head. attention/sparse.py's
+// _retrieval_positions does the same in torch.
+extern "C" void unit_positions(const int64_t* chosen, int64_t B, int64_t H, int64_t K, const bool* allowed,
+                               int64_t U, const bool* within_k, const int64_t* ctx, int64_t unit,
+                               const int64_t* sink_pos, const bool* sink_ok, int64_t S, const int64_t* recent_pos,
+                               const bool* recent_ok, int64_t R, int64_t* pos, bool* valid) {
+  const int64_t n = S + K * unit + R;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      int64_t* p = pos + (b * H + h) * n;
+      bool* ok = valid + (b * H + h) * n;
+      std::copy(sink_pos + b * S, sink_pos + (b + 1) * S, p);
+      std::copy(sink_ok + b * S, sink_ok + (b + 1) * S, ok);
+      for (int64_t i = 0; i < K; ++i) {
+        const int64_t u = chosen[(b * H + h) * K + i];
+        const bool read = u >= 0 && u < U && allowed[b * U + u] && within_k[b * K + i];
+        const int64_t first = std::max<int64_t>(u, 0) * unit;
+        for (int64_t o = 0; o < unit; ++o) {
+          p[S + i * unit + o] = std::min(first + o, ctx[b] - 1);
+          ok[S + i * unit + o] = read && first + o < ctx[b];
+        }
+      }
+      std::copy(recent_pos + b * R, recent_pos + (b + 1) * R, p + S + K * unit);
+      std::copy(recent_ok + b * R, recent_ok + (b + 1) * R, ok + S + K * unit);
+    }
+  }
+}

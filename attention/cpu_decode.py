@@ -36,6 +36,9 @@ def _library() -> ctypes.CDLL | None:
                                  + [ctypes.c_int64] * 10 + [ctypes.c_float, ctypes.c_int64, ctypes.c_int]
                                  + [ctypes.c_void_p] * 2)
     lib.summarise_slots.restype = None
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    lib.unit_positions.argtypes = [p, i, i, i, p, i, p, p, i, p, p, i, p, p, i, p, p]
+    lib.unit_positions.restype = None
     lib.summarise_slots.argtypes = ([ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4
                                     + [ctypes.c_int64] * 4)
     return lib
@@ -136,3 +139,22 @@ def summarise_slots(k_cache: torch.Tensor, summaries: tuple[torch.Tensor, torch.
     _library().summarise_slots(k_cache.data_ptr(), CACHE_DTYPES[k_cache.dtype], kmin.data_ptr(),
                                kmax.data_ptr(), kmean.data_ptr(), slots.data_ptr(), slots.numel(), hkv, d,
                                summary_tokens)
+
+
+def unit_positions(chosen: torch.Tensor, allowed: torch.Tensor, within_k: torch.Tensor, ctx: torch.Tensor,
+                   unit: int, sink: tuple[torch.Tensor, torch.Tensor],
+                   recent: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse decode's positions [B, H, N] and valid flags in one call (cpu_decode.cpp says the rule;
+    SparseBackend._retrieval_positions is its torch form): chosen [B, H, K] units, allowed [B, U],
+    within_k [B, K], ctx [B], and the rows' sink and recent (positions, read) [B, S] / [B, R]."""
+    b, h, k = chosen.shape
+    (sink_pos, sink_ok), (recent_pos, recent_ok) = sink, recent
+    n = sink_pos.shape[1] + k * unit + recent_pos.shape[1]
+    pos, valid = torch.empty(b, h, n, dtype=torch.long), torch.empty(b, h, n, dtype=torch.bool)
+    inputs = (chosen.long(), allowed, within_k, ctx.long(), sink_pos, sink_ok, recent_pos, recent_ok)
+    held = [t.contiguous() for t in inputs]  # alive through the call
+    units, allowed_p, within, ctx_p, sink_p, sink_v, recent_p, recent_v = (t.data_ptr() for t in held)
+    _library().unit_positions(units, b, h, k, allowed_p, allowed.shape[1], within, ctx_p, unit, sink_p,
+                              sink_v, sink_pos.shape[1], recent_p, recent_v, recent_pos.shape[1],
+                              pos.data_ptr(), valid.data_ptr())
+    return pos, valid

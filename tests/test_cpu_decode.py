@@ -10,8 +10,15 @@ import pytest
 import torch
 
 from needle.attention.base import AttentionMetadata
-from needle.attention.cpu_decode import PagedRows, in_place_decode, paged_decode, summarise_slots
+from needle.attention.cpu_decode import (
+    PagedRows,
+    in_place_decode,
+    paged_decode,
+    summarise_slots,
+    unit_positions,
+)
 from needle.attention.dense import DenseBackend
+from needle.attention.sparse import unit_positions_torch
 from needle.kvcache.pool import KVCacheSpec, KVPool
 from needle.kvcache.summaries import summarise_pages
 
@@ -156,3 +163,23 @@ def test_summaries_in_one_call_equal_the_torch_recomputation(seed, dtype):
         summarise_slots(k, got, slots, 16)
         for a, b in zip(want, got, strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_unit_positions_match_the_torch_rule(seed):
+    """Sparse decode's read lists in one call equal the torch rule's, bit for bit, on fresh random
+    units: some negative (unused), some past the allowed width, some not allowed, some past a row's k,
+    units that cross the context's end, and no chosen units at all."""
+    gen = torch.Generator().manual_seed(seed)
+    b, h, unit, width = 3, 4, 16, 40
+    ctx = torch.randint(unit * 20, unit * width, (b,), generator=gen)
+    sink = (torch.randint(0, 64, (b, 32), generator=gen), torch.rand(b, 32, generator=gen) < 0.9)
+    recent = (torch.randint(0, 600, (b, 48), generator=gen), torch.rand(b, 48, generator=gen) < 0.8)
+    allowed = torch.rand(b, width, generator=gen) < 0.7
+    for k in (0, 1, 9):
+        chosen = torch.randint(-2, width + 3, (b, h, k), generator=gen)
+        within_k = torch.rand(b, k, generator=gen) < 0.8
+        got = unit_positions(chosen, allowed, within_k, ctx, unit, sink, recent)
+        want = unit_positions_torch(chosen, allowed, within_k, ctx, unit, sink, recent)
+        for a, w in zip(got, want, strict=True):
+            assert torch.equal(a, w)
