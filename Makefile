@@ -11,10 +11,10 @@ TORCH_SPEC ?= torch==2.13.0
 # use; CUDA torch brings triton anyway. Users of the wheel get the same through needle-serve[structured].
 STRUCTURED_PKGS := xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 ARGS ?=
-# `make serve` runs the bundled GGUF at its own bits (int4 layers, int8 LM head): on this CPU the fastest
-# path that keeps QUALITY.md's answers (BENCHMARKS.md). `make serve SERVE_FLAGS=` serves fp32 (and must,
-# with --device cuda: int4 is CPU only).
-SERVE_FLAGS ?= --quantization int4
+# `make serve` runs the bundled GGUF at its own bits (int4 layers, int8 LM head) with float16 K/V pages:
+# on this CPU the fastest path that keeps QUALITY.md's answers (BENCHMARKS.md). `make serve SERVE_FLAGS=`
+# serves fp32 (and must, with --device cuda: int4 is CPU only).
+SERVE_FLAGS ?= --quantization int4 --kv-cache-dtype float16
 
 .PHONY: serve test lint install clean
 

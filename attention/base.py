@@ -58,6 +58,9 @@ class AttentionMetadata:
     value_tables: torch.Tensor | None = None  # [B, max_pages] int32, like page_tables
     value_slot_mapping: torch.Tensor | None = None  # [T] int64 value slot of each new token
     value_layers_from: int = 0
+    # What a backend derives from this step's metadata once and every layer reuses (cpu_decode's
+    # PagedRows, keyed by the backend): filled on first use, dropped with the metadata.
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, seq_ids: list[int], query_lens: list[int], context_lens: list[int],
@@ -168,7 +171,7 @@ class AttentionMetadata:
             context_lens=self.context_lens + [0] * pad, modes=self.modes + self.modes[-1:] * pad,
             token_budgets=self.token_budgets + self.token_budgets[-1:] * pad,
             num_draft_tokens=self.num_draft_tokens + [n - 1] * pad if self.num_draft_tokens else [],
-            **tensors)
+            derived={}, **tensors)
 
 
 @dataclass

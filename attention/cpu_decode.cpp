@@ -12,9 +12,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
+
+using simd::exp8;
+using simd::hmax;
+using simd::hsum;
 
 constexpr int kBlock = 16;  // positions scored together before their values are accumulated
 
@@ -32,45 +39,11 @@ template <> inline __m256 load8<kBF16>(const void* p, int64_t i) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // The sums of eight vectors, as one vector (lane t: the sum of v[t]).
 inline __m256 sum8(const __m256* v) {
   __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
   __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
   return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
-}
-
-// e^x to about 1e-7 relative error (a degree-5 polynomial after range reduction); exactly 0 below -87.
-inline __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3f);
-  __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.3f));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
 
 struct Args {
@@ -258,12 +231,23 @@ extern "C" void paged_decode(const float* q, const void* k, const void* v, int d
   else dispatch<kF32>(a, chunks, threads, out, lse);
 }
 
-// Recompute the key summaries (per-channel min, max and mean over rows 0 .. last row written) of every
-// summary of `summary_tokens` rows that slots[0 .. n) write to: kvcache/summaries.py's rule, without
-// its dozen torch calls per layer. k [slots, Hkv, D] and the summaries [summaries, Hkv, D] are float32;
-// the mean adds rows in order, as torch's sum over them does.
-extern "C" void summarise_slots(const float* k, float* kmin, float* kmax, float* kmean, const int64_t* slots,
-                                int64_t n, int64_t Hkv, int64_t D, int64_t summary_tokens) {
+namespace {
+
+template <int DT> inline float key_at(const void* k, int64_t i);
+template <> inline float key_at<kF32>(const void* k, int64_t i) { return static_cast<const float*>(k)[i]; }
+template <> inline float key_at<kF16>(const void* k, int64_t i) {
+  return _cvtsh_ss(static_cast<const uint16_t*>(k)[i]);
+}
+template <> inline float key_at<kBF16>(const void* k, int64_t i) {
+  uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(k)[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <int DT>
+void summarise(const void* k, float* kmin, float* kmax, float* kmean, const int64_t* slots, int64_t n,
+               int64_t Hkv, int64_t D, int64_t summary_tokens) {
   std::vector<std::pair<int64_t, int64_t>> touched(n);  // (summary, row written)
   for (int64_t i = 0; i < n; ++i) touched[i] = {slots[i] / summary_tokens, slots[i] % summary_tokens};
   std::sort(touched.begin(), touched.end());
@@ -272,21 +256,64 @@ extern "C" void summarise_slots(const float* k, float* kmin, float* kmax, float*
   for (size_t i = 0; i < touched.size(); ++i) {
     if (i + 1 < touched.size() && touched[i + 1].first == touched[i].first) continue;  // its last row
     const int64_t s = touched[i].first, last = touched[i].second;
-    const float* rows = k + s * summary_tokens * width;
+    const int64_t first = s * summary_tokens * width;
     float* lo = kmin + s * width;
     float* hi = kmax + s * width;
-    std::copy(rows, rows + width, lo);
-    std::copy(rows, rows + width, hi);
-    std::copy(rows, rows + width, total.begin());
+    for (int64_t c = 0; c < width; ++c) lo[c] = hi[c] = total[c] = key_at<DT>(k, first + c);
     for (int64_t r = 1; r <= last; ++r) {
-      const float* row = rows + r * width;
       for (int64_t c = 0; c < width; ++c) {
-        lo[c] = std::min(lo[c], row[c]);
-        hi[c] = std::max(hi[c], row[c]);
-        total[c] += row[c];
+        const float key = key_at<DT>(k, first + r * width + c);
+        lo[c] = std::min(lo[c], key);
+        hi[c] = std::max(hi[c], key);
+        total[c] += key;
       }
     }
     const float count = static_cast<float>(last + 1);
     for (int64_t c = 0; c < width; ++c) kmean[s * width + c] = total[c] / count;
+  }
+}
+
+}  // namespace
+
+// Recompute the key summaries (per-channel min, max and mean over rows 0 .. last row written) of every
+// summary of `summary_tokens` rows that slots[0 .. n) write to: kvcache/summaries.py's rule, without
+// its dozen torch calls per layer. k [slots, Hkv, D] is float32, fp16 or bf16 (`dtype`), the summaries
+// [summaries, Hkv, D] float32; the mean adds rows in order, as torch's sum over them does.
+extern "C" void summarise_slots(const void* k, int dtype, float* kmin, float* kmax, float* kmean,
+                                const int64_t* slots, int64_t n, int64_t Hkv, int64_t D, int64_t summary_tokens) {
+  if (dtype == kF16) summarise<kF16>(k, kmin, kmax, kmean, slots, n, Hkv, D, summary_tokens);
+  else if (dtype == kBF16) summarise<kBF16>(k, kmin, kmax, kmean, slots, n, Hkv, D, summary_tokens);
+  else summarise<kF32>(k, kmin, kmax, kmean, slots, n, Hkv, D, summary_tokens);
+}
+
+// Sparse decode's read list: per (row b, head h), the sink units' S positions, the K chosen units'
+// K * unit positions and the recent units' R positions, with which of them are read: a chosen unit is
+// read where it is an allowed unit (chosen[b, h, i] in 0 .. U-1, allowed[b, unit]) among the row's
+// first k (within_k[b, i]), and each of its positions below ctx[b] (positions clamp to ctx[b] - 1).
+// The sink and recent lists are the row's, the same for every head. attention/sparse.py's
+// _retrieval_positions does the same in torch.
+extern "C" void unit_positions(const int64_t* chosen, int64_t B, int64_t H, int64_t K, const bool* allowed,
+                               int64_t U, const bool* within_k, const int64_t* ctx, int64_t unit,
+                               const int64_t* sink_pos, const bool* sink_ok, int64_t S, const int64_t* recent_pos,
+                               const bool* recent_ok, int64_t R, int64_t* pos, bool* valid) {
+  const int64_t n = S + K * unit + R;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      int64_t* p = pos + (b * H + h) * n;
+      bool* ok = valid + (b * H + h) * n;
+      std::copy(sink_pos + b * S, sink_pos + (b + 1) * S, p);
+      std::copy(sink_ok + b * S, sink_ok + (b + 1) * S, ok);
+      for (int64_t i = 0; i < K; ++i) {
+        const int64_t u = chosen[(b * H + h) * K + i];
+        const bool read = u >= 0 && u < U && allowed[b * U + u] && within_k[b * K + i];
+        const int64_t first = std::max<int64_t>(u, 0) * unit;
+        for (int64_t o = 0; o < unit; ++o) {
+          p[S + i * unit + o] = std::min(first + o, ctx[b] - 1);
+          ok[S + i * unit + o] = read && first + o < ctx[b];
+        }
+      }
+      std::copy(recent_pos + b * R, recent_pos + (b + 1) * R, p + S + K * unit);
+      std::copy(recent_ok + b * R, recent_ok + (b + 1) * R, ok + S + K * unit);
+    }
   }
 }

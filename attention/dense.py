@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from needle.attention.base import AttentionBackend, AttentionMetadata
-from needle.attention.cpu_decode import MAX_GROUP, in_place_decode, paged_decode
+from needle.attention.cpu_decode import MAX_GROUP, PagedRows, in_place_decode, paged_decode
 from needle.kvcache.pool import KVPool
 
 
@@ -110,21 +110,31 @@ class DenseBackend(AttentionBackend):
                         window: int | None = None) -> torch.Tensor:
         """A decode or verify step without copying the context: each query row (a verify's too) reads
         the positions up to its own straight from the pages (the last `window` of them, windowed)."""
-        if meta.is_decode:
-            tables, lengths = meta.page_tables, meta.context_lens_t.long()
-            value_tables = meta.values_of(layer)[0]
-        else:
-            seq = [i for i, n in enumerate(meta.query_lens) for _ in range(n)]
-            index = torch.tensor(seq, device=q.device)
-            lengths = torch.tensor([meta.context_lens[i] - n + 1 + j for i, n in enumerate(meta.query_lens)
-                                    for j in range(n)], device=q.device)
-            tables, value_tables = meta.page_tables[index], meta.values_of(layer)[0][index]
-        starts = None if window is None else (lengths - window).clamp(min=0)
         spec = self.pool.spec
         rows = q.view(q.shape[0], spec.num_kv_heads, -1, spec.head_dim)
-        out, _ = paged_decode(rows, self.pool.k[layer], self.pool.v[layer], tables, value_tables,
-                              1.0 / math.sqrt(spec.head_dim), starts=starts, lengths=lengths)
+        reads = self.paged_rows(layer, meta, window)
+        scale = 1.0 / math.sqrt(spec.head_dim)
+        out, _ = paged_decode(rows, self.pool.k[layer], self.pool.v[layer], reads, scale, with_lse=False)
         return out.view_as(q)
+
+    def paged_rows(self, layer: int, meta: AttentionMetadata, window: int | None) -> PagedRows:
+        """What each query row reads, built once per step for the layers that share the window and the
+        value tables."""
+        value_tables = meta.values_of(layer)[0]
+        key = ("dense", window, value_tables is meta.page_tables)
+        if (rows := meta.derived.get(key)) is not None:
+            return rows
+        if meta.is_decode:
+            tables, lengths = meta.page_tables, meta.context_lens_t
+        else:
+            seq = [i for i, n in enumerate(meta.query_lens) for _ in range(n)]
+            index = torch.tensor(seq, device=meta.page_tables.device)
+            lengths = torch.tensor([meta.context_lens[i] - n + 1 + j for i, n in enumerate(meta.query_lens)
+                                    for j in range(n)], device=index.device)
+            tables, value_tables = meta.page_tables[index], value_tables[index]
+        starts = None if window is None else (lengths.long() - window).clamp(min=0)
+        rows = meta.derived[key] = PagedRows.dense(tables, value_tables, lengths, starts)
+        return rows
 
     def decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """All sequences at once: gather their pages into a padded [B, L] batch and mask the tail."""

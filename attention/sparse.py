@@ -29,7 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from needle.attention.base import AttentionBackend, AttentionMetadata, AttentionStats
-from needle.attention.cpu_decode import paged_decode, summarise_slots, summarises_in_place
+from needle.attention.cpu_decode import (
+    PagedRows,
+    in_place_decode,
+    paged_decode,
+    summarise_slots,
+    summarises_in_place,
+    unit_positions,
+)
 from needle.attention.dense import DenseBackend
 from needle.attention.head_profile import HeadProfile
 from needle.attention.kernels.block_prefill import (
@@ -99,7 +106,6 @@ class _Decode:
     streaming: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # see stream_of
     read: torch.Tensor | None = None  # [B] keys read by the sparse layers so far, summed over heads
     within_k: torch.Tensor | None = None  # [B, k_max] bool: chosen index below the entry's k
-    offsets: torch.Tensor | None = None  # [unit] positions inside a unit
     sink_reads: tuple[torch.Tensor, torch.Tensor] | None = None  # sink units' [B, S * unit] positions, read
     recent_reads: tuple[torch.Tensor, torch.Tensor] | None = None  # newest units' [B, R * unit] (clamped)
 
@@ -319,7 +325,7 @@ class SparseBackend(AttentionBackend):
             slots=slots,
             value_tables=page_tables if meta.value_tables is None else meta.value_tables[rows_of_entries],
             k_max=k_max, read=torch.zeros(len(entries), dtype=torch.long, device=dev),
-            within_k=torch.arange(k_max, device=dev) < k[:, None], offsets=offsets,
+            within_k=torch.arange(k_max, device=dev) < k[:, None],
             sink_reads=unit_reads(sink_units, torch.ones_like(sink_units, dtype=torch.bool)),
             recent_reads=unit_reads(recent.clamp(min=0), recent >= self.num_sink_units))
 
@@ -415,22 +421,10 @@ class SparseBackend(AttentionBackend):
     def _retrieval_positions(self, layer: int, q: torch.Tensor, kv_heads: torch.Tensor,
                              plan: _Decode) -> tuple[torch.Tensor, torch.Tensor]:
         """Token positions [B, H, N] of the sink, chosen and recent units, and which of them are read."""
-        b, h = q.shape[:2]
         chosen = self._chosen_units(layer, q, kv_heads, plan)
-        width = plan.allowed.shape[1]
-        inside = chosen.clamp(0, width - 1)
-        chosen_ok = ((chosen >= 0) & (chosen < width)
-                     & plan.allowed.gather(1, inside.view(b, -1)).view_as(chosen))
-        chosen_ok &= plan.within_k[:, None, :]
-        ctx = plan.ctx[:, None, None]
-        pos = (chosen.clamp(min=0)[..., None] * self.unit + plan.offsets).flatten(2)
-        valid = chosen_ok[..., None].expand(-1, -1, -1, self.unit).flatten(2) & (pos < ctx)
-        (sink_pos, sink_ok), (recent_pos, recent_ok) = plan.sink_reads, plan.recent_reads
-
-        def around(sink: torch.Tensor, chosen: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
-            return torch.cat([sink[:, None].expand(b, h, -1), chosen, recent[:, None].expand(b, h, -1)], -1)
-
-        return around(sink_pos, pos.minimum(ctx - 1), recent_pos), around(sink_ok, valid, recent_ok)
+        build = unit_positions if in_place_decode(self.pool.k) else unit_positions_torch
+        return build(chosen, plan.allowed, plan.within_k, plan.ctx, self.unit, plan.sink_reads,
+                     plan.recent_reads)
 
     def _chosen_units(self, layer: int, q: torch.Tensor, kv_heads: torch.Tensor,
                       plan: _Decode) -> torch.Tensor:
@@ -494,8 +488,8 @@ class SparseBackend(AttentionBackend):
         """q [B, H, G, D] over the keys at pos [B, H, N] (valid [B, H, N]) of kv_heads [H], values read
         through value_tables -> output [B, H, G, D] and the log-sum-exp of the scores [B, H, G]."""
         if self.dense.reads_in_place(q.shape[2]):  # the CPU kernel reads the positions where they lie
-            out, lse = paged_decode(q, self.pool.k[layer], self.pool.v[layer], tables, value_tables,
-                                    self.scale, positions=pos, valid=valid, kv_heads=kv_heads)
+            out, lse = paged_decode(q, self.pool.k[layer], self.pool.v[layer],
+                                    PagedRows.sparse(tables, value_tables, pos, valid), self.scale, kv_heads)
             return out, lse.to(q.dtype)
         ps = self.pool.spec.page_size
         slots = token_slots(tables, pos, ps)
@@ -633,6 +627,27 @@ class SparseBackend(AttentionBackend):
         self._flush_step_stats()
         stats, self._stats = self._stats, AttentionStats()
         return stats
+
+
+def unit_positions_torch(chosen: torch.Tensor, allowed: torch.Tensor, within_k: torch.Tensor,
+                         ctx: torch.Tensor, unit: int, sink: tuple[torch.Tensor, torch.Tensor],
+                         recent: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """cpu_decode.unit_positions in torch (the GPU-less fallback and the reference): chosen [B, H, K]
+    units -> positions [B, H, N] of the sink, chosen and recent units, and which of them are read."""
+    b, h = chosen.shape[:2]
+    width = allowed.shape[1]
+    inside = chosen.clamp(0, width - 1)
+    chosen_ok = (chosen >= 0) & (chosen < width) & allowed.gather(1, inside.view(b, -1)).view_as(chosen)
+    chosen_ok &= within_k[:, None, :]
+    ctx = ctx[:, None, None]
+    pos = (chosen.clamp(min=0)[..., None] * unit + torch.arange(unit, device=chosen.device)).flatten(2)
+    valid = chosen_ok[..., None].expand(-1, -1, -1, unit).flatten(2) & (pos < ctx)
+    (sink_pos, sink_ok), (recent_pos, recent_ok) = sink, recent
+
+    def around(first: torch.Tensor, middle: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        return torch.cat([first[:, None].expand(b, h, -1), middle, last[:, None].expand(b, h, -1)], -1)
+
+    return around(sink_pos, pos.minimum(ctx - 1), recent_pos), around(sink_ok, valid, recent_ok)
 
 
 def window_mass(q: torch.Tensor, keys: torch.Tensor, ctx: int, unit: int, scale: float) -> torch.Tensor:

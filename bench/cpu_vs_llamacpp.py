@@ -8,7 +8,8 @@ never a dependency of needle) in a child process reading the same GGUF, fed the 
 prefill of `--context` tokens (s), decode tok/s at a short context (best of 3) and after the long
 prefill, and, for needle, 8 concurrent sequences' aggregate decode tok/s at short context (best of 3;
 llama.cpp serves one stream).
-needle runs dense and sparse, fp32 and `--quantization int4`.
+needle runs CONFIGS: dense fp32 (the parity path), and dense and sparse `--quantization int4` with fp32
+and float16 K/V pages (`--kv-cache-dtype`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 VENV = Path(os.environ.get("NEEDLE_CACHE", Path.home() / ".cache" / "needle")) / "llamacpp-venv"
 LLAMA_CPP = "llama-cpp-python==0.3.36"
 SHORT = 32  # tokens of the short-context prompt
+CONFIGS = [("dense", "none", "auto"), ("dense", "int4", "auto"), ("dense", "int4", "float16"),
+           ("sparse", "int4", "auto"), ("sparse", "int4", "float16")]  # attention, quantization, KV dtype
 
 CHILD = r"""
 import json, sys, time
@@ -88,11 +91,13 @@ def llamacpp(gguf: Path, threads: int, long_ids: list[int], short_ids: list[int]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def needle(attention: str, quantization: str, long_ids: list[int], short_ids: list[int], new: int) -> dict:
+def needle(attention: str, quantization: str, kv_dtype: str, long_ids: list[int], short_ids: list[int],
+           new: int) -> dict:
     from needle import LLM, SamplingParams
 
-    llm = LLM(attention=attention, quantization=quantization, max_model_len=len(long_ids) + new + 16,
-              max_num_batched_tokens=2048, enable_prefix_caching=False)
+    llm = LLM(attention=attention, quantization=quantization, kv_cache_dtype=kv_dtype,
+              max_model_len=len(long_ids) + new + 16, max_num_batched_tokens=2048,
+              enable_prefix_caching=False)
     engine = llm.engine
     greedy = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
 
@@ -138,11 +143,10 @@ def main() -> None:
     long_ids, short_ids = token_ids(args.context)
     rows = {"llama.cpp": llamacpp(bundled_gguf(), args.threads, long_ids, short_ids, args.new_tokens)}
     print(json.dumps(rows["llama.cpp"]), flush=True)
-    for attention in ("dense", "sparse"):
-        for quant in ("none", "int4"):
-            name = f"needle {attention}, {quant}"
-            rows[name] = needle(attention, quant, long_ids, short_ids, args.new_tokens)
-            print(json.dumps(rows[name]), flush=True)
+    for attention, quant, kv_dtype in CONFIGS:
+        name = f"needle {attention}, {quant}, KV {kv_dtype}"
+        rows[name] = needle(attention, quant, kv_dtype, long_ids, short_ids, args.new_tokens)
+        print(json.dumps(rows[name]), flush=True)
     ref = rows["llama.cpp"]
     print(f"\n{args.threads} threads, {args.context}-token prefill, {args.new_tokens} new tokens, greedy, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")

@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "../attention/simd.h"
+
 namespace {
 
 constexpr int kGroup = 32;
@@ -27,12 +29,7 @@ struct Activations {
 
 thread_local Activations scratch;  // reused across calls: a decode step makes hundreds
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using simd::hsum;
 
 inline float half(uint16_t h) { return _cvtsh_ss(h); }
 

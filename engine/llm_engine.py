@@ -14,6 +14,8 @@ from needle.attention import build_backend
 from needle.attention.base import AttentionBackend
 from needle.attention.head_profile import resolve_profile
 from needle.engine.config import EngineArgs
+from needle.engine.cpu_layer import fuse_decoder_layers
+from needle.engine.cpu_pointwise import native_pointwise
 from needle.engine.cuda_graph import CudaGraphRunner
 from needle.engine.detokenizer import TextState
 from needle.engine.distributed import RankAddress, TensorParallel
@@ -105,6 +107,9 @@ class LLMEngine:
                                          args.seed), args.quantization, self.device)
         if self.ranks is not None:
             self.ranks.reduce_after_row_parallel_layers(self.model)
+        if self.device.type == "cpu" and native_pointwise(self.model) and args.quantization == "int4":
+            log.info("int4 decode: %d of %d layers run as one C++ step each", fuse_decoder_layers(self.model),
+                     cfg.num_layers)
         self.spec_config = SpeculativeConfig.parse(args.speculative_config)
         self.sparse_config = args.sparse_config(self.device.type)
         self.tiers = None

@@ -64,6 +64,8 @@ def _scratch_weight(n: int, k: int) -> torch.Tensor:
 
 
 class Int4Linear(nn.Module):
+    input_dtype = torch.bfloat16  # what the int4 kernel multiplies: a producer that writes it saves a cast
+
     def __init__(self, linear: nn.Linear, group: int = GROUP):
         super().__init__()
         blocks = _blocks(linear, group)
@@ -86,15 +88,17 @@ class Int4Linear(nn.Module):
         self.group, self.out_features = group, n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        rows = x.reshape(-1, shape[-1])
+        """Rows of up to INT4_KERNEL_ROWS come back in bfloat16, as the kernel makes them (engine/
+        cpu_pointwise.py reads them without a cast); more rows in float32."""
+        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         lib = _library() if rows.shape[0] > INT4_KERNEL_ROWS else None
         if lib is None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), self.packed, self.group,
                                                             self.scales_and_zeros)
         else:
             y = rows.float() @ self.dequantized(lib).T
-        y = y.to(x.dtype).view(*shape[:-1], self.out_features)
+        if x.dim() != 2:
+            y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def dequantized(self, lib: ctypes.CDLL) -> torch.Tensor:

@@ -10,8 +10,15 @@ import pytest
 import torch
 
 from needle.attention.base import AttentionMetadata
-from needle.attention.cpu_decode import in_place_decode, paged_decode, summarise_slots
+from needle.attention.cpu_decode import (
+    PagedRows,
+    in_place_decode,
+    paged_decode,
+    summarise_slots,
+    unit_positions,
+)
 from needle.attention.dense import DenseBackend
+from needle.attention.sparse import unit_positions_torch
 from needle.kvcache.pool import KVCacheSpec, KVPool
 from needle.kvcache.summaries import summarise_pages
 
@@ -123,8 +130,8 @@ def test_position_lists_match_reference():
     q = torch.randn(2, 2, 2, 64)
     pos = torch.randint(0, 300, (2, 2, 70))
     valid = torch.rand(2, 2, 70) < 0.7
-    out, lse = paged_decode(q, pool.k[0], pool.v[0], meta.page_tables, meta.page_tables, 0.125,
-                            positions=pos, valid=valid, kv_heads=heads)
+    rows = PagedRows.sparse(meta.page_tables, meta.page_tables, pos, valid)
+    out, lse = paged_decode(q, pool.k[0], pool.v[0], rows, 0.125, heads)
     for b in range(2):
         for h in range(2):
             p = pos[b, h][valid[b, h]]
@@ -134,16 +141,18 @@ def test_position_lists_match_reference():
             scores = q[b, h].double() @ keys.T * 0.125
             torch.testing.assert_close(out[b, h].double(), scores.softmax(-1) @ values, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(lse[b, h].double(), scores.logsumexp(-1), atol=1e-5, rtol=1e-5)
-    assert math.isinf(paged_decode(q, pool.k[0], pool.v[0], meta.page_tables, meta.page_tables, 0.125,
-                                   positions=pos, valid=torch.zeros_like(valid), kv_heads=heads)[1][0, 0, 0])
+    none_valid = PagedRows.sparse(meta.page_tables, meta.page_tables, pos, torch.zeros_like(valid))
+    assert math.isinf(paged_decode(q, pool.k[0], pool.v[0], none_valid, 0.125, heads)[1][0, 0, 0])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_summaries_in_one_call_equal_the_torch_recomputation(seed):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_summaries_in_one_call_equal_the_torch_recomputation(seed, dtype):
     """Scattered and repeated slots (a prefill chunk, decode rows, a rewrite after rollback) give the
-    very bits summarise_pages gives, so the sparse policies rank the same units either way."""
+    very bits summarise_pages gives, so the sparse policies rank the same units either way; 16-bit key
+    pages are summarised in float32 by both."""
     gen = torch.Generator().manual_seed(seed)
-    k = torch.randn(40, 64, 3, 64, generator=gen)
+    k = torch.randn(40, 64, 3, 64, generator=gen).to(dtype)
     def empty():
         shape = (40, 4, 3, 64)
         return torch.full(shape, math.inf), torch.full(shape, -math.inf), torch.zeros(shape)
@@ -154,3 +163,23 @@ def test_summaries_in_one_call_equal_the_torch_recomputation(seed):
         summarise_slots(k, got, slots, 16)
         for a, b in zip(want, got, strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_unit_positions_match_the_torch_rule(seed):
+    """Sparse decode's read lists in one call equal the torch rule's, bit for bit, on fresh random
+    units: some negative (unused), some past the allowed width, some not allowed, some past a row's k,
+    units that cross the context's end, and no chosen units at all."""
+    gen = torch.Generator().manual_seed(seed)
+    b, h, unit, width = 3, 4, 16, 40
+    ctx = torch.randint(unit * 20, unit * width, (b,), generator=gen)
+    sink = (torch.randint(0, 64, (b, 32), generator=gen), torch.rand(b, 32, generator=gen) < 0.9)
+    recent = (torch.randint(0, 600, (b, 48), generator=gen), torch.rand(b, 48, generator=gen) < 0.8)
+    allowed = torch.rand(b, width, generator=gen) < 0.7
+    for k in (0, 1, 9):
+        chosen = torch.randint(-2, width + 3, (b, h, k), generator=gen)
+        within_k = torch.rand(b, k, generator=gen) < 0.8
+        got = unit_positions(chosen, allowed, within_k, ctx, unit, sink, recent)
+        want = unit_positions_torch(chosen, allowed, within_k, ctx, unit, sink, recent)
+        for a, w in zip(got, want, strict=True):
+            assert torch.equal(a, w)

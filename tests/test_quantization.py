@@ -48,7 +48,7 @@ def test_int4_weights_reconstruct_a_q4_1_block_grid(rows: int):
     linear = torch.nn.Linear(128, 64, bias=False)
     linear.weight.data = (scale * q + low).view(64, 128)
     layer = Int4Linear(linear)
-    deq = torch.cat([layer(eye) for eye in torch.eye(128).split(rows)]).T
+    deq = torch.cat([layer(eye).float() for eye in torch.eye(128).split(rows)]).T
     bf16_step = linear.weight.abs().max().item() / 128  # scale, minimum and output are bf16
     torch.testing.assert_close(deq, linear.weight.data, rtol=0, atol=bf16_step)
 
@@ -72,3 +72,37 @@ def test_int8_kernel_matches_its_dequantised_weight(rows: int):
 def test_int4_is_refused_off_the_cpu():
     with pytest.raises(ValueError, match="CPU"):
         quantize(torch.nn.Linear(32, 8), "int4", torch.device("meta"))
+
+
+def test_norms_feeding_int4_layers_write_bfloat16(int4_llm):
+    """The int4 model's input norms hand its projections bf16 directly; the final norm stays float32."""
+    model = int4_llm.engine.model
+    layer = model.model.layers[0]
+    x = torch.randn(2, model.config.hidden_size)
+    assert isinstance(layer.self_attn.qkv_proj, Int4Linear)
+    assert layer.input_layernorm(x).dtype == torch.bfloat16
+    assert layer.post_attention_layernorm.add(x, x)[1].dtype == torch.bfloat16
+    assert model.model.norm(x).dtype == torch.float32
+
+
+def test_fused_decode_layers_are_the_modules_bit_for_bit(int4_llm: LLM):
+    """engine/cpu_layer.py's C++ decode step against the same layers run module by module: the same
+    tokens and the same logprobs, for one sequence and for a batch (rows of several sequences)."""
+    layers = int4_llm.engine.model.model.layers
+    fused = [layer.fused for layer in layers]
+    assert all(f is not None for f in fused)  # SmolLM2 in int4: every layer qualifies
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
+
+    def run(batch: list[str]) -> list:
+        return [(o.outputs[0].token_ids, [sorted(p.items()) for p in o.outputs[0].logprobs])
+                for o in int4_llm.generate(batch, params)]
+
+    with_fused = run(prompts[:1]), run(prompts)
+    for layer in layers:
+        layer.fused = None
+    try:
+        assert (run(prompts[:1]), run(prompts)) == with_fused
+    finally:
+        for layer, f in zip(layers, fused, strict=True):
+            layer.fused = f

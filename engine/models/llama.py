@@ -15,17 +15,23 @@ from needle.engine.models.layers import Attention, GatedMLP, RMSNorm, Rotary, lm
 
 
 class DecoderLayer(nn.Module):
+    norm_feeds = (("input_layernorm", "self_attn.qkv_proj"), ("post_attention_layernorm", "mlp.gate_up_proj"))
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.self_attn = Attention(cfg, layer)
         self.mlp = GatedMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.fused = None  # int4 on the CPU: the whole decode step in C++ (engine/cpu_layer.py)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope, backend,
-                meta) -> tuple[torch.Tensor, torch.Tensor]:
+                meta) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (this layer's MLP output, the residual stream before it): the caller adds the two inside
-        the next norm, one fused kernel instead of a separate add (residual None: x is the embedding)."""
+        the next norm, one fused kernel instead of a separate add. residual None: x is the whole stream
+        (the embedding, or a fused CPU layer's output, which includes its residual)."""
+        if self.fused is not None and self.fused.serves(x, rope):
+            return self.fused(x if residual is None else x + residual, rope, backend, meta), None
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
@@ -59,7 +65,7 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, rope, backend, meta)
-        return self.model.norm.add(x, residual)[1]
+        return self.model.norm(x) if residual is None else self.model.norm.add(x, residual)[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
