@@ -20,7 +20,6 @@
 namespace {
 
 constexpr int kGroup = 32;
-constexpr int kRows = 4;  // activation rows sharing each loaded weight block
 
 struct Activations {
   std::vector<int8_t> q;    // [M, K]
@@ -91,7 +90,8 @@ void q8_rows(const Activations& a, int64_t r0, int64_t k, const int8_t* w, const
   }
 }
 
-// Rows of activations in tiles of kRows (the tail one by one); output columns split across threads.
+// Rows of activations in tiles of 8, 4, 2 and 1 (the rows of a tile share each loaded weight block);
+// output columns split across threads.
 template <typename Tile>
 void run(int64_t m, int64_t n, int threads, Tile tile) {
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, n / 16));
@@ -100,7 +100,9 @@ void run(int64_t m, int64_t n, int threads, Tile tile) {
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t n0 = c * chunk, n1 = std::min(n, n0 + chunk);
     int64_t r = 0;
-    for (; r + kRows <= m; r += kRows) tile(std::integral_constant<int, kRows>{}, r, n0, n1);
+    for (; r + 8 <= m; r += 8) tile(std::integral_constant<int, 8>{}, r, n0, n1);
+    for (; r + 4 <= m; r += 4) tile(std::integral_constant<int, 4>{}, r, n0, n1);
+    for (; r + 2 <= m; r += 2) tile(std::integral_constant<int, 2>{}, r, n0, n1);
     for (; r < m; ++r) tile(std::integral_constant<int, 1>{}, r, n0, n1);
   }
 }
