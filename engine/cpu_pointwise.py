@@ -62,15 +62,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool,
                  out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (_rows(x) and _rows(residual) and x.dtype == weight.dtype == torch.float32
-            and residual.is_contiguous() and residual.shape == x.shape):
-        total, out = layers.add_rms_norm(x, residual.float(), weight, eps, unit_offset)
+    """(x + residual in float32, its norm): either may be the bf16 output of an int4 projection."""
+    if not (_rows(x) and _rows(residual) and weight.dtype == torch.float32 and residual.is_contiguous()
+            and residual.shape == x.shape):
+        total, out = layers.add_rms_norm(x.float(), residual.float(), weight, eps, unit_offset)
         return total, out.to(out_dtype)
     total, out = torch.empty(x.shape), torch.empty(x.shape, dtype=out_dtype)
     rows, dim = x.shape
-    _library().rms_norm(x.data_ptr(), x.stride(0), 0, residual.data_ptr(), _bf16(residual), weight.data_ptr(),
-                        rows, dim, eps, unit_offset, total.data_ptr(), out.data_ptr(), _bf16(out),
-                        torch.get_num_threads())
+    _library().rms_norm(x.data_ptr(), x.stride(0), _bf16(x), residual.data_ptr(), _bf16(residual),
+                        weight.data_ptr(), rows, dim, eps, unit_offset, total.data_ptr(), out.data_ptr(),
+                        _bf16(out), torch.get_num_threads())
     return total, out
 
 

@@ -22,9 +22,9 @@ def test_rms_norm_matches_torch(rows: int, unit_offset: bool):
     wide = torch.randn(rows, 700, generator=gen)[:, 50:626]  # rows 700 apart
     torch.testing.assert_close(native.rms_norm(wide, w, 1e-5, unit_offset),
                                layers.rms_norm(wide.contiguous(), w, 1e-5, unit_offset))
-    for res in (residual, residual.bfloat16()):
-        total, normed = native.add_rms_norm(x, res, w, 1e-5, unit_offset)
-        ref_total, ref = layers.add_rms_norm(x, res.float(), w, 1e-5, unit_offset)
+    for a, b in ((x, residual), (x, residual.bfloat16()), (residual.bfloat16(), x)):  # the stream either side
+        total, normed = native.add_rms_norm(a, b, w, 1e-5, unit_offset)
+        ref_total, ref = layers.add_rms_norm(a.float(), b.float(), w, 1e-5, unit_offset)
         assert torch.equal(total, ref_total)  # the residual stream's add is exact
         torch.testing.assert_close(normed, ref)
     half = native.rms_norm(x.bfloat16(), w, 1e-5, unit_offset, out_dtype=torch.bfloat16)
