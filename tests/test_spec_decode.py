@@ -98,8 +98,8 @@ def test_draft_model_from_a_dummy_config_is_lossless_and_needs_the_same_vocabula
     prompts, expected = baseline
     llm = spec_llm("draft_model", num_speculative_tokens=3, model="smollm2-135m", load_format="dummy")
     drafted = []
-    got = staggered(llm.engine, prompts, SamplingParams(temperature=0, max_tokens=24))
-    assert got == expected
+    got = staggered(llm.engine, prompts, SamplingParams(temperature=0, max_tokens=12))  # greedy: a prefix
+    assert got == {r: tokens[:12] for r, tokens in expected.items()}
     llm.engine.add_request("again", prompts[0], SamplingParams(temperature=0, max_tokens=8))
     run_engine(llm.engine, on_step=lambda s: drafted.append(s.spec.num_draft_tokens))
     assert sum(drafted) > 0
