@@ -217,6 +217,7 @@ class LLMEngine:
             "device": str(self.device) if self.ranks is None else
             f"{self.device.type} x {self.ranks.size} (tensor parallel)",
             "kv_capacity_tokens": self.pool.capacity_tokens,
+            "kv_cache_dtype": str(self.pool.spec.page_dtype).removeprefix("torch."),
             "page_size": self.args.page_size,
             "num_pages": self.pool.num_pages,
             "max_model_len": self.max_model_len,

@@ -227,10 +227,11 @@ def build_app(config: ServerConfig, engine_args: EngineArgs, engine_factory: Eng
             return
         state.engine = engine
         logger.info("needle ready: model %s (served as %s), dtype %s, device %s, max model length %s, KV "
-                    "capacity %s tokens (%s sequences at full length), attention %s, head profile %s, "
-                    "prefix caching %s; listening on %s", info.get("model"), state.model_name,
+                    "capacity %s tokens in %s pages (%s sequences at full length), attention %s, head "
+                    "profile %s, prefix caching %s; listening on %s", info.get("model"), state.model_name,
                     info.get("dtype"), info.get("device"), info.get("max_model_len"),
-                    info.get("kv_capacity_tokens"), info.get("max_concurrency"), info.get("attention"),
+                    info.get("kv_capacity_tokens"), info.get("kv_cache_dtype"), info.get("max_concurrency"),
+                    info.get("attention"),
                     info.get("head_profile"), "on" if info.get("prefix_caching") else "off", config.url)
 
     @asynccontextmanager

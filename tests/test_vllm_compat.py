@@ -90,8 +90,8 @@ def test_every_response_carries_a_request_id(compat: LiveServer) -> None:
 def test_the_ready_line_and_the_load_bar_say_what_a_person_needs(compat: LiveServer) -> None:
     log = compat.log.read_text()
     ready = next(line for line in log.splitlines() if "needle ready" in line)
-    for part in ("max model length 1024", "sequences at full length", "head profile none (dense)",
-                 "prefix caching on"):
+    for part in ("max model length 1024", "float32 pages", "sequences at full length",
+                 "head profile none (dense)", "prefix caching on"):
         assert part in ready, ready
     assert "tensor" in log and "row/s" not in log  # the load bar counts tensors
 
