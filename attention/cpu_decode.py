@@ -145,7 +145,7 @@ def unit_positions(chosen: torch.Tensor, allowed: torch.Tensor, within_k: torch.
                    unit: int, sink: tuple[torch.Tensor, torch.Tensor],
                    recent: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse decode's positions [B, H, N] and valid flags in one call (cpu_decode.cpp says the rule;
-    SparseBackend._retrieval_positions is its torch form): chosen [B, H, K] units, allowed [B, U],
+    sparse.unit_positions_torch is its torch form): chosen [B, H, K] units, allowed [B, U],
     within_k [B, K], ctx [B], and the rows' sink and recent (positions, read) [B, S] / [B, R]."""
     b, h, k = chosen.shape
     (sink_pos, sink_ok), (recent_pos, recent_ok) = sink, recent

@@ -1,7 +1,7 @@
 """A Llama-family decoder layer's int4 decode step in two C++ calls around the attention backend
 (cpu_layer.cpp): norm + qkv projection + RoPE before it, o projection + residual norm + SwiGLU MLP +
 residual after it. The matmuls are torch's int4 kernel called from C++ through ATen, the elementwise
-work cpu_pointwise.cpp's, so the values are the module path's bit for bit (tests/test_cpu_layer.py);
+work cpu_pointwise.cpp's, so the values are the module path's bit for bit (tests/test_quantization.py);
 what goes is the Python between them: at SmolLM2-135M's size ~200 us a layer, more than its matmuls.
 
 `fuse_decoder_layers` gives each eligible layer a `FusedDecode`, which it runs for steps of up to
