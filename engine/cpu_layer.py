@@ -1,14 +1,13 @@
 """A Llama-family decoder layer's int4 decode step in two C++ calls around the attention backend
 (cpu_layer.cpp): norm + qkv projection + RoPE before it, o projection + residual norm + SwiGLU MLP +
-residual after it. The matmuls are torch's int4 kernel called from C++ through ATen, the elementwise
-work cpu_pointwise.cpp's, so the values are the module path's bit for bit (tests/test_quantization.py);
+residual after it. The matmuls are cpu_qmatmul.cpp's int4 kernel, the elementwise work
+cpu_pointwise.cpp's, so the values are the module path's bit for bit (tests/test_quantization.py);
 what goes is the Python between them: at SmolLM2-135M's size ~200 us a layer, more than its matmuls.
 
 `fuse_decoder_layers` gives each eligible layer a `FusedDecode`, which it runs for steps of up to
 INT4_KERNEL_ROWS rows (decode, verify); prefill chunks keep the modules (fp32 matmuls). Eligible:
-every projection int4 without bias, no q/k norm or query scale, one process (no tensor-parallel
-reduce). The library links the running torch's libtorch_cpu (~15 s to build, once); where it cannot
-be built the modules run every step.
+every projection int4 without bias and padding columns, no q/k norm or query scale, one process (no
+tensor-parallel reduce). Where the library cannot be built the modules run every step.
 """
 
 from __future__ import annotations
@@ -28,20 +27,23 @@ from needle.engine.quantization import INT4_KERNEL_ROWS, Int4Linear
 SOURCE = Path(__file__).with_name("cpu_layer.cpp")
 
 
-def _aten_flags() -> tuple[str, ...]:
-    root = Path(torch.__file__).parent
-    return (f"-I{root / 'include'}", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            f"-DNEEDLE_TORCH={torch.__version__}", "-ffp-contract=off", "-w", f"-L{root / 'lib'}",
-            "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{root / 'lib'}")
+class Int4Weight(ctypes.Structure):
+    """cpu_layer.cpp's `Int4`: an Int4Linear's tiles, scales and mins."""
+
+    _fields_ = [("tiles", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p)]
+
+    @classmethod
+    def of(cls, linear: Int4Linear) -> Int4Weight:
+        return cls(linear.tiles.data_ptr(), linear.scales.data_ptr(), linear.mins.data_ptr())
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    lib = native.load(SOURCE, "int4 decode runs each layer module by module", _aten_flags())
+    lib = native.load(SOURCE, "int4 decode runs each layer module by module", ("-ffp-contract=off",))
     if lib is not None:
-        p, i, f, b = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-        lib.attention_input.argtypes = [p, i, i, p, f, p, p, i, i, i, p, p, p, p, p, b]
-        lib.attention_output.argtypes = [p, p, i, i, i, p, p, p, f, p, p, i, p, p, p, b]
+        p, i, f, b, w = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int, Int4Weight
+        lib.attention_input.argtypes = [p, i, i, p, f, w, i, i, i, p, p, p, p, p, b]
+        lib.attention_output.argtypes = [p, p, i, i, i, w, p, f, w, i, w, p, b]
         lib.attention_input.restype = lib.attention_output.restype = None
     return lib
 
@@ -56,14 +58,11 @@ class FusedDecode:
         self.hidden = attn.o_proj.out_features
         self.q_shape, self.kv_shape = (attn.num_heads, attn.head_dim), (attn.num_kv_heads, attn.head_dim)
         first, second = layer.input_layernorm, layer.post_attention_layernorm
-
-        def int4(linear: Int4Linear) -> tuple[int, int]:
-            return linear.packed.data_ptr(), linear.scales_and_zeros.data_ptr()
-
-        self.input_args = (first.weight.data_ptr(), first.eps, *int4(attn.qkv_proj), attn.num_heads,
+        self.input_args = (first.weight.data_ptr(), first.eps, Int4Weight.of(attn.qkv_proj), attn.num_heads,
                            attn.num_kv_heads, attn.head_dim)
-        self.output_args = (attn.num_heads * attn.head_dim, *int4(attn.o_proj), second.weight.data_ptr(),
-                            second.eps, *int4(mlp.gate_up_proj), mlp.intermediate_size, *int4(mlp.down_proj))
+        self.output_args = (attn.num_heads * attn.head_dim, Int4Weight.of(attn.o_proj),
+                            second.weight.data_ptr(), second.eps, Int4Weight.of(mlp.gate_up_proj),
+                            mlp.intermediate_size, Int4Weight.of(mlp.down_proj))
 
     def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend,
                  meta: AttentionMetadata) -> torch.Tensor:
@@ -91,9 +90,10 @@ def _eligible(layer: nn.Module) -> bool:
     if attn is None or mlp is None or not hasattr(layer, "post_attention_layernorm"):
         return False
     projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    return (all(isinstance(p, Int4Linear) and p.bias is None for p in projections) and not attn.qk_norm
-            and attn.q_scale is None and not mlp.tanh_gelu and attn.reduce is mlp.reduce is unreduced
-            and not layer.input_layernorm.unit_offset)
+    unpadded = all(isinstance(p, Int4Linear) and p.bias is None and p.padded == p.out_features
+                   for p in projections)
+    return (unpadded and not attn.qk_norm and attn.q_scale is None and not mlp.tanh_gelu
+            and attn.reduce is mlp.reduce is unreduced and not layer.input_layernorm.unit_offset)
 
 
 def fuse_decoder_layers(model: nn.Module) -> int:

@@ -2,16 +2,16 @@
 
 A CPU decode step is bound by reading the weights: SmolLM2-135M reads 540 MB of fp32 per token where
 llama.cpp reads its ~80 MB of blocks. Here every linear layer keeps its weight as asymmetric int4 in
-groups of 32 input channels, GGUF Q4_1's layout (w = scale * q + min), packed for torch's own CPU kernel
-(`_weight_int4pack_mm_for_cpu`, bf16 activations and bf16 scales), for steps of a few rows (decode,
-verify); a prefill chunk's many rows run faster in fp32, so those layers also keep the Q4_1 blocks
-themselves (fp16 scale and minimum), which cpu_qmatmul.cpp dequantises once per call. The LM head,
-which the GGUF ties to its 8-bit embedding, is Q8_0 (per 32 inputs an fp16 scale, w = scale * q):
-cpu_qmatmul.cpp multiplies it with each activation row quantised to int8 per 32 inputs, as llama.cpp
-does, at a quarter of the fp32 head's bytes (without a compiler it dequantises instead, and prefill
-takes the int4 kernel). The bundled GGUF is Q4_1 / Q8_0, so requantising its dequantised blocks finds
-the same levels again; what changes against fp32 is the rounding of activations and of each group's
-scale (tests/test_quantization.py bounds the logprob difference and the top-1 agreement).
+groups of 32 input channels, GGUF Q4_1's values (w = scale * q + min, fp16 scale and minimum), laid out in
+tiles of 8 output columns for cpu_qmatmul.cpp's q4_matmul, which multiplies them with each activation
+row quantised to int8 per 32 inputs, as llama.cpp does: integer multiply-adds, 3-4x faster than torch's
+own int4 CPU kernel at 1-16 rows on this machine (AVX2). Steps of a few rows (decode, verify) take that
+kernel; a prefill chunk's many rows run faster in fp32, so its layers dequantise the tiles once per call.
+The LM head, which the GGUF ties to its 8-bit embedding, is Q8_0 (per 32 inputs an fp16 scale,
+w = scale * q), multiplied the same way at a quarter of the fp32 head's bytes. Without a compiler both
+dequantise in torch on every call. The bundled GGUF is Q4_1 / Q8_0, so requantising its dequantised
+blocks finds the same levels again; what changes against fp32 is the rounding of activations to int8
+(tests/test_quantization.py bounds the logprob difference and the top-1 agreement).
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ INT4_KERNEL_ROWS = 32
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    lib = native.load(SOURCE, "the int8 LM head dequantises to fp32 on every call")
+    lib = native.load(SOURCE, "int4 and int8 linears dequantise to fp32 on every call")
     if lib is not None:
-        p, i = ctypes.c_void_p, ctypes.c_int64
-        lib.q8_matmul.argtypes = [p, i, i, p, p, i, p, ctypes.c_int]
-        lib.q4_dequantize.argtypes = [p, p, p, i, i, p, ctypes.c_int]
-        lib.q8_matmul.restype = lib.q4_dequantize.restype = None
+        p, i, t = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.q8_matmul.argtypes = [p, i, i, p, p, i, p, t]
+        lib.q4_matmul.argtypes = [p, i, i, p, p, p, i, p, t]
+        lib.q4_dequantize.argtypes = [p, p, p, i, i, p, t]
+        lib.q8_matmul.restype = lib.q4_matmul.restype = lib.q4_dequantize.restype = None
     return lib
 
 
@@ -63,51 +64,71 @@ def _scratch_weight(n: int, k: int) -> torch.Tensor:
     return _scratch[:n * k].view(n, k)
 
 
-class Int4Linear(nn.Module):
-    input_dtype = torch.bfloat16  # what the int4 kernel multiplies: a producer that writes it saves a cast
+TILE = 8  # output columns per q4_matmul tile
 
-    def __init__(self, linear: nn.Linear, group: int = GROUP):
+
+def _tiles(q: torch.Tensor) -> torch.Tensor:
+    """[N, K / 32, 32] levels 0..15 -> q4_matmul's [N / 8, K / 32, 128] bytes: register p of a block holds,
+    at byte 4 * c + i, input 4 * p + i of column c in its low nibble and input 4 * (p + 4) + i in its high."""
+    n, groups, _ = q.shape
+    chunks = q.to(torch.uint8).view(n // TILE, TILE, groups, 8, 4).permute(0, 2, 3, 1, 4)
+    return (chunks[:, :, :4] | (chunks[:, :, 4:] << 4)).reshape(n // TILE, groups, 128).contiguous()
+
+
+def _per_tile(values: torch.Tensor) -> torch.Tensor:
+    """[N, K / 32] per-block values -> [N / 8, K / 32, 8] fp16, each tile's 8 columns side by side."""
+    n, groups = values.shape
+    return values.half().view(n // TILE, TILE, groups).transpose(1, 2).contiguous()
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, linear: nn.Linear):
         super().__init__()
-        blocks = _blocks(linear, group)
+        blocks = _blocks(linear, GROUP)
         n = blocks.shape[0]
+        padded = -(-n // TILE) * TILE  # zero columns complete the last tile; forward drops them
+        blocks = torch.cat([blocks, blocks.new_zeros(padded - n, *blocks.shape[1:])])
         low, high = blocks.amin(-1), blocks.amax(-1)
         scale = ((high - low) / 15).clamp(min=1e-8)
-        q = torch.round((blocks - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(n, -1), 1))
-        half = group // 2  # the Q4_1 blocks for prefill: byte j holds inputs j and j + 16 of its block
-        nibbles = q.to(torch.uint8)
-        self.register_buffer("blocks", (nibbles[..., :half] | (nibbles[..., half:] << 4)).flatten(1)
-                             .contiguous())
-        self.register_buffer("block_scales", scale.half().contiguous())
-        self.register_buffer("block_mins", low.half().contiguous())
-        # The kernel computes (q - 8) * scale + zero: zero is the group's middle level.
-        zeros = low + 8 * scale
-        self.register_buffer("scales_and_zeros", torch.stack([scale.T, zeros.T], -1).to(torch.bfloat16)
-                             .contiguous())
+        q = torch.round((blocks - low[..., None]) / scale[..., None]).clamp(0, 15)
+        self.register_buffer("tiles", _tiles(q))
+        self.register_buffer("scales", _per_tile(scale))
+        self.register_buffer("mins", _per_tile(low))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
-        self.group, self.out_features = group, n
+        self.out_features, self.in_features, self.padded = n, blocks.shape[1] * GROUP, padded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Rows of up to INT4_KERNEL_ROWS come back in bfloat16, as the kernel makes them (engine/
-        cpu_pointwise.py reads them without a cast); more rows in float32."""
-        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        lib = _library() if rows.shape[0] > INT4_KERNEL_ROWS else None
+        rows = x.reshape(-1, self.in_features).float().contiguous()
+        lib = _library()
         if lib is None:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), self.packed, self.group,
-                                                            self.scales_and_zeros)
+            y = rows @ self.dequantized_torch().T
+        elif rows.shape[0] <= INT4_KERNEL_ROWS:
+            y = torch.empty(rows.shape[0], self.padded)
+            lib.q4_matmul(rows.data_ptr(), rows.shape[0], self.in_features, self.tiles.data_ptr(),
+                          self.scales.data_ptr(), self.mins.data_ptr(), self.padded, y.data_ptr(),
+                          torch.get_num_threads())
         else:
-            y = rows.float() @ self.dequantized(lib).T
-        if x.dim() != 2:
-            y = y.view(*x.shape[:-1], self.out_features)
+            y = rows @ self.dequantized(lib).T
+        y = y[:, :self.out_features].reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def dequantized(self, lib: ctypes.CDLL) -> torch.Tensor:
-        """The fp32 weight the Q4_1 blocks stand for, in the shared scratch buffer."""
-        n, k = self.out_features, self.blocks.shape[1] * 2
-        weight = _scratch_weight(n, k)
-        lib.q4_dequantize(self.blocks.data_ptr(), self.block_scales.data_ptr(), self.block_mins.data_ptr(),
-                          n, k, weight.data_ptr(), torch.get_num_threads())
+        """The fp32 weight the tiles stand for (padding columns included), in the shared scratch buffer."""
+        weight = _scratch_weight(self.padded, self.in_features)
+        lib.q4_dequantize(self.tiles.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(), self.padded,
+                          self.in_features, weight.data_ptr(), torch.get_num_threads())
         return weight
+
+    def dequantized_torch(self) -> torch.Tensor:
+        """The same weight unpacked by torch: the fallback's and the tests' reference."""
+        tiles, groups = self.tiles.shape[0], self.tiles.shape[1]
+        b = self.tiles.view(tiles, groups, 4, TILE, 4)
+        levels = torch.cat([b & 0x0F, b >> 4], 2).permute(0, 3, 1, 2, 4).reshape(self.padded, groups, -1)
+
+        def per_block(values: torch.Tensor) -> torch.Tensor:
+            return values.float().transpose(1, 2).reshape(self.padded, groups, 1)
+
+        return (levels.float() * per_block(self.scales) + per_block(self.mins)).flatten(1)
 
 
 class Int8Linear(nn.Module):

@@ -15,8 +15,6 @@ from needle.engine.models.layers import Attention, GatedMLP, RMSNorm, Rotary, lm
 
 
 class DecoderLayer(nn.Module):
-    norm_feeds = (("input_layernorm", "self_attn.qkv_proj"), ("post_attention_layernorm", "mlp.gate_up_proj"))
-
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.self_attn = Attention(cfg, layer)
