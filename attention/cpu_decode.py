@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from needle.attention import native
+from needle.kvcache.pool import KVPool
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 CACHE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -41,6 +42,8 @@ def _library() -> ctypes.CDLL | None:
     lib.unit_positions.restype = None
     lib.summarise_slots.argtypes = ([ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4
                                     + [ctypes.c_int64] * 4)
+    lib.write_rows.argtypes = [p, ctypes.c_int, p, p, i, i]
+    lib.write_rows.restype = None
     return lib
 
 
@@ -49,6 +52,23 @@ def in_place_decode(cache: torch.Tensor) -> bool:
     (calls with more than MAX_GROUP query heads per KV head keep the torch path)."""
     return (cache.device.type == "cpu" and cache.dtype in CACHE_DTYPES and cache.shape[-1] % 8 == 0
             and os.environ.get("NEEDLE_CPU_DECODE", "1") != "0" and _library() is not None)
+
+
+def write_kv(pool: KVPool, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+             value_slot_mapping: torch.Tensor | None) -> None:
+    """pool.write in one C++ call per tensor where the kernel serves the pages (float32 rows, int64 slots):
+    a decode step's four small torch ops per layer cost a small model more than the copy itself."""
+    keys, values = pool.k[layer], pool.v[layer]
+    if not (keys.device.type == values.device.type == "cpu" and keys.dtype == values.dtype
+            and keys.dtype in CACHE_DTYPES and _library() is not None and k.dtype == v.dtype == torch.float32
+            and k.is_contiguous() and v.is_contiguous() and slot_mapping.dtype == torch.int64
+            and slot_mapping.is_contiguous()):
+        pool.write(layer, k, v, slot_mapping, value_slot_mapping)
+        return
+    value_slots = slot_mapping if value_slot_mapping is None else value_slot_mapping.long().contiguous()
+    width, dtype, lib = k[0].numel(), CACHE_DTYPES[keys.dtype], _library()
+    lib.write_rows(keys.data_ptr(), dtype, slot_mapping.data_ptr(), k.data_ptr(), k.shape[0], width)
+    lib.write_rows(values.data_ptr(), dtype, value_slots.data_ptr(), v.data_ptr(), v.shape[0], width)
 
 
 @dataclass

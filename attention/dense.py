@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from needle.attention.base import AttentionBackend, AttentionMetadata
-from needle.attention.cpu_decode import MAX_GROUP, PagedRows, in_place_decode, paged_decode
+from needle.attention.cpu_decode import MAX_GROUP, PagedRows, in_place_decode, paged_decode, write_kv
 from needle.kvcache.pool import KVPool
 
 
@@ -64,7 +64,7 @@ class DenseBackend(AttentionBackend):
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata, window: int | None = None) -> torch.Tensor:
-        self.pool.write(layer, k, v, meta.slot_mapping, meta.values_of(layer)[1])
+        write_kv(self.pool, layer, k, v, meta.slot_mapping, meta.values_of(layer)[1])
         return self.attend(layer, q, meta, window)
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,

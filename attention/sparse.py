@@ -36,6 +36,7 @@ from needle.attention.cpu_decode import (
     summarise_slots,
     summarises_in_place,
     unit_positions,
+    write_kv,
 )
 from needle.attention.dense import DenseBackend
 from needle.attention.head_profile import HeadProfile
@@ -356,7 +357,7 @@ class SparseBackend(AttentionBackend):
             if window is not None:
                 self._count_window_reads(layer, step, window)
             return out
-        self.pool.write(layer, k, v, meta.slot_mapping, meta.values_of(layer)[1])
+        write_kv(self.pool, layer, k, v, meta.slot_mapping, meta.values_of(layer)[1])
         self._summarise(layer, meta.slot_mapping)
         out = torch.empty_like(q)
         if step.dense:

@@ -1,6 +1,7 @@
 """The in-place CPU decode kernel (attention/cpu_decode.py) against the torch path it replaces, on fresh
 random caches: ragged contexts, grouped-query heads, verify rows, sliding windows, value tables, and
-16-bit pages; and sparse decode's position lists against the plain-torch reference."""
+16-bit pages; sparse decode's position lists against the plain-torch reference; the KV write against
+the pool's own."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from needle.attention.cpu_decode import (
     paged_decode,
     summarise_slots,
     unit_positions,
+    write_kv,
 )
 from needle.attention.dense import DenseBackend
 from needle.attention.sparse import unit_positions_torch
@@ -183,3 +185,24 @@ def test_unit_positions_match_the_torch_rule(seed):
         want = unit_positions_torch(chosen, allowed, within_k, ctx, unit, sink, recent)
         for a, w in zip(got, want, strict=True):
             assert torch.equal(a, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kv_write_in_one_call_equals_the_pools(dtype):
+    """write_kv against KVPool.write (torch's casts) on fresh rows with outliers, infinities and a NaN,
+    into a layer whose values live in their own slots (value_slots)."""
+    fast, ref = (random_pool(3, 64, 12, dtype, value_slots=[20]) for _ in range(2))
+    ref.k.copy_(fast.k)
+    for a, b in zip(ref.v, fast.v, strict=True):
+        a.copy_(b)
+    k, v = torch.randn(5, 3, 64) * 1e3, torch.randn(5, 3, 64)
+    k[0, 0, :3] = torch.tensor([math.inf, -math.inf, math.nan])
+    v[1, 2, 5] = 1e-9
+    slots, value_slots = torch.tensor([3, 40, 41, 100, 191]), torch.tensor([0, 17, 200, 319, 5])
+    for layer, values in ((0, None), (1, value_slots)):
+        write_kv(fast, layer, k, v, slots, values)
+        ref.write(layer, k, v, slots, values)
+    for a, b in zip([fast.k, *fast.v], [ref.k, *ref.v], strict=True):
+        nan = a.isnan()
+        assert torch.equal(nan, b.isnan())  # a NaN's bits differ between torch's own cast paths
+        assert torch.equal(a[~nan].view(torch.uint8), b[~nan].view(torch.uint8))
