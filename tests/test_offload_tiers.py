@@ -55,15 +55,17 @@ class Model:
     def fetch(self, layer: int, pages: list[int]) -> None:
         slots = self.tiers.fetch(layer, pages)
         lru = self.lru[layer - FIRST]
-        for page, slot in zip(pages, slots, strict=True):
+        misses = [page for page in pages if page not in lru]
+        for page in pages:  # the call's hits first: a miss never evicts a page the same call asks for
             if page in lru:
                 self.hits += 1
                 lru.move_to_end(page)
-            else:
-                self.misses += 1
-                if len(lru) >= SIZES.cache_slots[layer - FIRST]:
-                    lru.popitem(last=False)
-                lru[page] = None
+        for page in misses:
+            self.misses += 1
+            if len(lru) >= SIZES.cache_slots[layer - FIRST]:
+                lru.popitem(last=False)
+            lru[page] = None
+        for page, slot in zip(pages, slots, strict=True):
             assert torch.all(self.pool.v[layer][slot] == self.content[page]), "a cached copy is stale"
 
     def check(self) -> None:
