@@ -319,30 +319,34 @@ extern "C" void unit_positions(const int64_t* chosen, int64_t B, int64_t H, int6
 }
 
 // cache[slots[t]] = rows[t] for the step's new keys or values: rows [T, width] float32 into a cache of
-// [slots, width] in fp32, fp16 (round to nearest even, as torch casts) or bf16 (likewise, NaN kept quiet).
+// [slots, width] in fp32, fp16 or bf16, rounding to nearest even as torch's casts do (a NaN becomes
+// bf16's quiet NaN; torch's own cast paths differ from each other there).
+inline void to_f16(uint16_t* dst, const float* src, int64_t width) {
+  int64_t i = 0;
+  for (; i + 8 <= width; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < width; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
+inline void to_bf16(uint16_t* dst, const float* src, int64_t width) {
+  for (int64_t i = 0; i < width; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, src + i, 4);
+    dst[i] = std::isnan(src[i]) ? 0x7FC0 : static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+  }
+}
+
 extern "C" void write_rows(void* cache, int dtype, const int64_t* slots, const float* rows, int64_t t,
                            int64_t width) {
   for (int64_t r = 0; r < t; ++r) {
     const float* src = rows + r * width;
     const int64_t base = slots[r] * width;
-    if (dtype == kF32) {
+    if (dtype == kF32)
       std::memcpy(static_cast<float*>(cache) + base, src, width * sizeof(float));
-      continue;
-    }
-    uint16_t* dst = static_cast<uint16_t*>(cache) + base;
-    int64_t i = 0;
-    if (dtype == kF16)
-      for (; i + 8 <= width; i += 8)
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-    for (; i < width; ++i) {
-      if (dtype == kF16) {
-        dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
-        continue;
-      }
-      uint32_t bits;
-      std::memcpy(&bits, src + i, 4);
-      dst[i] = std::isnan(src[i]) ? 0x7FC0 : static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-    }
+    else if (dtype == kF16)
+      to_f16(static_cast<uint16_t*>(cache) + base, src, width);
+    else
+      to_bf16(static_cast<uint16_t*>(cache) + base, src, width);
   }
 }

@@ -59,14 +59,15 @@ def write_kv(pool: KVPool, layer: int, k: torch.Tensor, v: torch.Tensor, slot_ma
     """pool.write in one C++ call per tensor where the kernel serves the pages (float32 rows, int64 slots):
     a decode step's four small torch ops per layer cost a small model more than the copy itself."""
     keys, values = pool.k[layer], pool.v[layer]
-    if not (keys.device.type == values.device.type == "cpu" and keys.dtype == values.dtype
-            and keys.dtype in CACHE_DTYPES and _library() is not None and k.dtype == v.dtype == torch.float32
-            and k.is_contiguous() and v.is_contiguous() and slot_mapping.dtype == torch.int64
-            and slot_mapping.is_contiguous()):
+    value_slots = slot_mapping if value_slot_mapping is None else value_slot_mapping
+    lib = _library()
+    if not (lib is not None and keys.device.type == values.device.type == "cpu"
+            and keys.dtype == values.dtype and keys.dtype in CACHE_DTYPES
+            and all(t.dtype == torch.float32 and t.is_contiguous() for t in (k, v))
+            and all(s.dtype == torch.int64 and s.is_contiguous() for s in (slot_mapping, value_slots))):
         pool.write(layer, k, v, slot_mapping, value_slot_mapping)
         return
-    value_slots = slot_mapping if value_slot_mapping is None else value_slot_mapping.long().contiguous()
-    width, dtype, lib = k[0].numel(), CACHE_DTYPES[keys.dtype], _library()
+    width, dtype = k[0].numel(), CACHE_DTYPES[keys.dtype]
     lib.write_rows(keys.data_ptr(), dtype, slot_mapping.data_ptr(), k.data_ptr(), k.shape[0], width)
     lib.write_rows(values.data_ptr(), dtype, value_slots.data_ptr(), v.data_ptr(), v.shape[0], width)
 
